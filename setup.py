@@ -1,0 +1,30 @@
+"""robust-admm: adversarially robust and compressed networks with JAX, Flax and ADMM."""
+from setuptools import find_packages, setup
+
+setup(
+    name="robust-admm",
+    version="0.1.0",
+    description=(
+        "Concurrent adversarial training and ADMM compression (pruning, quantization) "
+        "in JAX/Flax"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["robust_admm", "robust_admm.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9.7",
+        # tfds.data_source(..., download=True) needs it (tensorflow-datasets 4.9.10).
+        "importlib_resources",
+        # The 8x8 handwritten digits of the offline quick start ship inside scikit-learn.
+        "scikit-learn>=1.3",
+        "absl-py",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+)
