@@ -1,0 +1,22 @@
+"""Model zoo: flax.linen modules with stable layer names, built by name from a config."""
+from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
+
+_BUILDERS = {
+    "lenet_adv": lenet_adv,
+    "lenet5": lenet5,
+    "lenet_digits": lenet_digits,
+}
+
+
+def get_model(name: str, num_classes: int = 10, width: int = 1):
+    """Builds the model `name`; `width` is the paper's width multiplier `w` where it applies."""
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"model.name={name!r} is not a known model; allowed: {sorted(_BUILDERS)}"
+        )
+    if name != "lenet5" and (not isinstance(width, int) or width < 1):
+        raise ValueError(f"model.width={width!r} must be a positive integer")
+    return _BUILDERS[name](num_classes=num_classes, width=width)
+
+
+__all__ = ["LeNet", "get_model", "lenet5", "lenet_adv", "lenet_digits"]
