@@ -1,0 +1,85 @@
+"""The fields every config has, with their meaning. Dataset configs (`configs/*.py`) start
+from `base_config()` and set what differs. Every field can be overridden from the command
+line: `--config.admm.rho=0.01`; unknown fields are refused."""
+import ml_collections
+
+STAGES = ("pretrain", "admm", "retrain")
+
+
+def stage_config(epochs: int, lr: float, optimizer: str = "sgd", schedule: str = "cosine"):
+    """Optimisation of one stage."""
+    c = ml_collections.ConfigDict()
+    c.epochs = epochs
+    c.optimizer = optimizer  # 'sgd' (with momentum) | 'adam'
+    c.lr = lr  # peak learning rate
+    c.momentum = 0.9  # sgd only; 0 = plain SGD
+    c.nesterov = False  # sgd only
+    c.weight_decay = 0.0  # L2 term added to the gradient
+    # 'constant' | 'cosine' | 'multistep' | 'periodic' (cosine restarting at every ADMM update)
+    c.schedule = schedule
+    c.milestones = "0.5,0.75"  # multistep: fractions of the stage where lr *= gamma
+    c.gamma = 0.1
+    c.warmup_epochs = 0.0  # linear warmup from 0 (fractions allowed)
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Which stages to run, in order, comma-separated: a subset of pretrain,admm,retrain.
+    # A stage after the first loads the previous stage's checkpoint from the workdir.
+    c.stages = ",".join(STAGES)
+    # 'adversarial' (PGD min-max training, Madry et al.) | 'natural' (no attack in training).
+    c.setting = "adversarial"
+    c.batch_size = 64  # global training batch
+    c.log_every_steps = 50  # metrics line + progress (img/s, ETA) every this many steps
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist"  # 'mnist' | 'digits' | 'cifar10'
+    c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR-10 binary files)
+    c.data.dir = ""  # files: folder of the original files; tfds: data_dir ('' = default)
+    c.data.train_examples = 0  # use only the first n training examples (0 = all); for tests
+    c.data.test_examples = 0  # evaluate on the first n test examples (0 = all)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "lenet_adv"  # 'lenet_adv' | 'lenet5' | 'lenet_digits'
+    c.model.width = 16  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w)
+
+    # The training attack (inner maximisation). Pixels are in [0, 1].
+    c.attack = ml_collections.ConfigDict()
+    c.attack.epsilon = 0.3  # L-inf radius
+    c.attack.num_steps = 40  # PGD steps
+    c.attack.step_size = 0.01  # per-step size
+    c.attack.random_start = True  # uniform start in the eps-ball
+    c.attack.loss = "ce"  # 'ce' | 'margin'
+    c.attack.unroll = 1  # lax.fori_loop unroll factor of the PGD loop (speed only)
+
+    # Evaluation: natural accuracy and accuracy under PGD (same epsilon as training).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_steps = 40
+    c.eval.step_size = 0.01
+    c.eval.restarts = 1
+    c.eval.batch_size = 500
+    c.eval.every_epochs = 1  # evaluate every this many epochs (and always at a stage's end)
+
+    # What to compress, and how.
+    c.prune = ml_collections.ConfigDict()
+    c.prune.kind = "irregular"  # 'irregular' | 'filter' | 'column' | 'channel'
+    # Per-layer prune ratios (fraction of units removed), keyed by layer name or glob over
+    # the '/'-joined module path: "conv1=0.8,conv2=0.9,fc*=0.95".
+    c.prune.ratios = "conv1=0.5,conv2=0.9375,fc1=0.9375,fc2=0.75"
+    # If > 0: ignore `ratios` and prune each layer listed in `to_width_layers` to the size
+    # of the same model at width `to_width` (the paper's "pruned to w'").
+    c.prune.to_width = 0
+    c.prune.to_width_layers = "conv1,conv2,fc1,fc2"
+    # Masked-progressive: weights that are already zero when ADMM starts stay zero.
+    c.prune.masked_progressive = False
+
+    c.pretrain = stage_config(epochs=40, lr=0.01)
+    c.admm = stage_config(epochs=40, lr=0.01, schedule="periodic")
+    c.admm.rho = 0.001  # initial penalty rho
+    c.admm.rho_growth = 1.3  # rho <- growth * rho at each update (the paper's multi-rho)
+    c.admm.rho_max = 1.0  # cap on rho
+    c.admm.update_every_epochs = 2  # Z/U update interval (also the 'periodic' lr period)
+    c.retrain = stage_config(epochs=40, lr=0.005)
+    return c

@@ -1,0 +1,81 @@
+"""Logging and reports: JSONL metrics, progress with img/s and ETA, the final table."""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def to_python(x):
+    """JSON-serialisable copy of numbers, arrays and nested dicts/lists."""
+    if isinstance(x, dict):
+        return {str(k): to_python(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_python(v) for v in x]
+    if hasattr(x, "shape") and getattr(x, "shape", None) == ():
+        x = x.item()
+    elif hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, **record):
+        record = to_python(record)
+        record.setdefault("time", time.time())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """Images per second and ETA of a stage, measured between calls to `update`."""
+
+    def __init__(self, total_steps: int, batch_size: int):
+        self.total, self.batch = total_steps, batch_size
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = 0
+
+    def update(self, step: int) -> dict:
+        now = time.perf_counter()
+        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        return {"img_per_s": rate * self.batch, "eta_s": eta}
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log(msg: str):
+    print(msg, flush=True, file=sys.stdout)
+
+
+def summary_table(summary: dict) -> str:
+    """The per-stage results as a text table."""
+    rows = [("stage", "nat_acc", "adv_acc", "compression (all)", "compression (pruned)")]
+    for stage, r in summary["stages"].items():
+        c = r["compression_rate"]
+        rows.append((stage, f"{100 * r['nat_acc']:.2f}%", f"{100 * r['adv_acc']:.2f}%",
+                     f"{c['all']:.2f}x", f"{c['pruned']:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mean_metrics(history: list) -> dict:
+    """Mean of each metric over a list of per-step metric dicts (already on the host)."""
+    return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
