@@ -53,18 +53,20 @@ def pgd(
     """L-inf PGD (Madry et al.): optional uniform random start in the eps-ball, then
     `num_steps` steps x <- Proj(x + step_size * sign(grad)). Returns stop_gradient(x_adv).
 
+    `epsilon` and `step_size` may be traced scalars (an epsilon ramp during training).
     `unroll` is passed to `lax.fori_loop`: XLA:CPU runs rolled loop bodies slower than
     straight-line code, and a partial unroll trades compile time for speed.
     """
     if loss not in LOSSES:
         raise ValueError(f"attack loss={loss!r} is not known; allowed: {LOSSES}")
-    if epsilon < 0 or step_size < 0 or num_steps < 0:
+    static = all(isinstance(v, (int, float)) for v in (epsilon, step_size))
+    if num_steps < 0 or (static and (epsilon < 0 or step_size < 0)):
         raise ValueError(
             f"PGD needs epsilon >= 0, step_size >= 0, num_steps >= 0; got "
             f"epsilon={epsilon}, step_size={step_size}, num_steps={num_steps}"
         )
     x = jax.lax.stop_gradient(x)
-    if num_steps == 0 or epsilon == 0:
+    if num_steps == 0 or (static and epsilon == 0):
         return x
     grad_fn = jax.grad(lambda xa: _loss_sum(logits_fn(xa), y, loss))
     x_adv = x

@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.attack.step_size = 0.01  # per-step size
     c.attack.random_start = True  # uniform start in the eps-ball
     c.attack.loss = "ce"  # 'ce' | 'margin'
+    # pretrain only: epsilon and step size ramp linearly from 0 over this many epochs.
+    c.attack.warmup_epochs = 0.0
     c.attack.unroll = 1  # lax.fori_loop unroll factor of the PGD loop (speed only)
 
     # Evaluation: natural accuracy and accuracy under PGD (same epsilon as training).

@@ -1,0 +1,57 @@
+"""MNIST: LeNet_adv (Madry et al.) with PGD-40 training and ADMM pruning (Ye et al., 2019).
+
+Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`):
+- (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
+- `cpu`: a budget recipe for 2 CPU cores, about an hour for all three stages.
+- `smoke`: a few hundred images and a few steps, seconds; for tests.
+"""
+from robust_admm.config_base import base_config
+
+
+def get_config(preset: str = "paper"):
+    c = base_config()
+    c.data.name = "mnist"
+    c.model.name = "lenet_adv"
+    c.model.width = 16
+    c.batch_size = 50  # as Madry et al.'s MNIST challenge
+    c.prune.kind = "irregular"
+    c.prune.to_width = 4  # "pruned to 4": each layer keeps as many weights as at w = 4
+    preset = preset or "paper"
+    if preset == "paper":
+        for s in (c.pretrain, c.admm, c.retrain):
+            s.epochs = 40
+        c.pretrain.optimizer = c.admm.optimizer = c.retrain.optimizer = "adam"
+        c.pretrain.lr, c.admm.lr, c.retrain.lr = 1e-3, 1e-3, 5e-4
+        c.admm.update_every_epochs = 4
+    elif preset == "cpu":
+        c.model.width = 4
+        c.prune.to_width = 0
+        # >= 8x on the pruned layers (conv1 is tiny: 200 weights, kept at half).
+        c.prune.ratios = "conv1=0.5,conv2=0.875,fc1=0.9375,fc2=0.75"
+        c.batch_size = 64
+        c.attack.num_steps = 10  # cheaper inner loop for training ...
+        c.attack.step_size = 0.05  # ... with a larger step (10 x 0.05 covers the ball)
+        c.attack.warmup_epochs = 1.0  # ramp epsilon up over the first pretraining epoch
+        c.eval.num_steps, c.eval.step_size = 40, 0.01  # evaluation: the paper's PGD-40
+        c.eval.every_epochs = 100  # only at the end of each stage
+        for s in (c.pretrain, c.admm, c.retrain):
+            s.optimizer = "adam"
+        c.pretrain.epochs, c.pretrain.lr = 6, 1e-3
+        c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 4, 5e-4, 1
+        c.admm.rho, c.admm.rho_growth = 1e-3, 2.0
+        c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 3, 5e-4, "cosine"
+    elif preset == "smoke":
+        c.model.width = 1
+        c.prune.to_width = 0
+        c.prune.ratios = "conv2=0.5,fc1=0.75"
+        c.batch_size = 16
+        c.data.train_examples, c.data.test_examples = 128, 64
+        c.attack.num_steps, c.attack.step_size = 3, 0.1
+        c.eval.num_steps, c.eval.step_size, c.eval.batch_size = 3, 0.1, 32
+        c.log_every_steps = 4
+        for s in (c.pretrain, c.admm, c.retrain):
+            s.epochs, s.optimizer, s.lr = 2, "adam", 1e-3
+        c.admm.update_every_epochs = 1
+    else:
+        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, smoke")
+    return c
