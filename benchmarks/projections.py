@@ -23,7 +23,8 @@ SPECS = {
     "irregular": {"kind": "irregular", "ratio": 0.9},
     "filter": {"kind": "filter", "ratio": 0.5},
     "column": {"kind": "column", "ratio": 0.5},
-    "nm24": {"kind": "nm", "n": 2, "m": 4},
+    "channel": {"kind": "channel", "ratio": 0.5},
+    "nm24": {"kind": "nm", "n": 2, "m": 4},  # all but the stem (3 input channels)
     "quantize4": {"kind": "quantize", "bits": 4},
     "ternary": {"kind": "quantize", "bits": 2},
     "quantize4_sparse": {"kind": "quantize", "bits": 4, "sparsity": "irregular", "ratio": 0.5},
@@ -58,7 +59,8 @@ def build_params(seed: int = 0) -> dict:
 
 
 def bench(params, spec: dict, repeats: int) -> tuple[float, float]:
-    fn = jax.jit(lambda p: project_tree(p, {"*": spec}))
+    rules = {"layer*": spec, "fc": spec} if spec["kind"] == "nm" else {"*": spec}
+    fn = jax.jit(lambda p: project_tree(p, rules))
     t0 = time.perf_counter()
     compiled = fn.lower(params).compile()
     compile_s = time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`):
 - (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
-- `cpu`: a budget recipe for 2 CPU cores, about an hour for all three stages.
+- `cpu`: a budget recipe for 2 CPU cores, about an hour for all three stages (w = 4,
+  PGD-10 training, PGD-40 evaluation).
 - `smoke`: a few hundred images and a few steps, seconds; for tests.
 """
 from robust_admm.config_base import base_config
@@ -36,9 +37,9 @@ def get_config(preset: str = "paper"):
         c.eval.every_epochs = 100  # only at the end of each stage
         for s in (c.pretrain, c.admm, c.retrain):
             s.optimizer = "adam"
-        c.pretrain.epochs, c.pretrain.lr = 6, 1e-3
+        c.pretrain.epochs, c.pretrain.lr = 8, 1e-3
         c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 4, 5e-4, 1
-        c.admm.rho, c.admm.rho_growth = 1e-3, 2.0
+        c.admm.rho, c.admm.rho_growth = 0.1, 1.5
         c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 3, 5e-4, "cosine"
     elif preset == "smoke":
         c.model.width = 1
