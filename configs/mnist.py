@@ -4,6 +4,7 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
 - (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
 - `cpu`: a budget recipe for 2 CPU cores, about an hour for all three stages (w = 4,
   PGD-10 training, PGD-40 evaluation).
+- `natural`: LeNet-5 (20-50-500-10) trained without attack (the paper's natural setting).
 - `smoke`: a few hundred images and a few steps, seconds; for tests.
 """
 from robust_admm.config_base import base_config
@@ -41,6 +42,18 @@ def get_config(preset: str = "paper"):
         c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 4, 5e-4, 1
         c.admm.rho, c.admm.rho_growth = 0.1, 1.5
         c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 3, 5e-4, "cosine"
+    elif preset == "natural":
+        # The natural setting of the paper: LeNet-5 (20-50-500-10), no attack in training;
+        # evaluation still reports accuracy under PGD.
+        c.setting = "natural"
+        c.model.name, c.model.width = "lenet5", 1
+        c.prune.to_width = 0
+        c.prune.ratios = "conv1=0.5,conv2=0.9,fc1=0.95,fc2=0.75"
+        c.batch_size = 64
+        for s in (c.pretrain, c.admm, c.retrain):
+            s.optimizer, s.epochs = "adam", 10
+        c.pretrain.lr, c.admm.lr, c.retrain.lr = 1e-3, 5e-4, 5e-4
+        c.admm.update_every_epochs, c.admm.rho, c.admm.rho_growth = 2, 0.1, 1.5
     elif preset == "smoke":
         c.model.width = 1
         c.prune.to_width = 0
@@ -54,5 +67,5 @@ def get_config(preset: str = "paper"):
             s.epochs, s.optimizer, s.lr = 2, "adam", 1e-3
         c.admm.update_every_epochs = 1
     else:
-        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, smoke")
+        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, natural, smoke")
     return c

@@ -100,3 +100,11 @@ def hard_project(params, specs: Specs):
     `masks` has the structure of `params`, bool leaves, all True where nothing is pruned.
     """
     return projections.project_tree(params, specs)
+
+
+def freeze_zeros(params, masks, specs: Specs):
+    """Masked-progressive ADMM: `masks` with every compressed weight that is already
+    zero marked pruned, so weights removed by an earlier round stay zero."""
+    w = leaves_by_path(params)
+    m = leaves_by_path(masks)
+    return replace_by_path(masks, {p: m[p] & (w[p] != 0) for p in specs})

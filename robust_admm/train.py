@@ -143,9 +143,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
     admm_state = admm_lib.empty()
     if stage == "admm":
         if cfg.prune.masked_progressive:
-            zeros_stay = admm_lib.replace_by_path(
-                masks, {p: admm_lib.leaves_by_path(params)[p] != 0 for p in run.specs})
-            masks = jax.tree_util.tree_map(jnp.logical_and, masks, zeros_stay)
+            masks = admm_lib.freeze_zeros(params, masks, run.specs)
         admm_state = admm_lib.init(params, run.specs, cfg.admm.rho)
     elif stage == "retrain":
         params, masks = admm_lib.hard_project(params, run.specs)

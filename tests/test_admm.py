@@ -96,3 +96,16 @@ def test_hard_project_gives_exact_masks_and_keeps_unpruned_leaves():
 
 def test_empty_state_has_no_penalty():
     assert float(admm.penalty(make_params(), admm.empty())) == 0.0
+
+
+def test_freeze_zeros_marks_zero_weights_of_compressed_leaves_only():
+    params = make_params(5)
+    params["fc1"]["kernel"][0, :] = 0.0
+    params["fc1"]["bias"][:] = 0.0  # not compressed: stays trainable
+    masks = jax.tree_util.tree_map(lambda x: np.ones(x.shape, bool), params)
+    masks["conv1"]["kernel"][0, 0, 0, 0] = False  # an earlier mask is kept
+    out = admm.freeze_zeros(params, masks, SPECS)
+    np.testing.assert_array_equal(np.asarray(out["fc1"]["kernel"]), params["fc1"]["kernel"] != 0)
+    assert np.asarray(out["fc1"]["bias"]).all()
+    assert not bool(out["conv1"]["kernel"][0, 0, 0, 0])
+    assert int(np.asarray(out["conv1"]["kernel"]).sum()) == 35

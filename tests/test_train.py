@@ -162,7 +162,7 @@ def test_prune_to_width_keeps_the_weights_of_the_narrow_model():
 
 
 def test_presets_and_unknown_presets():
-    for preset in ("paper", "cpu", "smoke"):
+    for preset in ("paper", "cpu", "natural", "smoke"):
         cfg = mnist_config.get_config(preset)
         train.parse_stages(cfg.stages)
         assert cfg.attack.epsilon == 0.3
