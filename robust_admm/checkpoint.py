@@ -1,37 +1,84 @@
-"""Stage checkpoints with orbax: each stage's result is saved under
-`<workdir>/checkpoints/<stage>` and the next stage starts from it."""
+"""Checkpoints with orbax `CheckpointManager`: one manager per stage under
+`<workdir>/checkpoints/<stage>/<step>`, holding the whole `TrainState` (params, BatchNorm
+statistics, optimizer state, ADMM state, masks, key, step; the data position is the step)
+plus JSON metadata. The last checkpoint of a finished stage carries `complete: true` and
+the stage's evaluation; it is what the next stage starts from."""
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+
+from robust_admm import report
 
 
 def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
 
 
-def save_stage(workdir: str, stage: str, tree) -> str:
-    """Saves `tree` (params, batch stats, masks, ...) as the result of `stage`; blocks
-    until written, so a finished stage is never lost."""
-    path = stage_dir(workdir, stage)
+def manager(workdir: str, stage: str, keep: int = 3) -> ocp.CheckpointManager:
+    """Asynchronous manager keeping the last `keep` checkpoints of `stage`."""
+    return ocp.CheckpointManager(
+        stage_dir(workdir, stage),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict):
+    """Starts writing `state` and `meta` at `step` (returns while it writes)."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(report.to_python(meta))),
+              force=True)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be read."""
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like):
+    """(state, meta, step) of the newest readable checkpoint, or None if there is none.
+
+    `like` gives the structure (a concrete or abstract state). A checkpoint that cannot be
+    read (truncated, corrupted) is reported, moved aside to `unreadable-<step>-<time>` (so
+    the step can be written again) and skipped in favour of the one before it; if
+    checkpoints exist but none can be read, that is an error.
+    """
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    failures = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            r = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            text = str(e).splitlines()[0][:300] if str(e) else ""
+            failures.append(f"step {step}: {type(e).__name__}: {text}")
+            path = os.path.join(str(mngr.directory), str(step))
+            aside = os.path.join(str(mngr.directory), f"unreadable-{step}-{int(time.time())}")
+            os.replace(path, aside)
+            report.log(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}: "
+                       f"{text}); moved to {aside}")
+            continue
+        if failures:
+            mngr.reload()
+            report.log(f"resuming from the previous good checkpoint, step {step}")
+        return r.state, r.meta, step
+    if failures:
+        mngr.reload()
+        raise CheckpointError(
+            f"no readable checkpoint in {mngr.directory}: " + "; ".join(failures)
+            + ". Remove that folder to restart the stage from its beginning.")
+    return None
+
+
+def load_final_state(workdir: str, stage: str) -> dict:
+    """The final state of a finished `stage` as plain nested dicts of arrays (no target
+    structure needed): for evaluation, export and tests."""
+    with manager(workdir, stage) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint of stage {stage!r} in {stage_dir(workdir, stage)}")
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not meta.get("complete"):
+            raise FileNotFoundError(f"stage {stage!r} in {stage_dir(workdir, stage)} is not finished")
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, tree, force=True)
-        ckpt.wait_until_finished()
-    return path
-
-
-def has_stage(workdir: str, stage: str) -> bool:
-    return os.path.isdir(stage_dir(workdir, stage))
-
-
-def load_stage(workdir: str, stage: str, target=None):
-    """The saved result of `stage`, shaped like `target` (abstract or concrete) if given."""
-    path = stage_dir(workdir, stage)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no checkpoint of stage {stage!r} at {path}: run that stage first in this "
-            f"workdir (e.g. include it in --config.stages)")
-    with ocp.StandardCheckpointer() as ckpt:
-        if target is not None:
-            target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        return ckpt.restore(path, target)
+        return ckpt.restore(os.path.join(stage_dir(workdir, stage), str(step), "state"))

@@ -34,6 +34,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64  # global training batch
     c.log_every_steps = 50  # metrics line + progress (img/s, ETA) every this many steps
 
+    # Checkpoints (orbax, asynchronous) under <workdir>/checkpoints/<stage>; rerunning the
+    # same command resumes from the newest readable one, bit for bit.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # and always at the end of each stage, and on SIGTERM
+    c.checkpoint.keep = 3  # newest checkpoints kept per stage
+
+    # A step whose loss or gradients are not finite is never applied (optax.apply_if_finite).
+    # 'stop': end the run at the next log step, naming the step and the last checkpoint;
+    # 'skip': go on, stopping only after `max_consecutive` non-finite steps in a row.
+    c.nonfinite = ml_collections.ConfigDict()
+    c.nonfinite.policy = "stop"
+    c.nonfinite.max_consecutive = 10
+
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist"  # 'mnist' | 'digits' | 'cifar10'
     c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR-10 binary files)

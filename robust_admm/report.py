@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from robust_admm.config_base import STAGES
+
 
 def to_python(x):
     """JSON-serialisable copy of numbers, arrays and nested dicts/lists."""
@@ -29,6 +31,26 @@ class MetricsWriter:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
 
+    def truncate_after(self, stage: str, step: int):
+        """Drops the records of `stage` after `step` and of every later stage: a resumed
+        stage writes them again, so the file reads as if the run had never stopped."""
+        if not os.path.exists(self.path):
+            return
+        later = set(STAGES[STAGES.index(stage) + 1:])
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if r.get("stage") in later or (r.get("stage") == stage and r.get("step", 0) > step):
+                continue
+            keep.append(json.dumps(r) + "\n")
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
     def write(self, **record):
         record = to_python(record)
         record.setdefault("time", time.time())
@@ -39,10 +61,10 @@ class MetricsWriter:
 class Progress:
     """Images per second and ETA of a stage, measured between calls to `update`."""
 
-    def __init__(self, total_steps: int, batch_size: int):
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
         self.total, self.batch = total_steps, batch_size
         self.t0 = self.t_last = time.perf_counter()
-        self.step_last = 0
+        self.step_last = start_step
 
     def update(self, step: int) -> dict:
         now = time.perf_counter()

@@ -116,6 +116,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size:
 
         grads, (ce, pen, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
+        grad_norm = optax.tree.norm(grads)
+        # `tx` is wrapped in optax.apply_if_finite, which drops non-finite updates; the
+        # BatchNorm statistics of such a step are dropped here too.
+        finite = jnp.isfinite(ce + pen) & jnp.isfinite(grad_norm)
+        new_stats = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_stats,
+                                           state.batch_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params = jax.tree_util.tree_map(lambda p, m: p * m, params, state.masks)
@@ -124,7 +130,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size:
             "ce": ce,
             "admm_penalty": pen,
             "train_acc": (logits.argmax(-1) == y).mean(),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.int32),
         }
         if schedule is not None:
             metrics["lr"] = schedule(state.step)

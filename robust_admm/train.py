@@ -3,18 +3,21 @@
     python -m robust_admm.train --config configs/mnist.py:cpu --workdir runs/mnist \
         [--config.admm.rho=0.01 ...]
 
-Writes into the workdir: config.json, metrics.jsonl, checkpoints/<stage>, summary.json.
+Writes into the workdir: config.json, metrics.jsonl, checkpoints/<stage>/<step>,
+summary.json. Rerunning the same command in the same workdir resumes where it stopped.
 """
+import contextlib
 import dataclasses
-import fnmatch
 import json
-import math
 import os
+import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,43 +26,17 @@ from robust_admm import attacks, checkpoint, data, optim, projections, report
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import TrainState, make_attack, make_eval_step, make_train_step
+from robust_admm.validation import (config_differences, parse_ratios, parse_stages,
+                                    validate_config)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by it
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint was saved; the run exits with a non-zero status."""
 
 
 # ----------------------------------------------------------------------------- config
-
-def parse_stages(stages: str) -> list:
-    """'pretrain,admm,retrain' -> list, checked to be a non-empty ordered subset."""
-    names = [s.strip() for s in str(stages).split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"stages={stages!r} is empty; allowed: a comma-separated, ordered "
-                         f"subset of {','.join(STAGES)}")
-    for s in names:
-        if s not in STAGES:
-            raise ValueError(f"stages={stages!r}: unknown stage {s!r}; allowed: {STAGES}")
-    order = [STAGES.index(s) for s in names]
-    if order != sorted(set(order)) or order != list(range(order[0], order[0] + len(order))):
-        raise ValueError(f"stages={stages!r} must be consecutive and in the order "
-                         f"{','.join(STAGES)} (each stage starts from the previous one)")
-    return names
-
-
-def parse_ratios(text: str) -> dict:
-    """'conv1=0.8,fc*=0.9' -> {'conv1': 0.8, 'fc*': 0.9}."""
-    out = {}
-    for item in str(text).split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"prune.ratios={text!r}: item {item!r} is not 'layer=ratio'") from None
-    if not out:
-        raise ValueError(f"prune.ratios={text!r} names no layer; e.g. 'conv1=0.5,fc*=0.9'")
-    return out
-
 
 def prune_rules(config, input_shape, num_classes: int) -> dict:
     """{pattern: spec} from config.prune: explicit ratios, or 'prune to width w''."""
@@ -79,6 +56,20 @@ def prune_rules(config, input_shape, num_classes: int) -> dict:
     else:
         ratios = parse_ratios(p.ratios)
     return {k: {"kind": p.kind, "ratio": r} for k, r in ratios.items()}
+
+
+def check_workdir_config(workdir: str, config, allow_change: bool):
+    """Refuses a workdir that holds a run with a different config (unless allowed)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    diffs = config_differences(old, json.loads(config.to_json()))
+    if diffs and not allow_change:
+        raise ValueError(
+            f"{workdir} holds a run with a different config:\n  " + "\n  ".join(diffs)
+            + "\nUse another --workdir, or pass --allow_config_change to continue anyway.")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -120,6 +111,7 @@ class Run:
     eval_step: object
     writer: report.MetricsWriter
     key: jax.Array
+    preempted: list  # set to [signal number] by the SIGTERM handler
 
 
 def compression(params, specs) -> dict:
@@ -128,87 +120,146 @@ def compression(params, specs) -> dict:
             "pruned": projections.compression_rate(params, rules=specs) if specs else 1.0}
 
 
+def initial_state(run: Run, stage: str, tx, params, batch_stats, masks) -> TrainState:
+    """The state a stage starts from, given the previous stage's result."""
+    admm_state = admm_lib.empty()
+    if stage == "admm":
+        if run.config.prune.masked_progressive:
+            masks = admm_lib.freeze_zeros(params, masks, run.specs)
+        admm_state = admm_lib.init(params, run.specs, run.config.admm.rho)
+    elif stage == "retrain":
+        params, masks = admm_lib.hard_project(params, run.specs)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), masks=masks, admm=admm_state,
+                      key=jax.random.fold_in(run.key, STAGES.index(stage)))
+
+
+def stage_optimizer(cfg, stage: str, steps_per_epoch: int):
+    """(tx, schedule) of a stage; non-finite updates are never applied (the policy on
+    how long to go on is enforced by the loop, so the wrapper never gives up)."""
+    period = cfg.admm.update_every_epochs if stage == "admm" else None
+    schedule = optim.make_schedule(cfg[stage], steps_per_epoch, period)
+    tx = optax.apply_if_finite(optim.make_optimizer(cfg[stage], schedule),
+                               max_consecutive_errors=2**30)
+    return tx, schedule
+
+
+def check_nonfinite(run: Run, stage: str, history: list, state, last_ckpt):
+    """Enforces config.nonfinite on the steps since the last log line."""
+    bad = [int(h["step"]) for h in history if h["nonfinite"]]
+    if not bad:
+        return
+    cfg = run.config.nonfinite
+    where = (f"last good checkpoint: {last_ckpt}" if last_ckpt else
+             "no checkpoint of this stage yet")
+    consecutive = int(state.opt_state.notfinite_count)
+    if cfg.policy == "stop" or consecutive >= cfg.max_consecutive:
+        raise FloatingPointError(
+            f"[{stage}] non-finite loss or gradients at step {bad[0]} (of {len(history)} "
+            f"steps since the last log, {len(bad)} were non-finite); the update was not "
+            f"applied and the run stops ({where}). Lower the learning rate or check the "
+            f"data; nonfinite.policy='skip' goes on past isolated bad steps.")
+    report.log(f"[{stage}] WARNING: skipped {len(bad)} non-finite steps (first {bad[0]})")
+
+
 def run_stage(run: Run, stage: str, params, batch_stats, masks):
-    """Trains one stage from (params, batch_stats, masks); returns them and the results."""
+    """Trains one stage, resuming from its newest checkpoint if there is one.
+
+    Returns (state, result) where result is the final evaluation."""
     cfg = run.config
     scfg = cfg[stage]
     n_train = run.train[1].shape[0]
     spe = n_train // cfg.batch_size
     if spe == 0:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples")
-    period = cfg.admm.update_every_epochs if stage == "admm" else None
-    schedule = optim.make_schedule(scfg, spe, period)
-    tx = optim.make_optimizer(scfg, schedule)
-
-    admm_state = admm_lib.empty()
-    if stage == "admm":
-        if cfg.prune.masked_progressive:
-            masks = admm_lib.freeze_zeros(params, masks, run.specs)
-        admm_state = admm_lib.init(params, run.specs, cfg.admm.rho)
-    elif stage == "retrain":
-        params, masks = admm_lib.hard_project(params, run.specs)
-    admm_update = jax.jit(lambda p, s: admm_lib.update(
-        p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
-
-    stage_key = jax.random.fold_in(run.key, STAGES.index(stage))  # donated with the state
-    eval_key = jax.random.fold_in(run.key, 100 + STAGES.index(stage))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), masks=masks, admm=admm_state, key=stage_key)
-    warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
-    train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
-                                 cfg.batch_size, schedule)
     total = scfg.epochs * spe
-    progress = report.Progress(total, cfg.batch_size)
-    report.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
-    history, result = [], None
-    step = 0
-    for epoch in range(1, scfg.epochs + 1):
-        for _ in range(spe):
+    tx, schedule = stage_optimizer(cfg, stage, spe)
+    state = initial_state(run, stage, tx, params, batch_stats, masks)
+    mngr = checkpoint.manager(run.workdir, stage, cfg.checkpoint.keep)
+    eval_key = jax.random.fold_in(run.key, 100 + STAGES.index(stage))
+    try:
+        restored = checkpoint.restore_latest(mngr, state)
+        last_ckpt = None
+        if restored is not None:
+            state, meta, last_ckpt = restored
+            if meta.get("complete"):
+                report.log(f"[{stage}] already complete in {mngr.directory}")
+                return state, meta["result"]
+            report.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
+            run.writer.truncate_after(stage, last_ckpt)
+        warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
+        train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
+                                     cfg.batch_size, schedule)
+        admm_update = jax.jit(lambda p, s: admm_lib.update(
+            p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
+
+        start = int(state.step)
+        progress = report.Progress(total, cfg.batch_size, start)
+        report.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
+        history, result = [], None
+        for step in range(start + 1, total + 1):
+            epoch = -(-step // spe)
             state, metrics = train_step(state, *run.train)
-            history.append(metrics)
-            step += 1
+            history.append(dict(metrics, step=step))
             if step % cfg.log_every_steps == 0 or step == total:
-                m = report.mean_metrics(jax.device_get(history))
+                history = jax.device_get(history)
+                check_nonfinite(run, stage, history, state, last_ckpt)
+                m = report.mean_metrics(history)
+                m.pop("step")
                 history = []
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(
-                        f"[{stage}] non-finite loss {m['loss']} at step {step} (epoch {epoch}); "
-                        f"stopping. Lower the learning rate or check the data.")
                 speed = progress.update(step)
-                rho = {k: float(v) for k, v in state.admm.rho.items()}
-                run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m,
-                                 **speed, rho=rho)
+                run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m, **speed,
+                                 rho={k: float(v) for k, v in state.admm.rho.items()})
                 report.log(
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
                     f"{speed['img_per_s']:.0f} img/s ETA {report.fmt_duration(speed['eta_s'])}")
-        if stage == "admm" and epoch % cfg.admm.update_every_epochs == 0:
-            new_admm, res = admm_update(state.params, state.admm)
-            state = state.replace(admm=new_admm)
-            res = {k: float(v) for k, v in jax.device_get(res).items()}
-            run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
-                             rho={k: float(v) for k, v in new_admm.rho.items()})
-            worst = max((v for k, v in res.items() if k.startswith("primal")), default=0.0)
-            report.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
-        if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
+            if step % spe == 0:  # end of an epoch
+                if stage == "admm" and epoch % cfg.admm.update_every_epochs == 0:
+                    state = admm_step(run, stage, admm_update, state, epoch, step)
+                if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
+                    result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
+                                      cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
+                    run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result)
+                    report.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
+                               f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
+            if run.preempted and step < total:
+                checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
+                mngr.wait_until_finished()
+                report.log(f"[{stage}] SIGTERM: saved a checkpoint at step {step} in "
+                           f"{mngr.directory}; rerun the same command to resume")
+                raise Preempted(PREEMPTED_EXIT_CODE)
+            if step % cfg.checkpoint.every_steps == 0 and step < total:
+                checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
+                last_ckpt = step
+        if result is None:  # a stage with 0 epochs, or resumed after its last evaluation
             result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
-                              cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
-            run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result)
-            report.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%  "
-                       f"PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
-    if result is None:  # a stage with 0 epochs still reports where it stands
-        result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
-                          cfg.eval.batch_size, eval_key)
-    return state.params, state.batch_stats, state.masks, result
+                              cfg.eval.batch_size, jax.random.fold_in(eval_key, scfg.epochs))
+        checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
+        mngr.wait_until_finished()
+        return state, result
+    finally:
+        mngr.close()
 
 
-def stage_summary(run: Run, params, masks, result) -> dict:
-    host = jax.device_get(params)
+def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
+    """The Z- and U-updates at the end of an ADMM interval, with residuals logged."""
+    new_admm, res = admm_update(state.params, state.admm)
+    res = {k: float(v) for k, v in jax.device_get(res).items()}
+    run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
+                     rho={k: float(v) for k, v in new_admm.rho.items()})
+    worst = max((v for k, v in res.items() if k.startswith("primal")), default=0.0)
+    report.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
+    return state.replace(admm=new_admm)
+
+
+def stage_summary(run: Run, state, result) -> dict:
+    host = jax.device_get(state.params)
     return {
         "nat_acc": result["nat_acc"],
         "adv_acc": result["adv_acc"],
         "compression_rate": compression(host, run.specs),
-        "sparsity": projections.sparsity_report(host, jax.device_get(masks)),
+        "sparsity": projections.sparsity_report(host, jax.device_get(state.masks)),
     }
 
 
@@ -226,10 +277,46 @@ def load_data(config):
     return ds, train, test
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+@contextlib.contextmanager
+def sigterm_flag():
+    """Yields a list that holds the signal number once SIGTERM arrives (main thread only)."""
+    flag = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def previous_stage_result(workdir: str, stage: str, like):
+    """(params, batch_stats, masks) of the finished stage before `stage`."""
+    prev = STAGES[STAGES.index(stage) - 1]
+    mngr = checkpoint.manager(workdir, prev)
+    try:
+        restored = None
+        if mngr.all_steps():
+            restored = checkpoint.restore_latest(mngr, like)
+    finally:
+        mngr.close()
+    if restored is None or not restored[1].get("complete"):
+        raise FileNotFoundError(
+            f"stage {stage!r} needs the result of stage {prev!r}, but "
+            f"{checkpoint.stage_dir(workdir, prev)} holds no finished {prev!r} stage: run "
+            f"{prev!r} in this workdir first (e.g. --config.stages={prev},{stage})")
+    report.log(f"loaded the result of stage {prev!r} from {checkpoint.stage_dir(workdir, prev)}")
+    state = restored[0]
+    return state.params, state.batch_stats, state.masks
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
     """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
-    stages = parse_stages(config.stages)
+    stages = validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(workdir, config, allow_config_change)
     t_start = time.time()
     ds, train, test = load_data(config)
     report.log(data.describe(ds))
@@ -242,48 +329,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
     variables = model.init(jax.random.fold_in(key, 12345), jnp.zeros(input_shape, jnp.float32))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    rules = prune_rules(config, input_shape, ds.num_classes)
-    specs = projections.match_rules(params, rules)
+    try:
+        specs = projections.match_rules(params, prune_rules(config, input_shape,
+                                                            ds.num_classes))
+    except ValueError as e:
+        raise ValueError(f"prune.ratios={config.prune.ratios!r}: {e}") from None
 
     eval_attack = lambda fn, x, y, k: attacks.pgd_restarts(
         fn, x, y, k, restarts=config.eval.restarts, epsilon=config.attack.epsilon,
         step_size=config.eval.step_size, num_steps=config.eval.num_steps,
         random_start=config.attack.random_start, loss=config.attack.loss,
         unroll=config.attack.unroll)
-    run = Run(config=config, workdir=workdir, model=model,
-              train=(jax.device_put(train.images), jax.device_put(train.labels)),
-              test=pad_to_multiple(test.images, test.labels, config.eval.batch_size),
-              specs=specs, eval_step=make_eval_step(model, eval_attack),
-              writer=report.MetricsWriter(workdir), key=key)
-
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
-    first = STAGES.index(stages[0])
-    if first > 0:
-        prev = STAGES[first - 1]
-        if not checkpoint.has_stage(workdir, prev):
-            raise FileNotFoundError(
-                f"stages={config.stages!r} starts with {stages[0]!r}, which needs the result "
-                f"of stage {prev!r}, but {checkpoint.stage_dir(workdir, prev)} does not exist: "
-                f"run {prev!r} in this workdir first")
-        restored = checkpoint.load_stage(workdir, prev, {
-            "params": params, "batch_stats": batch_stats, "masks": masks})
-        params, batch_stats, masks = (restored["params"], restored["batch_stats"],
-                                      restored["masks"])
-        report.log(f"loaded the result of stage {prev!r} from {checkpoint.stage_dir(workdir, prev)}")
-
     summary_path = os.path.join(workdir, "summary.json")
     summary = {"stages": {}}
     if os.path.exists(summary_path):  # keep the results of stages run earlier
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
-    for stage in stages:
-        params, batch_stats, masks, result = run_stage(run, stage, params, batch_stats, masks)
-        checkpoint.save_stage(workdir, stage, {
-            "params": params, "batch_stats": batch_stats, "masks": masks})
-        summary["stages"][stage] = stage_summary(run, params, masks, result)
-        summary["wall_time_s"] = time.time() - t_start
-        with open(summary_path, "w", encoding="utf-8") as f:
-            json.dump(report.to_python(summary), f, indent=2)
+
+    with sigterm_flag() as preempted:
+        run = Run(config=config, workdir=workdir, model=model,
+                  train=(jax.device_put(train.images), jax.device_put(train.labels)),
+                  test=pad_to_multiple(test.images, test.labels, config.eval.batch_size),
+                  specs=specs, eval_step=make_eval_step(model, eval_attack),
+                  writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
+        if stages[0] != STAGES[0]:
+            prev = STAGES[STAGES.index(stages[0]) - 1]
+            like = initial_state(run, prev, stage_optimizer(config, prev, 1)[0], params,
+                                 batch_stats, masks)
+            params, batch_stats, masks = previous_stage_result(workdir, stages[0], like)
+        for stage in stages:
+            state, result = run_stage(run, stage, params, batch_stats, masks)
+            params, batch_stats, masks = state.params, state.batch_stats, state.masks
+            summary["stages"][stage] = stage_summary(run, state, result)
+            with open(summary_path, "w", encoding="utf-8") as f:
+                json.dump(report.to_python(summary), f, indent=2)
+    run.writer.write(kind="done", stages=stages, wall_time_s=time.time() - t_start)
     report.log(report.summary_table(summary))
     report.log(f"done in {report.fmt_duration(time.time() - t_start)}; outputs in {workdir}")
     return summary
@@ -293,6 +374,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py:cpu.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue a workdir whose config.json differs from this config.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -300,7 +383,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) off the console
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError,
+            checkpoint.CheckpointError) as e:
+        # Bad input or a diverged run: the message says what to do; no traceback needed.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,243 @@
+"""Nothing lost, nothing silent: kill/resume bit for bit, SIGTERM, corrupted checkpoints,
+non-finite losses, and every bad input refused before anything compiles."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import ROOT, cli_command, write_idx
+from robust_admm import checkpoint, data, train, validation
+
+sys.path.insert(0, ROOT)
+from configs import mnist as mnist_config  # noqa: E402
+
+STAGES = ("pretrain", "admm", "retrain")
+# Log every step (so a test can act at a chosen step), checkpoint every 3 steps, and a
+# longer attack so that a step takes long enough for a signal to land inside its stage.
+RUN_FLAGS = ["--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
+             "--config.attack.num_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_idx(str(tmp_path_factory.mktemp("idx")), np.random.default_rng(0))
+
+
+def files_flags(idx_dir):
+    return ["--config.data.source=files", f"--config.data.dir={idx_dir}"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, idx_dir):
+    """An uninterrupted :smoke run."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir
+
+
+def run_and_signal(workdir, flags, stage, step, sig):
+    """Runs the CLI and sends `sig` once it has logged `step` of `stage`."""
+    proc = subprocess.Popen(cli_command(workdir, *flags), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(f"[{stage}] epoch") and f" step {step}/" in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    return proc.returncode, "".join(out) + rest
+
+
+def assert_same_results(workdir, reference_dir):
+    for stage in STAGES:
+        a = checkpoint.load_final_state(workdir, stage)
+        b = checkpoint.load_final_state(reference_dir, stage)
+        for part in ("params", "masks", "batch_stats", "opt_state", "admm", "key", "step"):
+            jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
+    with open(os.path.join(workdir, "summary.json"), "rb") as f1, \
+            open(os.path.join(reference_dir, "summary.json"), "rb") as f2:
+        assert f1.read() == f2.read()
+
+    def records(path):
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        keep = ("stage", "step", "kind", "loss", "nat_acc", "adv_acc", "rho")
+        return [{k: v for k, v in r.items() if k in keep or k.startswith("primal")}
+                for r in lines if r["kind"] != "done"]
+    assert records(workdir) == records(reference_dir)
+
+
+def test_sigkill_in_every_stage_then_resume_is_bitwise_identical(tmp_path, idx_dir, reference):
+    rng = random.Random(1234)
+    workdir = str(tmp_path / "killed")
+    flags = files_flags(idx_dir) + RUN_FLAGS
+    outputs, saved = [], []
+    for stage in STAGES:
+        step = rng.randint(5, 13)  # of 16 steps per stage; checkpoints every 3
+        code, out = run_and_signal(workdir, flags, stage, step, signal.SIGKILL)
+        assert code == -signal.SIGKILL, out[-3000:]
+        outputs.append(out)
+        saved.append(any(d.isdigit() for d in os.listdir(checkpoint.stage_dir(workdir, stage))))
+    r = subprocess.run(cli_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outputs.append(r.stdout)
+    # Each rerun resumed the killed stage from its checkpoint (one was written before the
+    # kill unless the asynchronous write was still in flight, which is rare).
+    for stage, out, had_checkpoint in zip(STAGES, outputs[1:], saved):
+        assert (f"[{stage}] resuming from step" in out) == had_checkpoint, out[-2000:]
+    assert sum(saved) >= 2
+    assert_same_results(workdir, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path, idx_dir, reference):
+    workdir = str(tmp_path / "preempted")
+    flags = files_flags(idx_dir) + [f for f in RUN_FLAGS if "checkpoint.every_steps" not in f] + [
+        "--config.checkpoint.every_steps=100"]  # only the SIGTERM checkpoint
+    code, out = run_and_signal(workdir, flags, "admm", 5, signal.SIGTERM)
+    assert code == train.PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in out
+    steps = [d for d in os.listdir(checkpoint.stage_dir(workdir, "admm")) if d.isdigit()]
+    assert steps and all(0 < int(s) < 16 for s in steps)
+    r = subprocess.run(cli_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[admm] resuming from step {steps[0]}" in r.stdout
+    assert_same_results(workdir, reference)
+
+
+def smoke_config(idx_dir, **overrides):
+    cfg = mnist_config.get_config("smoke")
+    cfg.data.source, cfg.data.dir = "files", idx_dir
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def truncate_files(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(os.path.getsize(os.path.join(root, name)) // 3)
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, idx_dir):
+    cfg = dict(stages="pretrain", **{"checkpoint.every_steps": 3, "checkpoint.keep": 10})
+    workdir = str(tmp_path / "w")
+    first = train.train_and_evaluate(smoke_config(idx_dir, **cfg), workdir)
+    params = checkpoint.load_final_state(workdir, "pretrain")["params"]
+    ckdir = checkpoint.stage_dir(workdir, "pretrain")
+    truncate_files(os.path.join(ckdir, "16"))
+    again = train.train_and_evaluate(smoke_config(idx_dir, **cfg), workdir)
+    assert again == first
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           checkpoint.load_final_state(workdir, "pretrain")["params"], params)
+    assert any(d.startswith("unreadable-16-") for d in os.listdir(ckdir))
+    # None readable: a clear error.
+    for d in os.listdir(ckdir):
+        if d.isdigit():
+            truncate_files(os.path.join(ckdir, d))
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train.train_and_evaluate(smoke_config(idx_dir, **cfg), workdir)
+
+
+def test_a_workdir_with_another_config_is_refused(tmp_path, idx_dir):
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(smoke_config(idx_dir, stages="pretrain",
+                                          **{"pretrain.epochs": 1}), workdir)
+    with pytest.raises(ValueError, match=r"admm.rho: 0.001 -> 0.5"):
+        train.train_and_evaluate(smoke_config(idx_dir, stages="pretrain",
+                                              **{"pretrain.epochs": 1, "admm.rho": 0.5}),
+                                 workdir)
+    # An explicit override allows it; fields that do not change results never need one.
+    train.train_and_evaluate(smoke_config(idx_dir, stages="pretrain", log_every_steps=2,
+                                          **{"pretrain.epochs": 1, "admm.rho": 0.5}),
+                             workdir, allow_config_change=True)
+
+
+def test_a_diverging_run_stops_with_the_step_stage_and_checkpoint(tmp_path, idx_dir):
+    # SGD with an absurd learning rate overflows the weights: the loss becomes non-finite.
+    cfg = smoke_config(idx_dir, stages="pretrain", log_every_steps=5,
+                       **{"pretrain.optimizer": "sgd", "pretrain.lr": 1e30,
+                          "checkpoint.every_steps": 1})
+    with pytest.raises(FloatingPointError,
+                       match=r"\[pretrain\] non-finite loss or gradients at step \d+ .*"
+                             r"the update was not applied .*last good checkpoint: \d+"):
+        train.train_and_evaluate(cfg, str(tmp_path / "w"))
+
+
+def test_skip_policy_goes_past_nonfinite_steps_without_applying_them(tmp_path, idx_dir):
+    cfg = smoke_config(idx_dir, stages="pretrain", log_every_steps=4,
+                       **{"pretrain.optimizer": "sgd", "pretrain.lr": 1e30,
+                          "nonfinite.policy": "skip", "nonfinite.max_consecutive": 100})
+    summary = train.train_and_evaluate(cfg, str(tmp_path / "w"))
+    params = checkpoint.load_final_state(str(tmp_path / "w"), "pretrain")["params"]
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+    assert summary["stages"]["pretrain"]["nat_acc"] >= 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"attack.epsilon": -0.1}, "attack.epsilon=-0.1 is not allowed"),
+    ({"attack.step_size": 0.0}, "attack.step_size=0.0 is not allowed"),
+    ({"attack.num_steps": -1}, "attack.num_steps=-1 is not allowed"),
+    ({"eval.step_size": -1.0}, "eval.step_size=-1.0 is not allowed"),
+    ({"prune.ratios": "conv1=1.0"}, "ratio 1.0 for 'conv1' is outside \\[0, 1\\)"),
+    ({"prune.ratios": "conv1=-0.2"}, "outside \\[0, 1\\)"),
+    ({"prune.kind": "diagonal"}, "prune.kind='diagonal' is not allowed"),
+    ({"model.name": "alexnet"}, "model.name='alexnet' is not a known model"),
+    ({"data.name": "svhn"}, "data.name='svhn' is not allowed"),
+    ({"data.source": "http"}, "data.source='http' is not allowed"),
+    ({"stages": ""}, "stages='' is empty"),
+    ({"stages": "retrain,pretrain"}, "out of order"),
+    ({"pretrain.lr": 0.0}, "pretrain: lr=0.0 must be > 0"),
+    ({"admm.schedule": "steps"}, "admm: schedule='steps' is not known"),
+    ({"admm.rho": 0.0}, "admm.rho=0.0 is not allowed"),
+    ({"nonfinite.policy": "ignore"}, "nonfinite.policy='ignore' is not allowed"),
+    ({"setting": "robust"}, "setting='robust' is not allowed"),
+])
+def test_bad_config_values_are_named(overrides, message, idx_dir):
+    with pytest.raises(ValueError, match=message):
+        validation.validate_config(smoke_config(idx_dir, **overrides), device_count=1)
+
+
+def test_quantization_is_refused_until_implemented(idx_dir):
+    with pytest.raises(NotImplementedError, match="prune.kind='quantize'"):
+        validation.validate_config(smoke_config(idx_dir, **{"prune.kind": "quantize"}),
+                                   device_count=1)
+
+
+def test_a_batch_not_divisible_by_the_devices_is_refused(idx_dir):
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices.*"
+                                         "e.g. 8 or 16"):
+        validation.validate_config(smoke_config(idx_dir, batch_size=12), device_count=8)
+
+
+def test_a_prune_key_that_matches_no_layer_is_refused_before_training(tmp_path, idx_dir):
+    with pytest.raises(ValueError, match="prune.ratios='conv9=0.5'.*conv9"):
+        train.train_and_evaluate(smoke_config(idx_dir, **{"prune.ratios": "conv9=0.5"}),
+                                 str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_missing_or_wrong_dataset_folder_is_refused(tmp_path, idx_dir):
+    with pytest.raises(data.DataError, match="does not exist|not found|missing"):
+        train.train_and_evaluate(smoke_config(str(tmp_path / "nope")), str(tmp_path / "w"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(idx_dir):
+        (bad / name).write_bytes(b"\x00\x00\x08\x99" + b"\x00" * 64)
+    with pytest.raises(data.DataError, match="magic"):
+        train.train_and_evaluate(smoke_config(str(bad)), str(tmp_path / "w2"))
