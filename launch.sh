@@ -26,7 +26,8 @@ Modes:
              (on TPU pods jax.distributed.initialize() auto-detects all the rest).
           --copy sends the whole folder (runs/ too): keep it small, or use --repo.
           --skip-setup skips steps 1-2. PY defaults to python3. DIR should be shared by
-          all workers (a gs:// path): every worker writes its part of the checkpoints.
+          all workers (a shared mount; metrics and summaries are written with plain file I/O,
+          so gs:// workdirs are not supported yet): every worker writes its checkpoint part.
 
   slurm   run one process per node with srun (inside or outside an allocation):
             launch.sh slurm --nodes N --gpus-per-node G --config CFG --workdir DIR
@@ -51,7 +52,7 @@ Errors in the arguments (unknown mode or option, missing or malformed value) exi
 
 Example:
   launch.sh tpu --name my-v4-32 --zone us-central2-b --config configs/mnist.py \
-      --workdir gs://my-bucket/runs/mnist --dry-run -- --config.batch_size=1024
+      --workdir /mnt/shared/runs/mnist --dry-run -- --config.batch_size=1024
 EOF
 }
 

@@ -7,6 +7,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from robust_admm import report
@@ -71,8 +72,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
 
 
 def load_final_state(workdir: str, stage: str) -> dict:
-    """The final state of a finished `stage` as plain nested dicts of arrays (no target
-    structure needed): for evaluation, export and tests."""
+    """The final state of a finished `stage` as plain nested dicts of numpy arrays (no
+    target structure needed): for evaluation, export and tests."""
     with manager(workdir, stage) as mngr:
         step = mngr.latest_step()
         if step is None:
@@ -80,5 +81,9 @@ def load_final_state(workdir: str, stage: str) -> dict:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not meta.get("complete"):
             raise FileNotFoundError(f"stage {stage!r} in {stage_dir(workdir, stage)} is not finished")
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(os.path.join(stage_dir(workdir, stage), str(step), "state"))
+    path = os.path.join(stage_dir(workdir, stage), str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckpt:
+        # As host numpy arrays, whatever devices (or how many) wrote the checkpoint.
+        tree = ckpt.metadata(path).item_metadata.tree
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))

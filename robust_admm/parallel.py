@@ -220,6 +220,8 @@ def replicate(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def one(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x  # already replicated over this mesh (e.g. the previous stage's result)
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             impl = jax.random.key_impl(x)
             return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=impl)

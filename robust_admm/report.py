@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from robust_admm.config_base import STAGES
@@ -30,11 +31,12 @@ class MetricsWriter:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = is_main_process()
 
     def truncate_after(self, stage: str, step: int):
         """Drops the records of `stage` after `step` and of every later stage: a resumed
         stage writes them again, so the file reads as if the run had never stopped."""
-        if not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.path):
             return
         later = set(STAGES[STAGES.index(stage) + 1:])
         with open(self.path, encoding="utf-8") as f:
@@ -52,6 +54,8 @@ class MetricsWriter:
             f.writelines(keep)
 
     def write(self, **record):
+        if not self.enabled:
+            return
         record = to_python(record)
         record.setdefault("time", time.time())
         with open(self.path, "a", encoding="utf-8") as f:
@@ -81,8 +85,24 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def is_main_process() -> bool:
+    """Process 0 of a multi-host run (or the only process) writes logs and files."""
+    return jax.process_index() == 0
+
+
 def log(msg: str):
-    print(msg, flush=True, file=sys.stdout)
+    if is_main_process():
+        print(msg, flush=True, file=sys.stdout)
+
+
+def write_json(path: str, obj, indent: int = 2):
+    """Writes JSON atomically (a temporary file renamed), from process 0 only."""
+    if not is_main_process():
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(to_python(obj), f, indent=indent)
+    os.replace(tmp, path)
 
 
 def summary_table(summary: dict) -> str:

@@ -9,7 +9,6 @@ BatchNorm during the attack: the attack's forward passes use the batch statistic
 perturbed batch without updating the running averages; only the training forward pass
 updates them.
 """
-import functools
 from typing import Any, Callable
 
 import flax
@@ -17,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
 from robust_admm import admm as admm_lib
-from robust_admm import attacks
+from robust_admm import attacks, parallel
 
 
 @flax.struct.dataclass
@@ -91,18 +92,21 @@ def batch_indices(key, step, num_examples: int, batch_size: int):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size: int,
-                    schedule: Callable | None = None):
+                    schedule: Callable | None = None, mesh: Mesh | None = None):
     """Builds the jit-compiled `train_step(state, images_u8, labels) -> (state, metrics)`.
 
-    `images_u8`/`labels` are the whole training split on the device; the state is donated.
+    `images_u8`/`labels` are the whole training split on the device (replicated); the state
+    is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
+    replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
     """
     data_key_tag, attack_key_tag = 0, 1
+    shard = _batch_constraint(mesh)
 
     def train_step(state: TrainState, images_u8, labels):
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
-        x = to_pixels(images_u8[idx])
-        y = labels[idx]
+        x = shard(to_pixels(images_u8[idx]))
+        y = shard(labels[idx])
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
         x_adv = attack(attack_logits_fn(model, state.params, state.batch_stats),
@@ -139,20 +143,33 @@ def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size:
                                   opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
 
 
-def make_eval_step(model, eval_attack):
+def _batch_constraint(mesh: Mesh | None):
+    """x -> x constrained to be split along the mesh's `data` axis (identity without one)."""
+    if mesh is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
+
+
+def make_eval_step(model, eval_attack, mesh: Mesh | None = None):
     """Jit-compiled `eval_step(params, batch_stats, images_u8, labels, valid, key)` ->
     (natural correct, adversarial correct) counts over the valid entries of one batch.
     Evaluation uses the running BatchNorm averages (train=False) for the attack too."""
 
+    shard = _batch_constraint(mesh)
+
     def eval_step(params, batch_stats, images_u8, labels, valid, key):
-        x = to_pixels(images_u8)
+        x, labels, valid = shard(to_pixels(images_u8)), shard(labels), shard(valid)
         logits_fn = lambda xa: apply_model(model, params, batch_stats, xa, train=False)[0]
         nat = (logits_fn(x).argmax(-1) == labels) & valid
         x_adv = eval_attack(logits_fn, x, labels, key)
         adv = (logits_fn(x_adv).argmax(-1) == labels) & valid
         return nat.sum(), adv.sum()
 
-    return jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robust_admm import admm as admm_lib
-from robust_admm import attacks, checkpoint, data, optim, projections, report
+from robust_admm import attacks, checkpoint, data, optim, parallel, projections, report
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import TrainState, make_attack, make_eval_step, make_train_step
@@ -87,14 +87,15 @@ def evaluate(eval_step, params, batch_stats, test, batch_size: int, key) -> dict
     return {"nat_acc": int(nat) / total, "adv_acc": int(adv) / total, "eval_examples": total}
 
 
-def pad_to_multiple(images, labels, multiple: int):
-    """Test split padded to a whole number of eval batches, with a validity mask."""
+def pad_to_multiple(images, labels, multiple: int, mesh):
+    """Test split padded to a whole number of eval batches, with a validity mask,
+    replicated on the mesh."""
     n = labels.shape[0]
     pad = (-n) % multiple
     valid = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
     images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
     labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    return jax.device_put(images), jax.device_put(labels), jax.device_put(valid)
+    return parallel.replicate((images, labels, valid), mesh)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -105,7 +106,8 @@ class Run:
     config: object
     workdir: str
     model: object
-    train: tuple  # (images uint8, labels int32) on the device
+    mesh: object  # jax.sharding.Mesh with one `data` axis over all devices
+    train: tuple  # (images uint8, labels int32) on the devices, replicated
     test: tuple  # (images, labels, valid) on the device, padded
     specs: dict  # leaf path -> projection spec
     eval_step: object
@@ -129,9 +131,10 @@ def initial_state(run: Run, stage: str, tx, params, batch_stats, masks) -> Train
         admm_state = admm_lib.init(params, run.specs, run.config.admm.rho)
     elif stage == "retrain":
         params, masks = admm_lib.hard_project(params, run.specs)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), masks=masks, admm=admm_state,
-                      key=jax.random.fold_in(run.key, STAGES.index(stage)))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), masks=masks, admm=admm_state,
+                       key=jax.random.fold_in(run.key, STAGES.index(stage)))
+    return parallel.replicate(state, run.mesh)
 
 
 def stage_optimizer(cfg, stage: str, steps_per_epoch: int):
@@ -189,7 +192,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
             run.writer.truncate_after(stage, last_ckpt)
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
         train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
-                                     cfg.batch_size, schedule)
+                                     cfg.batch_size, schedule, run.mesh)
         admm_update = jax.jit(lambda p, s: admm_lib.update(
             p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
 
@@ -315,13 +318,13 @@ def previous_stage_result(workdir: str, stage: str, like):
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
     """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
     stages = validate_config(config)
+    mesh = parallel.make_mesh()
     os.makedirs(workdir, exist_ok=True)
     check_workdir_config(workdir, config, allow_config_change)
     t_start = time.time()
     ds, train, test = load_data(config)
     report.log(data.describe(ds))
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json(indent=2))
+    report.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
     model = get_model(config.model.name, ds.num_classes, config.model.width)
     input_shape = (1,) + train.images.shape[1:]
@@ -348,10 +351,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
             summary = json.load(f)
 
     with sigterm_flag() as preempted:
-        run = Run(config=config, workdir=workdir, model=model,
-                  train=(jax.device_put(train.images), jax.device_put(train.labels)),
-                  test=pad_to_multiple(test.images, test.labels, config.eval.batch_size),
-                  specs=specs, eval_step=make_eval_step(model, eval_attack),
+        run = Run(config=config, workdir=workdir, model=model, mesh=mesh,
+                  train=parallel.replicate((train.images, train.labels), mesh),
+                  test=pad_to_multiple(test.images, test.labels, config.eval.batch_size, mesh),
+                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh),
                   writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
         if stages[0] != STAGES[0]:
             prev = STAGES[STAGES.index(stages[0]) - 1]
@@ -362,8 +365,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
             state, result = run_stage(run, stage, params, batch_stats, masks)
             params, batch_stats, masks = state.params, state.batch_stats, state.masks
             summary["stages"][stage] = stage_summary(run, state, result)
-            with open(summary_path, "w", encoding="utf-8") as f:
-                json.dump(report.to_python(summary), f, indent=2)
+            report.write_json(summary_path, summary)
     run.writer.write(kind="done", stages=stages, wall_time_s=time.time() - t_start)
     report.log(report.summary_table(summary))
     report.log(f"done in {report.fmt_duration(time.time() - t_start)}; outputs in {workdir}")
@@ -383,6 +385,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax) off the console
+    parallel.initialize_distributed()  # multi-host runs (launch.sh tpu/slurm); before any JAX use
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
     except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError,

@@ -80,6 +80,9 @@ def validate_config(config, device_count: int | None = None):
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the {devices} "
                          f"devices; use a multiple of {devices}, e.g. {lo or devices} or "
                          f"{lo + devices}")
+    if config.eval.batch_size % devices:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+                         f"{devices} devices; use a multiple of {devices}")
     if config.prune.kind == "quantize":
         raise NotImplementedError("prune.kind='quantize': ADMM quantization with quantized "
                                   "retraining is not implemented yet; allowed: "
