@@ -241,3 +241,16 @@ def test_a_missing_or_wrong_dataset_folder_is_refused(tmp_path, idx_dir):
         (bad / name).write_bytes(b"\x00\x00\x08\x99" + b"\x00" * 64)
     with pytest.raises(data.DataError, match="magic"):
         train.train_and_evaluate(smoke_config(str(bad)), str(tmp_path / "w2"))
+
+
+def test_a_nan_in_the_input_pixels_stops_the_run(tmp_path, idx_dir, monkeypatch):
+    """Stored images are uint8 and cannot hold a NaN, so the NaN is injected where they
+    become floats; the guard is the same one a diverging loss meets."""
+    from robust_admm import step as step_lib
+    to_pixels = step_lib.to_pixels
+    monkeypatch.setattr(step_lib, "to_pixels",
+                        lambda u: to_pixels(u).at[0, 0, 0, 0].set(float("nan")))
+    cfg = smoke_config(idx_dir, stages="pretrain", log_every_steps=4)
+    with pytest.raises(FloatingPointError, match=r"\[pretrain\] non-finite loss or gradients "
+                                                 r"at step 1 .*no checkpoint of this stage yet"):
+        train.train_and_evaluate(cfg, str(tmp_path / "w"))
