@@ -235,7 +235,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
             if step % cfg.checkpoint.every_steps == 0 and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 last_ckpt = step
-        if result is None:  # a stage with 0 epochs, or resumed after its last evaluation
+        if result is None:  # a stage with 0 epochs
             result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
                               cfg.eval.batch_size, jax.random.fold_in(eval_key, scfg.epochs))
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
