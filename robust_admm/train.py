@@ -26,8 +26,7 @@ from robust_admm import attacks, checkpoint, data, optim, parallel, projections,
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import TrainState, make_attack, make_eval_step, make_train_step
-from robust_admm.validation import (config_differences, parse_ratios, parse_stages,
-                                    validate_config)
+from robust_admm.validation import (config_differences, parse_ratios, validate_config)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by it
 
