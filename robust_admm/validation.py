@@ -2,7 +2,7 @@
 the field, the bad value and what is allowed."""
 import jax
 
-from robust_admm import data, optim
+from robust_admm import data, optim, parallel
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 
@@ -71,18 +71,10 @@ def validate_config(config, device_count: int | None = None):
     _require(config.attack.epsilon >= 0, "attack.epsilon", config.attack.epsilon,
              "a number >= 0 (pixels are in [0, 1])")
     _require(config.eval.restarts >= 1, "eval.restarts", config.eval.restarts, "an integer >= 1")
-    _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, ">= 1")
     _require(config.eval.every_epochs >= 1, "eval.every_epochs", config.eval.every_epochs, ">= 1")
-    _require(config.batch_size >= 1, "batch_size", config.batch_size, "an integer >= 1")
     devices = jax.device_count() if device_count is None else device_count
-    if config.batch_size % devices:
-        lo = config.batch_size - config.batch_size % devices
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {devices} "
-                         f"devices; use a multiple of {devices}, e.g. {lo or devices} or "
-                         f"{lo + devices}")
-    if config.eval.batch_size % devices:
-        raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                         f"{devices} devices; use a multiple of {devices}")
+    parallel.check_global_batch(config.batch_size, devices, "batch_size")
+    parallel.check_global_batch(config.eval.batch_size, devices, "eval.batch_size")
     if config.prune.kind == "quantize":
         raise NotImplementedError("prune.kind='quantize': ADMM quantization with quantized "
                                   "retraining is not implemented yet; allowed: "

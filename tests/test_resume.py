@@ -220,9 +220,12 @@ def test_quantization_is_refused_until_implemented(idx_dir):
 
 
 def test_a_batch_not_divisible_by_the_devices_is_refused(idx_dir):
-    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices.*"
-                                         "e.g. 8 or 16"):
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of "
+                                         r"devices \(8\).*Nearest valid values: 8 or 16"):
         validation.validate_config(smoke_config(idx_dir, batch_size=12), device_count=8)
+    with pytest.raises(ValueError, match=r"eval.batch_size=36 is not divisible .*\(8\)"):
+        validation.validate_config(smoke_config(idx_dir, **{"eval.batch_size": 36}),
+                                   device_count=8)
 
 
 def test_a_prune_key_that_matches_no_layer_is_refused_before_training(tmp_path, idx_dir):
