@@ -1,10 +1,14 @@
 """Model zoo: flax.linen modules with stable layer names, built by name from a config."""
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
+from robust_admm.models.resnet import BasicBlock, ResNet, resnet18
+from robust_admm.models.vgg import VGG, vgg16
 
 _BUILDERS = {
     "lenet_adv": lenet_adv,
     "lenet5": lenet5,
     "lenet_digits": lenet_digits,
+    "vgg16": vgg16,
+    "resnet18": resnet18,
 }
 
 
@@ -19,4 +23,15 @@ def get_model(name: str, num_classes: int = 10, width: int = 1):
     return _BUILDERS[name](num_classes=num_classes, width=width)
 
 
-__all__ = ["LeNet", "get_model", "lenet5", "lenet_adv", "lenet_digits"]
+__all__ = [
+    "VGG",
+    "BasicBlock",
+    "LeNet",
+    "ResNet",
+    "get_model",
+    "lenet5",
+    "lenet_adv",
+    "lenet_digits",
+    "resnet18",
+    "vgg16",
+]

@@ -1,6 +1,10 @@
 """Small layers shared by the models."""
-import jax.numpy as jnp
+from collections.abc import Callable
+
 import flax.linen as nn
+import jax.numpy as jnp
+
+from robust_admm.models import conv
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
@@ -14,3 +18,11 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     if h % 2 or w % 2:
         return nn.max_pool(x, (2, 2), strides=(2, 2))
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` (same fields, parameter names `kernel` (kh, kw, in, out) and `bias`) whose
+    convolution is chosen per backend and per shape (see `robust_admm.models.conv`).
+    Pass `conv_general_dilated=conv.conv_general_dilated('native')` to force one form."""
+
+    conv_general_dilated: Callable | None = conv.conv_general_dilated("auto")

@@ -3,12 +3,12 @@
 Layer names are stable (`conv1`, `conv2`, `fc1`, `fc2`) so configs can name what they prune.
 Inputs are NHWC pixels in [0, 1]; no normalisation, so attacks act in pixel space.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import max_pool_2x2
+from robust_admm.models.layers import Conv, max_pool_2x2
 
 
 class LeNet(nn.Module):
@@ -25,7 +25,7 @@ class LeNet(nn.Module):
         del train  # no BatchNorm or dropout in this family
         k = (self.kernel_size, self.kernel_size)
         for i, f in enumerate(self.features, start=1):
-            x = nn.Conv(f, k, padding=self.padding, name=f"conv{i}")(x)
+            x = Conv(f, k, padding=self.padding, name=f"conv{i}")(x)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))

@@ -1,0 +1,83 @@
+"""2-D convolution with the implementation chosen per backend and per shape.
+
+XLA's native convolution is the right choice on GPU and TPU. On XLA:CPU it is slow for
+some shapes that adversarial training hits constantly (measured in benchmarks/NOTES.md,
+forward + input gradient, 2 cores): a 3x3 conv over a 2x2x512 map takes 1.5 s native and
+11 ms as shifted slices + one matmul; the 1- and 3-channel stems, strided and 1x1
+convolutions are 1.2-1.8x faster as slices. On larger maps with many channels the native
+kernels win by up to 2.8x. So on CPU each convolution picks by a fixed rule
+(`use_slices`), decided when the program is traced; a rule timed at start-up was found
+to be noisy.
+
+The slices form is written by hand because no library offers it:
+`lax.conv_general_dilated_patches` builds the same patches but its input gradient is
+10-200x slower on CPU.
+"""
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "native", "slices")
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def use_slices(input_shape: Sequence[int], kernel_shape: Sequence[int],
+               strides: Sequence[int], backend: str) -> bool:
+    """The CPU rule: slices for 1x1 or strided kernels, stems (<= 4 input channels) and
+    small maps (output <= 4x4); native elsewhere and on every other backend."""
+    if backend != "cpu":
+        return False
+    kh, kw, cin, _ = kernel_shape
+    h, w = input_shape[1] // strides[0], input_shape[2] // strides[1]
+    return (kh == kw == 1) or max(strides) > 1 or cin <= 4 or h * w <= 16
+
+
+def conv_slices(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
+                padding: Sequence[tuple[int, int]], precision=None) -> jnp.ndarray:
+    """NHWC x HWIO convolution as kh*kw shifted (strided) slices of the padded input,
+    concatenated along channels ((i, j, c) order, as `kernel.reshape(-1, out)`), and one
+    matmul. Its gradients are slices, pads and matmuls, which XLA:CPU runs well."""
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    n, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    cols = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    y = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(-1, cout),
+                precision=precision)
+    return y.reshape(n, ho, wo, cout)
+
+
+def conv_general_dilated(impl: str = "auto"):
+    """A drop-in for `lax.conv_general_dilated` (the hook `flax.linen.Conv` offers) that
+    routes plain NHWC convolutions to the slices form when `impl` says so ('auto': by
+    `use_slices` for the default backend). Dilated, grouped or other layouts always go
+    to the native op."""
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl={impl!r}; allowed: {IMPLS}")
+
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+        plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                 and all(d == 1 for d in (rhs_dilation or (1, 1)))
+                 and dimension_numbers == lax.conv_dimension_numbers(
+                     lhs.shape, rhs.shape, _NHWC))
+        if plain:
+            pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides,
+                                        padding) if isinstance(padding, str) else padding)
+            slices = impl == "slices" or (impl == "auto" and use_slices(
+                lhs.shape, rhs.shape, window_strides, jax.default_backend()))
+            if slices:
+                return conv_slices(lhs, rhs, window_strides, pads, precision)
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+    return conv

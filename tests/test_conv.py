@@ -1,0 +1,132 @@
+"""The convolution forms (native, shifted slices + matmul) against a float64 brute force."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from robust_admm.models import conv
+from robust_admm.models.layers import Conv
+
+
+def reference(x, k, stride, pad, r):
+    """y[n,i,j,o] = sum_{a,b,c} xpad[n, i*s+a, j*s+b, c] k[a,b,c,o], and the gradients of
+    sum(y * r) w.r.t. x and k, by loops over output positions in float64."""
+    x, k, r = (np.asarray(v, np.float64) for v in (x, k, r))
+    (pt, pb), (pl, pr) = pad
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    kh, kw, _, cout = k.shape
+    n, ho, wo = r.shape[:3]
+    y = np.zeros((n, ho, wo, cout))
+    dxp, dk = np.zeros_like(xp), np.zeros_like(k)
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+            y[:, i, j] = np.einsum("nabc,abco->no", patch, k)
+            dxp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :] += np.einsum(
+                "no,abco->nabc", r[:, i, j], k)
+            dk += np.einsum("nabc,no->abco", patch, r[:, i, j])
+    dx = dxp[:, pt:xp.shape[1] - pb, pl:xp.shape[2] - pr]
+    return y, dx, dk
+
+
+def both_forms(x, k, stride, padding):
+    """{impl: (y, dx, dk)} for the float32 native and slices forms (r: fixed weights)."""
+    out = {}
+    for impl in ("native", "slices"):
+        f = conv.conv_general_dilated(impl)
+        dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+        fn = lambda x, k: f(x, k, (stride, stride), padding, dimension_numbers=dn)
+        y = fn(x, k)
+        r = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+        dx, dk = jax.grad(lambda x, k: jnp.sum(fn(x, k) * r), argnums=(0, 1))(x, k)
+        out[impl] = (y, dx, dk, r)
+    return out
+
+
+def check(n, h, w, cin, cout, kh, stride, padding, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(kh, kh, cin, cout)).astype(np.float32))
+    pads = (lax.padtype_to_pads((h, w), (kh, kh), (stride, stride), padding)
+            if isinstance(padding, str) else padding)
+    forms = both_forms(x, k, stride, padding)
+    ref = reference(x, k, stride, pads, forms["native"][3])
+    scale = np.sqrt(kh * kh * cin)  # size of a sum of kh*kh*cin unit products
+    for impl, (y, dx, dk, _) in forms.items():
+        for got, want, what in zip((y, dx, dk), ref, ("output", "input grad", "kernel grad")):
+            assert got.shape == want.shape, (impl, what)
+            err = np.abs(np.asarray(got, np.float64) - want).max()
+            assert err <= 1e-4 * scale * max(1.0, np.abs(want).max() / scale), (impl, what, err)
+
+
+@pytest.mark.parametrize("shape", [
+    # n, h, w, cin, cout, k, stride, padding: the model zoo's kinds of layer
+    (2, 12, 12, 1, 4, 5, 1, "SAME"),          # LeNet stem
+    (2, 6, 6, 4, 6, 5, 1, "VALID"),           # LeNet-5
+    (2, 8, 8, 3, 5, 3, 1, ((1, 1), (1, 1))),  # CIFAR stem
+    (2, 2, 2, 8, 8, 3, 1, ((1, 1), (1, 1))),  # VGG's last 2x2 maps
+    (2, 8, 8, 4, 8, 3, 2, ((1, 1), (1, 1))),  # ResNet stride-2 3x3
+    (2, 8, 8, 4, 8, 1, 2, "VALID"),           # ResNet shortcut
+    (1, 7, 5, 3, 2, 3, 2, ((2, 0), (1, 1))),  # odd sizes, asymmetric padding
+])
+def test_both_forms_match_a_float64_brute_force(shape):
+    check(*shape, seed=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 4), cout=st.integers(1, 4),
+       kh=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3),
+       padding=st.sampled_from(["SAME", "VALID", ((1, 1), (1, 1)), ((0, 2), (1, 0))]),
+       seed=st.integers(0, 1000))
+def test_both_forms_match_on_random_shapes(h, w, cin, cout, kh, stride, padding, seed):
+    pads = (lax.padtype_to_pads((h, w), (kh, kh), (stride, stride), padding)
+            if isinstance(padding, str) else padding)
+    if h + sum(pads[0]) < kh or w + sum(pads[1]) < kh:
+        return  # no output position
+    check(2, h, w, cin, cout, kh, stride, padding, seed)
+
+
+def test_the_cpu_rule_and_other_backends():
+    rule = conv.use_slices
+    assert rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "cpu")      # tiny map
+    assert rule((64, 28, 28, 1), (5, 5, 1, 32), (1, 1), "cpu")          # stem
+    assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu")      # 1x1 strided
+    assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu")    # strided
+    assert not rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu")   # big map
+    assert not rule((64, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu")
+    for backend in ("gpu", "tpu", "cuda", "rocm"):
+        assert not rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), backend)
+
+
+def test_conv_module_keeps_nn_conv_parameters_and_outputs():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 9, 3)).astype(np.float32))
+    base = nn.Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    params = base.init(jax.random.PRNGKey(0), x)
+    want = base.apply(params, x)
+    for impl in conv.IMPLS:
+        mine = Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                    conv_general_dilated=conv.conv_general_dilated(impl))
+        assert jax.tree.map(jnp.shape, mine.init(jax.random.PRNGKey(0), x)) == \
+            jax.tree.map(jnp.shape, params)
+        np.testing.assert_allclose(mine.apply(params, x), want, atol=1e-5)
+
+
+def test_grouped_and_dilated_convs_go_to_the_native_op():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(3, 3, 2, 4)).astype(np.float32))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    f = conv.conv_general_dilated("slices")
+    for kw in (dict(feature_group_count=2), dict(rhs_dilation=(2, 2))):
+        kk = k if "feature_group_count" in kw else jnp.concatenate([k, k], 2)
+        want = lax.conv_general_dilated(x, kk, (1, 1), "SAME", dimension_numbers=dn, **kw)
+        np.testing.assert_array_equal(f(x, kk, (1, 1), "SAME", dimension_numbers=dn, **kw), want)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl='im2col'.*allowed"):
+        conv.conv_general_dilated("im2col")

@@ -1,0 +1,184 @@
+"""The CIFAR models: shapes, PyTorch-equal parameter counts, layer names, BatchNorm, padding."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.errors import ModifyScopeVariableError
+
+from robust_admm import projections
+from robust_admm.models import VGG, BasicBlock, ResNet, get_model, resnet18, vgg16
+from robust_admm.models.vgg import VGG16_CFG
+
+X = jnp.zeros((2, 32, 32, 3), jnp.float32)
+
+
+def _shapes(model, x=X):
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+
+def _count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _paths(tree) -> set:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {projections.leaf_path(kp) for kp, _ in flat}
+
+
+def _vgg16_bn_torch_count(num_classes=10):
+    """nn.Conv2d(3x3, bias) + nn.BatchNorm2d (weight, bias) per conv; one Linear(512, classes)."""
+    total, cin = 0, 3
+    for v in VGG16_CFG:
+        if v != "M":
+            total += 9 * cin * v + v + 2 * v
+            cin = v
+    return total + cin * num_classes + num_classes
+
+
+def _resnet18_torch_count(num_classes=10):
+    """Bias-free convs, BatchNorm (weight, bias), 1x1 projection shortcuts, Linear(512, classes)."""
+    conv = lambda cin, cout, k: k * k * cin * cout
+    bn = lambda c: 2 * c
+    total, cin = conv(3, 64, 3) + bn(64), 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for i in range(2):
+            stride = 2 if stage and i == 0 else 1
+            total += conv(cin, cout, 3) + bn(cout) + conv(cout, cout, 3) + bn(cout)
+            if stride != 1 or cin != cout:
+                total += conv(cin, cout, 1) + bn(cout)
+            cin = cout
+    return total + cin * num_classes + num_classes
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+def test_output_shape(name):
+    model = get_model(name)
+    variables = _shapes(model)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, X)
+    assert out.shape == (2, 10) and out.dtype == jnp.float32
+
+
+def test_parameter_counts_equal_pytorch():
+    assert _vgg16_bn_torch_count() == 14_728_266
+    assert _resnet18_torch_count() == 11_173_962
+    assert _count(_shapes(vgg16())["params"]) == _vgg16_bn_torch_count()
+    assert _count(_shapes(resnet18())["params"]) == _resnet18_torch_count()
+
+
+def test_vgg_layer_names_and_width():
+    v = _shapes(vgg16())
+    paths = _paths(v["params"])
+    for i in range(1, 14):
+        assert {f"conv{i}/kernel", f"conv{i}/bias", f"bn{i}/scale", f"bn{i}/bias"} <= paths
+        assert {f"bn{i}/mean", f"bn{i}/var"} <= _paths(v["batch_stats"])
+    assert "conv14/kernel" not in paths
+    assert v["params"]["conv13"]["kernel"].shape == (3, 3, 512, 512)
+    assert v["params"]["fc"]["kernel"].shape == (512, 10)
+    wide = _shapes(vgg16(width=2))["params"]
+    assert wide["conv1"]["kernel"].shape == (3, 3, 3, 128)
+    assert wide["fc"]["kernel"].shape == (1024, 10)
+
+
+def test_resnet_layer_names_and_shortcuts():
+    v = _shapes(resnet18())
+    paths = _paths(v["params"])
+    assert {"conv1/kernel", "bn1/scale", "fc/kernel", "fc/bias"} <= paths
+    assert "conv1/bias" not in paths  # bias-free convs
+    for stage in range(1, 5):
+        for block in (1, 2):
+            b = f"layer{stage}_block{block}"
+            assert {f"{b}/conv1/kernel", f"{b}/bn1/scale", f"{b}/conv2/kernel",
+                    f"{b}/bn2/bias"} <= paths
+            has_shortcut = stage > 1 and block == 1
+            assert (f"{b}/shortcut_conv/kernel" in paths) == has_shortcut
+            assert (f"{b}/shortcut_bn/scale" in paths) == has_shortcut
+    assert v["params"]["layer4_block2"]["conv2"]["kernel"].shape == (3, 3, 512, 512)
+    assert v["params"]["layer2_block1"]["shortcut_conv"]["kernel"].shape == (1, 1, 64, 128)
+    assert "layer1_block1/bn1/mean" in _paths(v["batch_stats"])
+
+
+def test_resnet_names_can_be_globbed_by_prune_rules():
+    params = _shapes(resnet18())["params"]
+    spec = {"kind": "irregular", "ratio": 0.5}
+    rules = {"conv1": spec, "layer*/conv*": spec, "layer*/shortcut_conv": spec, "fc": spec}
+    assert len(projections.match_rules(params, rules)) == 1 + 16 + 3 + 1
+    ratios = projections.ratios_to_match(_shapes(resnet18(width=2))["params"], params,
+                                         ["layer4_block2/conv2"])
+    assert ratios == {"layer4_block2/conv2": pytest.approx(0.75)}
+
+
+# Small instances of the same modules, for the tests that run them.
+SMALL = {
+    "vgg": VGG(cfg=(4, "M", 8, "M"), num_classes=10),
+    "resnet": ResNet(stage_sizes=(1, 1), stage_features=(4, 8), stem_features=4),
+}
+
+
+@pytest.mark.parametrize("which", sorted(SMALL))
+def test_batch_stats_change_only_in_train_mode(which):
+    model = SMALL[which]
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    assert variables["batch_stats"]
+    out1 = model.apply(variables, x)  # train=False: running averages, nothing mutable
+    out2 = model.apply(variables, x, train=False)
+    assert out1.shape == (2, 10)
+    np.testing.assert_array_equal(out1, out2)
+    logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.shape == (2, 10)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                     variables["batch_stats"], new["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(changed))
+    with pytest.raises(ModifyScopeVariableError):  # train mode must be given a mutable batch_stats
+        model.apply(variables, x, train=True)
+
+
+def _torch_conv_ref(x, w, stride, pad):
+    """float64 cross-correlation with PyTorch semantics: zero-pad `pad` on every side."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    w = np.asarray(w, np.float64)
+    kh, kw = w.shape[:2]
+    ho = (x.shape[1] - kh) // stride + 1
+    wo = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    for i in range(ho):
+        for j in range(wo):
+            patch = x[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+            out[:, i, j] = np.einsum("nhwc,hwco->no", patch, w)
+    return out
+
+
+def test_stride2_convs_match_pytorch_padding():
+    block = BasicBlock(features=3, strides=2)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 6, 2))
+    variables = block.init(jax.random.PRNGKey(0), x)
+    _, state = block.apply(variables, x, capture_intermediates=True)
+    inter = state["intermediates"]
+    p = variables["params"]
+    conv1 = inter["conv1"]["__call__"][0]
+    assert conv1.shape == (1, 3, 3, 3)
+    np.testing.assert_allclose(conv1, _torch_conv_ref(x, p["conv1"]["kernel"], 2, 1),
+                               rtol=1e-5, atol=1e-5)
+    shortcut = inter["shortcut_conv"]["__call__"][0]
+    np.testing.assert_allclose(shortcut, _torch_conv_ref(x, p["shortcut_conv"]["kernel"], 2, 0),
+                               rtol=1e-5, atol=1e-5)
+    # and on CIFAR sizes: 32 -> 16 in stage 2
+    shapes = jax.eval_shape(lambda: BasicBlock(8, 2).init(jax.random.PRNGKey(0),
+                                                          jnp.zeros((1, 32, 32, 4))))
+    out = jax.eval_shape(lambda v: BasicBlock(8, 2).apply(v, jnp.zeros((1, 32, 32, 4))), shapes)
+    assert out.shape == (1, 16, 16, 8)
+
+
+def test_get_model_names_and_errors():
+    assert isinstance(get_model("vgg16"), VGG)
+    assert isinstance(get_model("resnet18", 100, 2), ResNet)
+    with pytest.raises(ValueError, match="resnet18") as e:
+        get_model("resnet50")
+    assert "vgg16" in str(e.value) and "lenet_adv" in str(e.value)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="width"):
+            get_model("vgg16", width=bad)
+        with pytest.raises(ValueError, match="width"):
+            resnet18(width=bad)
