@@ -1,69 +1,162 @@
-"""Times the project's real adversarial training step (robust_admm.step.make_train_step),
-with the same flags as ../shared/bench/torch_peer.py, and prints
+"""Times the project's real adversarial training step (robust_admm.step.make_train_step)
+with the same flags as the PyTorch peer (torch_peer.py of the shared bench tools), and
+prints
 
     RESULT impl=robust_admm model=... width=... steps=... batch=... img/s=...
 
-One iteration = PGD with random start (k steps), CE + ADMM penalty on every kernel,
-gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIST.
-Only `lenet_adv` exists so far; VGG-16 and ResNet-18 come with the CIFAR models.
+One iteration = PGD with random start (k steps), CE + ADMM penalty on every conv kernel,
+gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIST
+(lenet_adv) or CIFAR-10 (vgg16, resnet18). BatchNorm uses batch statistics during the
+attack, as in the peer.
 
     python benchmarks/step.py --model lenet_adv --width 4 --steps 40 --batch 64 --iters 5
+    python benchmarks/step.py --all --torch-python ~/torchvenv/bin/python \\
+        --torch-peer ../shared/bench/torch_peer.py
+
+`--all` runs the five reference configs, each in a fresh process, and prints a table with
+compile time, images/s and the achieved GFLOP/s against the float32 matmul peak measured
+in the same run; with `--torch-python`/`--torch-peer` the peer runs alternately with ours
+(A B A B) and the table gives the ratio of the medians.
 """
 import argparse
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-
-from robust_admm import admm, optim, projections
-from robust_admm.config_base import stage_config
-from robust_admm.models import get_model
-from robust_admm.step import TrainState, make_attack, make_train_step
+CONFIGS = (  # (model, width, PGD steps, batch): the reference table of the speed issue
+    ("lenet_adv", 1, 40, 64), ("lenet_adv", 4, 40, 64), ("lenet_adv", 16, 40, 64),
+    ("vgg16", 1, 10, 128), ("resnet18", 1, 10, 128),
+)
+EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": (8 / 255, 2 / 255, 10, 128),
+       "resnet18": (8 / 255, 2 / 255, 10, 128)}  # epsilon, step size, default k and batch
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="lenet_adv", choices=["lenet_adv", "vgg16", "resnet18"])
+    p.add_argument("--model", default="lenet_adv", choices=list(EPS))
     p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
-    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 40 mnist)")
-    p.add_argument("--batch", type=int, default=None, help="default 64 mnist")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 40 mnist / 10 cifar)")
+    p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="pin the process to this many cores (default: all)")
     p.add_argument("--opt", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--rho", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pgd-loop", default="auto", choices=["auto", "fori", "host"])
     p.add_argument("--unroll", type=int, default=1, help="PGD fori_loop unroll factor")
-    return p.parse_args()
+    p.add_argument("--all", action="store_true", help="run the five reference configs")
+    p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
+    p.add_argument("--torch-python", default=None, help="--all: a python with torch")
+    p.add_argument("--torch-peer", default=None, help="--all: path of torch_peer.py")
+    p.add_argument("--only", default=None,
+                   help="--all: comma-separated subset, e.g. 'lenet_adv:4,vgg16'")
+    args = p.parse_args()
+    if args.threads is not None:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.threads <= len(cpus):
+            p.error(f"--threads {args.threads}: this process may use 1..{len(cpus)} cores")
+        os.sched_setaffinity(0, cpus[:args.threads])
+    if bool(args.torch_python) != bool(args.torch_peer):
+        p.error("--torch-python and --torch-peer go together (the peer's python and script)")
+    return args
 
 
-def main():
-    args = parse()
-    if args.model != "lenet_adv":
-        raise NotImplementedError(f"--model {args.model}: the CIFAR models are not written yet")
-    steps = 40 if args.steps is None else args.steps
-    batch = 64 if args.batch is None else args.batch
-    model = get_model("lenet_adv", 10, args.width)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch * 8, 28, 28, 1), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, batch * 8).astype(np.int32))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+def forward_flops(model, variables, shape) -> int:
+    """2 x the multiply-adds of the conv and dense layers in one forward pass of one image,
+    counted from the traced program (conv_general_dilated and dot_general equations), so
+    the slices form of a conv counts the same as the native one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
-    cfg = stage_config(epochs=1, lr=args.lr, optimizer=args.opt, schedule="constant")
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            out = eqn.outvars[0].aval.shape
+            if eqn.primitive.name == "dot_general":
+                (lc, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in lc]))
+            elif eqn.primitive.name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape  # HWIO here
+                total += 2 * int(np.prod(out)) * int(np.prod(rhs)) // rhs[-1]
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                total += count(sub)
+        return total
+
+    fn = lambda x: model.apply(variables, x, train=False)
+    return count(jax.make_jaxpr(fn)(jnp.zeros((1,) + shape)).jaxpr)
+
+
+def matmul_peak(n: int = 4096) -> float:
+    """Best-of-5 float32 matmul GFLOP/s on this machine, the larger of XLA's and numpy's."""
+    import jax
+    import numpy as np
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    best = {}
+    for name, fn in (("numpy", lambda: a @ b), ("jax", lambda: f(ja, jb).block_until_ready())):
+        fn()
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        best[name] = 2 * n ** 3 / min(t) / 1e9
+    return max(best.values())
+
+
+def run_one(args):
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from robust_admm import admm, optim, projections
+    from robust_admm.config_base import stage_config
+    from robust_admm.models import get_model
+    from robust_admm.step import TrainState, make_attack, make_train_step, resolve_pgd_loop
+
+    eps, step_size, k_def, b_def = EPS[args.model]
+    steps = k_def if args.steps is None else args.steps
+    batch = b_def if args.batch is None else args.batch
+    shape = (28, 28, 1) if args.model == "lenet_adv" else (32, 32, 3)
+    width = args.width if args.model == "lenet_adv" else 1
+    model = get_model(args.model, 10, width)
+    rng = np.random.default_rng(args.seed)
+    images = jnp.asarray(rng.integers(0, 256, (batch * 4,) + shape, dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, batch * 4).astype(np.int32))
+    variables = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1,) + shape))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+
+    lr = args.lr if args.lr is not None else (0.01 if args.opt == "sgd" else 1e-3)
+    cfg = stage_config(epochs=1, lr=lr, optimizer=args.opt, schedule="constant")
     schedule = optim.make_schedule(cfg, 1)
     tx = optim.make_optimizer(cfg, schedule)
-    specs = projections.match_rules(params, {"*": {"kind": "irregular", "ratio": 0.5}})
+    # ADMM auxiliaries on every conv kernel, as the peer does.
+    specs = projections.match_rules(params, {"conv*": {"kind": "irregular", "ratio": 0.5},
+                                             "*/conv*": {"kind": "irregular", "ratio": 0.5},
+                                             "*/shortcut_conv": {"kind": "irregular",
+                                                                 "ratio": 0.5}}
+                                    if args.model == "resnet18"
+                                    else {"conv*": {"kind": "irregular", "ratio": 0.5}})
     attack = make_attack(ml_collections.ConfigDict(dict(
-        epsilon=0.3, step_size=0.01, num_steps=steps, random_start=True, loss="ce",
+        epsilon=eps, step_size=step_size, num_steps=steps, random_start=True, loss="ce",
         unroll=args.unroll)), "adversarial")
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params),
                        masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
                        admm=admm.init(params, specs, args.rho), key=jax.random.PRNGKey(1))
-    train_step = make_train_step(model, tx, attack, batch, schedule)
+    train_step = make_train_step(model, tx, attack, batch, schedule, pgd_loop=args.pgd_loop)
 
     t = time.perf_counter()
     state, _ = train_step(state, images, labels)
@@ -76,14 +169,82 @@ def main():
     for _ in range(args.repeats):
         t = time.perf_counter()
         for _ in range(args.iters):
-            state, _ = train_step(state, images, labels)
+            state, metrics = train_step(state, images, labels)
         jax.block_until_ready(state.params)
         rates.append(batch * args.iters / (time.perf_counter() - t))
+    assert np.isfinite(float(metrics["loss"])), "the benchmark step diverged"
+    assert train_step.compilations() == len(train_step.parts), "the step recompiled"
+    rate = statistics.median(rates)
+    train_flops = (2 * steps + 3) * forward_flops(model, variables, shape)
     print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
-          f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}")
-    print(f"RESULT impl=robust_admm model={args.model} width={args.width} steps={steps} "
-          f"batch={batch} img/s={statistics.median(rates):.1f}")
+          f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
+          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}")
+    print(f"RESULT impl=robust_admm model={args.model} width={width} steps={steps} "
+          f"batch={batch} compile_s={compile_s:.1f} gflop_per_img={train_flops / 1e9:.4f} "
+          f"gflops={rate * train_flops / 1e9:.1f} img/s={rate:.2f}", flush=True)
+
+
+def _result(cmd) -> dict:
+    """Runs a benchmark command and parses its RESULT line into a dict."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n"
+                           f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return dict(re.findall(r"(\S+?)=(\S+)", lines[-1]))
+
+
+def run_all(args):
+    configs = CONFIGS
+    if args.only:
+        wanted = set(args.only.split(","))
+        configs = [c for c in CONFIGS if c[0] in wanted or f"{c[0]}:{c[1]}" in wanted]
+        if not configs:
+            raise SystemExit(f"--only {args.only!r} matches none of "
+                             f"{[f'{m}:{w}' for m, w, _, _ in CONFIGS]}")
+    peak = matmul_peak()
+    print(f"float32 matmul peak (best of 5, n=4096, max of numpy and XLA): {peak:.1f} GFLOP/s",
+          flush=True)
+    me = [sys.executable, os.path.abspath(__file__), "--iters", str(args.iters),
+          "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+          "--pgd-loop", args.pgd_loop, "--opt", args.opt, "--rho", str(args.rho)]
+    rows = []
+    for model, width, steps, batch in configs:
+        flags = ["--model", model, "--width", str(width), "--steps", str(steps),
+                 "--batch", str(batch)]
+        ours, peer = [], []
+        for _ in range(args.rounds):  # A B A B
+            ours.append(_result(me + flags))
+            print(f"  {model} w={width}: robust_admm {ours[-1]['img/s']} img/s", flush=True)
+            if args.torch_python:
+                peer.append(_result([args.torch_python, args.torch_peer, *flags,
+                                     "--iters", str(args.iters), "--warmup", str(args.warmup),
+                                     "--opt", args.opt, "--rho", str(args.rho)]))
+                print(f"  {model} w={width}: {peer[-1]['impl']} {peer[-1]['img/s']} img/s",
+                      flush=True)
+        rate = statistics.median(float(r["img/s"]) for r in ours)
+        gflop = float(ours[0]["gflop_per_img"])
+        row = dict(config=f"{model} w={width} PGD-{steps} b={batch}", rate=rate,
+                   compile_s=statistics.median(float(r["compile_s"]) for r in ours),
+                   gflops=rate * gflop)
+        if peer:
+            row["torch"] = statistics.median(float(r["img/s"]) for r in peer)
+        rows.append(row)
+    head = "| config | compile s | img/s | GFLOP/s | % of peak |"
+    sep = "|---|---|---|---|---|"
+    if args.torch_python:
+        head += " torch img/s | torch % of peak | ratio |"
+        sep += "---|---|---|"
+    print("\n" + head + "\n" + sep)
+    for r in rows:
+        line = (f"| {r['config']} | {r['compile_s']:.1f} | {r['rate']:.2f} | {r['gflops']:.1f} |"
+                f" {100 * r['gflops'] / peak:.0f}% |")
+        if "torch" in r:
+            tg = r["torch"] * r["gflops"] / r["rate"]
+            line += f" {r['torch']:.2f} | {100 * tg / peak:.0f}% | {r['rate'] / r['torch']:.2f}x |"
+        print(line)
 
 
 if __name__ == "__main__":
-    main()
+    a = parse()
+    run_all(a) if a.all else run_one(a)

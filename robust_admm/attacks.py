@@ -4,7 +4,8 @@ Pixels live in [0, 1]; `epsilon` and `step_size` are in that scale. The PGD loop
 `lax.fori_loop` inside whatever jit-compiled program calls it, and the result is wrapped
 in `stop_gradient` so the outer (training) gradient never flows through the attack.
 """
-from typing import Callable
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,58 +38,87 @@ def fgsm(logits_fn: LogitsFn, x, y, key=None, *, epsilon: float, loss: str = "ce
                random_start=False, loss=loss)
 
 
-def pgd(
-    logits_fn: LogitsFn,
-    x: jnp.ndarray,
-    y: jnp.ndarray,
-    key: jax.Array | None,
-    *,
-    epsilon: float,
-    step_size: float,
-    num_steps: int,
-    random_start: bool = True,
-    loss: str = "ce",
-    unroll: int = 1,
-) -> jnp.ndarray:
-    """L-inf PGD (Madry et al.): optional uniform random start in the eps-ball, then
-    `num_steps` steps x <- Proj(x + step_size * sign(grad)). Returns stop_gradient(x_adv).
+@dataclasses.dataclass(frozen=True)
+class Pgd:
+    """L-inf PGD (Madry et al.) as its parts: `start` (uniform random start in the
+    eps-ball), `step` (x <- Proj(x + step_size * sign(grad))) and `pick` (restarts keep,
+    per example, the first start that fools the model). `__call__` runs them in one
+    `lax.fori_loop` inside whatever program calls it; a caller may instead drive `step`
+    from the host, one compiled call per step (XLA:CPU runs rolled loop bodies 3-4x
+    slower than the same code outside a loop; see benchmarks/NOTES.md).
 
-    `epsilon` and `step_size` may be traced scalars (an epsilon ramp during training).
-    `unroll` is passed to `lax.fori_loop`: XLA:CPU runs rolled loop bodies slower than
-    straight-line code, and a partial unroll trades compile time for speed.
+    Every part takes `scale`, a (possibly traced) factor on epsilon and the step size,
+    for an epsilon ramp during training.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"attack loss={loss!r} is not known; allowed: {LOSSES}")
-    static = all(isinstance(v, (int, float)) for v in (epsilon, step_size))
-    if num_steps < 0 or (static and (epsilon < 0 or step_size < 0)):
-        raise ValueError(
-            f"PGD needs epsilon >= 0, step_size >= 0, num_steps >= 0; got "
-            f"epsilon={epsilon}, step_size={step_size}, num_steps={num_steps}"
-        )
-    x = jax.lax.stop_gradient(x)
-    if num_steps == 0 or (static and epsilon == 0):
-        return x
-    grad_fn = jax.grad(lambda xa: _loss_sum(logits_fn(xa), y, loss))
-    x_adv = x
-    if random_start:
-        noise = jax.random.uniform(key, x.shape, x.dtype, -epsilon, epsilon)
-        x_adv = _project(x + noise, x, epsilon)
 
-    def body(_, xa):
-        return _project(xa + step_size * jnp.sign(grad_fn(xa)), x, epsilon)
+    epsilon: float
+    step_size: float
+    num_steps: int
+    random_start: bool = True
+    loss: str = "ce"
+    restarts: int = 1
+    unroll: int = 1  # `lax.fori_loop` unroll factor (speed only)
 
-    x_adv = jax.lax.fori_loop(0, num_steps, body, x_adv, unroll=max(1, min(unroll, num_steps)))
-    return jax.lax.stop_gradient(x_adv)
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"attack loss={self.loss!r} is not known; allowed: {LOSSES}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts} must be >= 1")
+        if self.num_steps < 0 or self.epsilon < 0 or self.step_size < 0:
+            raise ValueError(
+                f"PGD needs epsilon >= 0, step_size >= 0, num_steps >= 0; got "
+                f"epsilon={self.epsilon}, step_size={self.step_size}, "
+                f"num_steps={self.num_steps}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.num_steps == 0 or self.epsilon == 0
+
+    def start(self, x, key, restart: int = 0, scale=1.0):
+        """The starting point of restart `restart`."""
+        if not self.random_start:
+            return x
+        eps = self.epsilon * scale
+        noise = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
+                                   -1.0, 1.0) * eps
+        return _project(x + noise, x, eps)
+
+    def step(self, logits_fn: LogitsFn, x_adv, x, y, scale=1.0):
+        """One signed-gradient ascent step on the summed loss, projected back."""
+        grad = jax.grad(lambda xa: _loss_sum(logits_fn(xa), y, self.loss))(x_adv)
+        eps = self.epsilon * scale
+        return _project(x_adv + self.step_size * scale * jnp.sign(grad), x, eps)
+
+    @staticmethod
+    def pick(logits_fn: LogitsFn, best, candidate, y):
+        """Keeps `best` where it already fools the model, else takes `candidate`."""
+        fooled = logits_fn(best).argmax(-1) != y
+        return jnp.where(fooled[:, None, None, None], best, candidate)
+
+    def __call__(self, logits_fn: LogitsFn, x, y, key, scale=1.0):
+        """The whole attack in one compiled loop; returns stop_gradient(x_adv)."""
+        x = jax.lax.stop_gradient(x)
+        if self.is_identity:
+            return x
+        body = lambda _, xa: self.step(logits_fn, xa, x, y, scale)
+        unroll = max(1, min(self.unroll, self.num_steps))
+        best = None
+        for r in range(self.restarts):
+            xa = jax.lax.fori_loop(0, self.num_steps, body, self.start(x, key, r, scale),
+                                   unroll=unroll)
+            best = xa if best is None else self.pick(logits_fn, best, xa, y)
+        return jax.lax.stop_gradient(best)
+
+
+def pgd(logits_fn: LogitsFn, x: jnp.ndarray, y: jnp.ndarray, key: jax.Array | None, *,
+        epsilon: float, step_size: float, num_steps: int, random_start: bool = True,
+        loss: str = "ce", unroll: int = 1) -> jnp.ndarray:
+    """L-inf PGD in one `lax.fori_loop`; see `Pgd`. Returns stop_gradient(x_adv)."""
+    return Pgd(epsilon, step_size, num_steps, random_start, loss, 1, unroll)(
+        logits_fn, x, y, key)
 
 
 def pgd_restarts(logits_fn: LogitsFn, x, y, key, *, restarts: int = 1, **pgd_kwargs):
     """PGD with `restarts` random starts; keeps, per example, the first start that fools
     the model (else the last). Used for evaluation, where the worst case matters."""
-    if restarts < 1:
-        raise ValueError(f"restarts={restarts} must be >= 1")
-    best = pgd(logits_fn, x, y, jax.random.fold_in(key, 0), **pgd_kwargs)
-    for r in range(1, restarts):
-        fooled = logits_fn(best).argmax(-1) != y
-        cand = pgd(logits_fn, x, y, jax.random.fold_in(key, r), **pgd_kwargs)
-        best = jnp.where(fooled[:, None, None, None], best, cand)
-    return best
+    return Pgd(restarts=restarts, **pgd_kwargs)(logits_fn, x, y, key)

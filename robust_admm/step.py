@@ -9,13 +9,14 @@ BatchNorm during the attack: the attack's forward passes use the batch statistic
 perturbed batch without updating the running averages; only the training forward pass
 updates them.
 """
-from typing import Any, Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh
 
 from robust_admm import admm as admm_lib
@@ -55,31 +56,50 @@ def attack_logits_fn(model, params, batch_stats) -> Callable:
     return lambda x: apply_model(model, params, batch_stats, x, train=True)[0]
 
 
-def make_attack(attack_cfg, setting: str, warmup_steps: int = 0):
-    """`(logits_fn, x, y, key, step) -> x_adv` for the training setting ('natural' =
-    identity). With `warmup_steps` > 0, epsilon and the step size ramp linearly from 0 to
-    their configured values over the first `warmup_steps` steps of the stage: adversarial
-    training from scratch at full epsilon can sit at chance level for a long time."""
+PGD_LOOPS = ("auto", "fori", "host")
+
+
+def resolve_pgd_loop(loop: str, backend: str | None = None) -> str:
+    """'fori' (the whole PGD loop inside the compiled step) or 'host' (one compiled call
+    per PGD step, dispatched asynchronously: no host sync). 'auto' is 'host' on CPU, where
+    XLA runs rolled loop bodies 3-4x slower, and 'fori' on GPU and TPU."""
+    if loop not in PGD_LOOPS:
+        raise ValueError(f"attack.loop={loop!r}; allowed: {PGD_LOOPS}")
+    if loop != "auto":
+        return loop
+    return "host" if (backend or jax.default_backend()) == "cpu" else "fori"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAttack:
+    """The training attack: a `Pgd` (None in the natural setting) whose epsilon and step
+    size ramp linearly from 0 to their configured values over the first `warmup_steps`
+    steps of the stage (adversarial training from scratch at full epsilon can sit at
+    chance level for a long time)."""
+
+    pgd: attacks.Pgd | None
+    warmup_steps: int = 0
+
+    def scale(self, step):
+        if self.warmup_steps <= 0:
+            return jnp.float32(1.0)
+        return jnp.minimum(1.0, (step + 1) / self.warmup_steps).astype(jnp.float32)
+
+    @property
+    def num_steps(self) -> int:
+        return 0 if self.pgd is None or self.pgd.is_identity else self.pgd.num_steps
+
+
+def make_attack(attack_cfg, setting: str, warmup_steps: int = 0) -> TrainAttack:
+    """The training attack for the setting ('natural' = no attack)."""
     if setting == "natural":
-        return lambda logits_fn, x, y, key, step: x
+        return TrainAttack(None)
     if setting != "adversarial":
         raise ValueError(f"setting={setting!r}; allowed: 'adversarial', 'natural'")
-
-    def attack(logits_fn, x, y, key, step):
-        scale = 1.0
-        if warmup_steps > 0:
-            scale = jnp.minimum(1.0, (step + 1) / warmup_steps)
-        return attacks.pgd(
-            logits_fn, x, y, key,
-            epsilon=attack_cfg.epsilon * scale,
-            step_size=attack_cfg.step_size * scale,
-            num_steps=attack_cfg.num_steps,
-            random_start=attack_cfg.random_start,
-            loss=attack_cfg.loss,
-            unroll=attack_cfg.unroll,
-        )
-
-    return attack
+    return TrainAttack(attacks.Pgd(
+        epsilon=attack_cfg.epsilon, step_size=attack_cfg.step_size,
+        num_steps=attack_cfg.num_steps, random_start=attack_cfg.random_start,
+        loss=attack_cfg.loss, unroll=attack_cfg.unroll), warmup_steps)
 
 
 def batch_indices(key, step, num_examples: int, batch_size: int):
@@ -91,26 +111,55 @@ def batch_indices(key, step, num_examples: int, batch_size: int):
     return jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size: int,
-                    schedule: Callable | None = None, mesh: Mesh | None = None):
-    """Builds the jit-compiled `train_step(state, images_u8, labels) -> (state, metrics)`.
+class CompiledStep:
+    """A step made of compiled parts: one part ('fori') or, with the host-driven PGD loop,
+    a few parts called in sequence without waiting for results. `compilations()` counts
+    the programs compiled so far (one per part once warm: nothing recompiles)."""
+
+    def __init__(self, fn: Callable, parts: Sequence):
+        self._fn, self.parts = fn, tuple(parts)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def compilations(self) -> int:
+        return sum(p._cache_size() for p in self.parts)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack,
+                    batch_size: int, schedule: Callable | None = None,
+                    mesh: Mesh | None = None, pgd_loop: str = "auto") -> CompiledStep:
+    """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
     is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
     replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
+    `pgd_loop` ('auto', 'fori', 'host'; see `resolve_pgd_loop`) only changes speed.
     """
     data_key_tag, attack_key_tag = 0, 1
     shard = _batch_constraint(mesh)
+    pgd = attack.pgd
+    state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
 
-    def train_step(state: TrainState, images_u8, labels):
+    def begin(state: TrainState, images_u8, labels):
+        """The batch, the attack's start and its epsilon scale."""
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
         x = shard(to_pixels(images_u8[idx]))
         y = shard(labels[idx])
+        if attack.num_steps == 0:
+            return x, y, x, jnp.float32(1.0)
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
-        x_adv = attack(attack_logits_fn(model, state.params, state.batch_stats),
-                       x, y, attack_key, state.step)
+        scale = attack.scale(state.step)
+        return x, y, shard(pgd.start(x, attack_key, 0, scale)), scale
+
+    def pgd_step(params, batch_stats, x_adv, x, y, scale):
+        return pgd.step(attack_logits_fn(model, params, batch_stats), x_adv, x, y, scale)
+
+    def update(state: TrainState, x_adv, y):
+        """The training pass on the adversarial batch and the optimizer update."""
+        x_adv = jax.lax.stop_gradient(x_adv)
 
         def loss_fn(params):
             logits, new_stats = apply_model(model, params, state.batch_stats, x_adv, True)
@@ -143,9 +192,29 @@ def make_train_step(model, tx: optax.GradientTransformation, attack, batch_size:
                                   opt_state=opt_state)
         return new_state, metrics
 
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0,))
-    return jax.jit(train_step, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
+    if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
+        def train_step(state: TrainState, images_u8, labels):
+            x, y, x_adv, scale = begin(state, images_u8, labels)
+            body = lambda _, xa: pgd_step(state.params, state.batch_stats, xa, x, y, scale)
+            x_adv = jax.lax.fori_loop(0, attack.num_steps, body, x_adv,
+                                      unroll=max(1, min(pgd.unroll, attack.num_steps))
+                                      ) if attack.num_steps else x_adv
+            return update(state, x_adv, y)
+
+        step = jax.jit(train_step, donate_argnums=(0,), **state_out)
+        return CompiledStep(step, [step])
+
+    begin_c = jax.jit(begin)
+    pgd_step_c = jax.jit(pgd_step, donate_argnums=(2,))
+    update_c = jax.jit(update, donate_argnums=(0,), **state_out)
+
+    def host_train_step(state: TrainState, images_u8, labels):
+        x, y, x_adv, scale = begin_c(state, images_u8, labels)
+        for _ in range(attack.num_steps):
+            x_adv = pgd_step_c(state.params, state.batch_stats, x_adv, x, y, scale)
+        return update_c(state, x_adv, y)
+
+    return CompiledStep(host_train_step, [begin_c, pgd_step_c, update_c])
 
 
 def _batch_constraint(mesh: Mesh | None):
@@ -155,21 +224,53 @@ def _batch_constraint(mesh: Mesh | None):
     return lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
 
 
-def make_eval_step(model, eval_attack, mesh: Mesh | None = None):
-    """Jit-compiled `eval_step(params, batch_stats, images_u8, labels, valid, key)` ->
-    (natural correct, adversarial correct) counts over the valid entries of one batch.
-    Evaluation uses the running BatchNorm averages (train=False) for the attack too."""
-
+def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
+                   pgd_loop: str = "auto") -> CompiledStep:
+    """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> (natural correct,
+    adversarial correct) counts over the valid entries of one batch. Evaluation uses the
+    running BatchNorm averages (train=False) for the attack too; no weight gradients."""
     shard = _batch_constraint(mesh)
+    out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+    logits_fn = lambda params, batch_stats: (
+        lambda xa: apply_model(model, params, batch_stats, xa, train=False)[0])
 
-    def eval_step(params, batch_stats, images_u8, labels, valid, key):
-        x, labels, valid = shard(to_pixels(images_u8)), shard(labels), shard(valid)
-        logits_fn = lambda xa: apply_model(model, params, batch_stats, xa, train=False)[0]
-        nat = (logits_fn(x).argmax(-1) == labels) & valid
-        x_adv = eval_attack(logits_fn, x, labels, key)
-        adv = (logits_fn(x_adv).argmax(-1) == labels) & valid
-        return nat.sum(), adv.sum()
+    def count(params, batch_stats, x, y, valid):
+        return ((logits_fn(params, batch_stats)(x).argmax(-1) == y) & valid).sum()
 
-    if mesh is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+    def prepare(images_u8, labels, valid):
+        return shard(to_pixels(images_u8)), shard(labels), shard(valid)
+
+    if resolve_pgd_loop(pgd_loop) == "fori" or eval_attack.is_identity:
+        def eval_step(params, batch_stats, images_u8, labels, valid, key):
+            x, y, valid = prepare(images_u8, labels, valid)
+            x_adv = eval_attack(logits_fn(params, batch_stats), x, y, key)
+            return count(params, batch_stats, x, y, valid), count(
+                params, batch_stats, x_adv, y, valid)
+
+        step = jax.jit(eval_step, **out)
+        return CompiledStep(step, [step])
+
+    def begin(params, batch_stats, images_u8, labels, valid, key):
+        x, y, valid = prepare(images_u8, labels, valid)
+        return x, y, valid, count(params, batch_stats, x, y, valid)
+
+    begin_c = jax.jit(begin, **out)
+    start_c = jax.jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
+                      static_argnums=(2,))
+    step_c = jax.jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
+        logits_fn(params, batch_stats), xa, x, y), donate_argnums=(2,))
+    pick_c = jax.jit(lambda params, batch_stats, best, cand, y: eval_attack.pick(
+        logits_fn(params, batch_stats), best, cand, y), donate_argnums=(2,))
+    count_c = jax.jit(count, **out)
+
+    def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
+        x, y, valid, nat = begin_c(params, batch_stats, images_u8, labels, valid, key)
+        best = None
+        for r in range(eval_attack.restarts):
+            x_adv = start_c(x, key, r)
+            for _ in range(eval_attack.num_steps):
+                x_adv = step_c(params, batch_stats, x_adv, x, y)
+            best = x_adv if best is None else pick_c(params, batch_stats, best, x_adv, y)
+        return nat, count_c(params, batch_stats, best, y, valid)
+
+    return CompiledStep(host_eval_step, [begin_c, start_c, step_c, pick_c, count_c])

@@ -191,7 +191,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
             run.writer.truncate_after(stage, last_ckpt)
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
         train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
-                                     cfg.batch_size, schedule, run.mesh)
+                                     cfg.batch_size, schedule, run.mesh, cfg.attack.loop)
         admm_update = jax.jit(lambda p, s: admm_lib.update(
             p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
 
@@ -337,11 +337,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     except ValueError as e:
         raise ValueError(f"prune.ratios={config.prune.ratios!r}: {e}") from None
 
-    eval_attack = lambda fn, x, y, k: attacks.pgd_restarts(
-        fn, x, y, k, restarts=config.eval.restarts, epsilon=config.attack.epsilon,
-        step_size=config.eval.step_size, num_steps=config.eval.num_steps,
-        random_start=config.attack.random_start, loss=config.attack.loss,
-        unroll=config.attack.unroll)
+    eval_attack = attacks.Pgd(
+        epsilon=config.attack.epsilon, step_size=config.eval.step_size,
+        num_steps=config.eval.num_steps, random_start=config.attack.random_start,
+        loss=config.attack.loss, restarts=config.eval.restarts, unroll=config.attack.unroll)
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {"stages": {}}
@@ -353,7 +352,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         run = Run(config=config, workdir=workdir, model=model, mesh=mesh,
                   train=parallel.replicate((train.images, train.labels), mesh),
                   test=pad_to_multiple(test.images, test.labels, config.eval.batch_size, mesh),
-                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh),
+                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop),
                   writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
         if stages[0] != STAGES[0]:
             prev = STAGES[STAGES.index(stages[0]) - 1]

@@ -5,6 +5,7 @@ import jax
 from robust_admm import data, optim, parallel
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
+from robust_admm.step import PGD_LOOPS
 
 PRUNE_KINDS = ("irregular", "filter", "column", "channel")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -70,6 +71,9 @@ def validate_config(config, device_count: int | None = None):
         _require(a.step_size > 0, f"{prefix}.step_size", a.step_size, "a number > 0")
     _require(config.attack.epsilon >= 0, "attack.epsilon", config.attack.epsilon,
              "a number >= 0 (pixels are in [0, 1])")
+    _require(config.attack.loop in PGD_LOOPS, "attack.loop", config.attack.loop,
+             f"one of {list(PGD_LOOPS)}")
+    _require(config.attack.unroll >= 1, "attack.unroll", config.attack.unroll, "an integer >= 1")
     _require(config.eval.restarts >= 1, "eval.restarts", config.eval.restarts, "an integer >= 1")
     _require(config.eval.every_epochs >= 1, "eval.every_epochs", config.eval.every_epochs, ">= 1")
     devices = jax.device_count() if device_count is None else device_count
@@ -105,7 +109,8 @@ def validate_config(config, device_count: int | None = None):
 
 
 # Fields that may change between runs in one workdir without changing the results.
-RESUMABLE_CHANGES = ("stages", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep")
+RESUMABLE_CHANGES = ("stages", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
+                     "attack.loop", "attack.unroll")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list:

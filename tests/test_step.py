@@ -4,10 +4,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from robust_admm import admm as admm_lib
-from robust_admm.models import get_model
-from robust_admm.step import TrainState, batch_indices, make_attack, make_train_step
+from robust_admm import attacks
+from robust_admm.models import VGG, get_model
+from robust_admm.step import (TrainState, batch_indices, make_attack, make_eval_step,
+                              make_train_step, resolve_pgd_loop)
 
 
 def test_each_epoch_visits_every_example_once_in_a_new_order():
@@ -19,26 +22,28 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
     assert not np.array_equal(epoch0, epoch1)
 
 
-def _setup(setting="adversarial", masks_fn=None, n=64):
-    model = get_model("lenet_digits", 10, 4)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=None,
+           channels=1, warmup_steps=0, tx=None):
+    model = model or get_model("lenet_digits", 10, 4)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
     masks = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params)
     if masks_fn:
         masks = masks_fn(params)
         params = jax.tree_util.tree_map(lambda p, m: p * m, params, masks)
-    tx = optax.adam(1e-2)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+    tx = tx or optax.adam(1e-2)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params), masks=masks, admm=admm_lib.empty(),
                        key=jax.random.PRNGKey(1))
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=0.1, step_size=0.05, num_steps=2, random_start=True, loss="ce", unroll=1)),
-        setting)
+        setting, warmup_steps)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, n).astype(np.int32)
     # A learnable task: the label is written into the image as a bright pixel.
-    images = rng.integers(0, 60, (n, 8, 8, 1)).astype(np.uint8)
+    images = rng.integers(0, 60, (n, 8, 8, channels)).astype(np.uint8)
     images[np.arange(n), labels % 8, labels // 8 * 4, 0] = 255
-    step = make_train_step(model, tx, attack, 16)
+    step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop)
     return state, step, jnp.asarray(images), jnp.asarray(labels)
 
 
@@ -57,7 +62,7 @@ def test_masked_weights_stay_exactly_zero_and_the_rest_trains():
     after = np.asarray(state.params["conv2"]["kernel"])
     assert np.all(after[~mask] == 0.0)
     assert np.mean(after[mask] != before[mask]) > 0.9  # (a few may sit behind a dead ReLU)
-    assert step._cache_size() == 1  # one compilation for all steps
+    assert step.compilations() == len(step.parts)  # each part compiled once for all steps
 
 
 def test_natural_and_adversarial_training_reduce_the_loss():
@@ -68,3 +73,55 @@ def test_natural_and_adversarial_training_reduce_the_loss():
             state, m = step(state, x, y)
             losses.append(float(m["ce"]))
         assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), (setting, losses)
+
+
+def _close(a, b, atol):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol)
+
+
+@pytest.mark.parametrize("model,channels", [
+    (None, 1),
+    # BatchNorm in train mode during the attack: the statistics must move once per step.
+    (VGG(cfg=(4, "M", 8, "M")), 3),
+])
+def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels):
+    """'host' (a compiled call per PGD step) and 'fori' give the same training run, with an
+    epsilon ramp in progress, and each compiles its parts once."""
+    runs = {}
+    for loop in ("fori", "host"):
+        # SGD, not Adam: the gradient of a conv bias before BatchNorm is rounding noise,
+        # which Adam's normalisation turns into steps of +-lr.
+        state, step, x, y = _setup(pgd_loop=loop, model=model, channels=channels,
+                                   warmup_steps=3, tx=optax.sgd(0.05, momentum=0.9))
+        for _ in range(4):
+            state, m = step(state, x, y)
+        assert step.compilations() == len(step.parts) == (1 if loop == "fori" else 3)
+        runs[loop] = (state.params, state.batch_stats, m["ce"])
+    _close(runs["fori"], runs["host"], atol=2e-5)
+
+
+def test_host_driven_eval_matches_the_compiled_one():
+    model = get_model("lenet_digits", 10, 4)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.integers(0, 256, (32, 8, 8, 1)).astype(np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, 32).astype(np.int32))
+    valid = jnp.asarray(np.arange(32) < 29)
+    pgd = attacks.Pgd(epsilon=0.1, step_size=0.03, num_steps=3, restarts=2)
+    counts = {}
+    for loop in ("fori", "host"):
+        step = make_eval_step(model, pgd, pgd_loop=loop)
+        counts[loop] = [int(c) for c in step(params, {}, images, labels, valid,
+                                             jax.random.PRNGKey(4))]
+    assert counts["fori"] == counts["host"]
+    assert counts["fori"][1] <= counts["fori"][0] <= 29
+
+
+def test_pgd_loop_resolves_by_backend():
+    assert resolve_pgd_loop("auto", "cpu") == "host"
+    assert resolve_pgd_loop("auto", "gpu") == "fori"
+    assert resolve_pgd_loop("auto", "tpu") == "fori"
+    assert resolve_pgd_loop("fori", "cpu") == "fori"
+    with pytest.raises(ValueError, match="attack.loop='while'.*allowed"):
+        resolve_pgd_loop("while")
