@@ -1,8 +1,10 @@
 """Adversarial attacks as pure functions: `attack(logits_fn, x, y, key) -> x_adv`.
 
-Pixels live in [0, 1]; `epsilon` and `step_size` are in that scale. The PGD loop is a
+Pixels live in [0, 1]; `epsilon` and `step_size` are in that scale. `Pgd` holds the
+attack's parts (start, step, pick among restarts); called whole, its loop is a
 `lax.fori_loop` inside whatever jit-compiled program calls it, and the result is wrapped
-in `stop_gradient` so the outer (training) gradient never flows through the attack.
+in `stop_gradient` so the outer (training) gradient never flows through the attack. The
+train and eval steps may instead drive `Pgd.step` from the host (XLA:CPU; see step.py).
 """
 import dataclasses
 from collections.abc import Callable

@@ -1,9 +1,13 @@
 """The train state and the compiled steps.
 
-One jit-compiled `train_step` does, for one batch: pick the batch from the on-device
-dataset (a permutation per epoch, derived from the state's key, so the data position is
-just the step), PGD inner maximisation, the adversarial loss plus the ADMM penalty,
-gradients, gradient masking, the optax update and re-masking of the weights.
+The `train_step` does, for one batch: pick the batch from the on-device dataset (a
+permutation per epoch, derived from the state's key, so the data position is just the
+step), PGD inner maximisation, the adversarial loss plus the ADMM penalty, gradients,
+gradient masking, the optax update and re-masking of the weights. On GPU and TPU that is
+one compiled program with the PGD loop as a `lax.fori_loop`; on CPU, where XLA runs
+rolled loop bodies 3-4x slower, the PGD steps are separate compiled calls dispatched from
+the host without waiting for their results (`resolve_pgd_loop`). Both forms are tested
+to give the same results.
 
 BatchNorm during the attack: the attack's forward passes use the batch statistics of the
 perturbed batch without updating the running averages; only the training forward pass

@@ -1,4 +1,5 @@
-"""The convolution forms (native, shifted slices + matmul) against a float64 brute force."""
+"""The convolution forms (native, shifted slices + matmul, native over batch chunks)
+against a float64 brute force."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,9 @@ def reference(x, k, stride, pad, r):
 
 
 def both_forms(x, k, stride, padding):
-    """{impl: (y, dx, dk)} for the float32 native and slices forms (r: fixed weights)."""
+    """{impl: (y, dx, dk, r)} for the float32 forms (r: fixed weights of the loss)."""
     out = {}
-    for impl in ("native", "slices"):
+    for impl in ("native", "slices", "chunks"):
         f = conv.conv_general_dilated(impl)
         dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
         fn = lambda x, k: f(x, k, (stride, stride), padding, dimension_numbers=dn)
@@ -48,6 +49,7 @@ def both_forms(x, k, stride, padding):
 
 
 def check(n, h, w, cin, cout, kh, stride, padding, seed):
+    """All forms against the float64 reference, within float32 rounding of the sums."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
     k = jnp.asarray(rng.normal(size=(kh, kh, cin, cout)).astype(np.float32))
@@ -72,34 +74,39 @@ def check(n, h, w, cin, cout, kh, stride, padding, seed):
     (2, 8, 8, 4, 8, 3, 2, ((1, 1), (1, 1))),  # ResNet stride-2 3x3
     (2, 8, 8, 4, 8, 1, 2, "VALID"),           # ResNet shortcut
     (1, 7, 5, 3, 2, 3, 2, ((2, 0), (1, 1))),  # odd sizes, asymmetric padding
+    (19, 4, 4, 3, 2, 3, 1, "SAME"),           # batch not a multiple of the chunk
 ])
-def test_both_forms_match_a_float64_brute_force(shape):
+def test_all_forms_match_a_float64_brute_force(shape):
     check(*shape, seed=0)
 
 
 @settings(max_examples=25, deadline=None)
-@given(h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 4), cout=st.integers(1, 4),
+@given(n=st.integers(1, 20), h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 4), cout=st.integers(1, 4),
        kh=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3),
        padding=st.sampled_from(["SAME", "VALID", ((1, 1), (1, 1)), ((0, 2), (1, 0))]),
        seed=st.integers(0, 1000))
-def test_both_forms_match_on_random_shapes(h, w, cin, cout, kh, stride, padding, seed):
+def test_all_forms_match_on_random_shapes(n, h, w, cin, cout, kh, stride, padding, seed):
     pads = (lax.padtype_to_pads((h, w), (kh, kh), (stride, stride), padding)
             if isinstance(padding, str) else padding)
     if h + sum(pads[0]) < kh or w + sum(pads[1]) < kh:
         return  # no output position
-    check(2, h, w, cin, cout, kh, stride, padding, seed)
+    check(n, h, w, cin, cout, kh, stride, padding, seed)
 
 
 def test_the_cpu_rule_and_other_backends():
-    rule = conv.use_slices
-    assert rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "cpu")      # tiny map
-    assert rule((64, 28, 28, 1), (5, 5, 1, 32), (1, 1), "cpu")          # stem
-    assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu")      # 1x1 strided
-    assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu")    # strided
-    assert not rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu")   # big map
-    assert not rule((64, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu")
+    rule = conv.choose_form
+    assert rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "cpu") == "slices"  # tiny map
+    assert rule((64, 28, 28, 1), (5, 5, 1, 32), (1, 1), "cpu") == "slices"  # stem
+    assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu") == "slices"  # 1x1
+    assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu") == "slices"  # strided
+    assert rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu") == "chunks"
+    assert rule((64, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu") == "chunks"
+    assert rule((8, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu") == "native"  # one chunk
+    assert rule((128, 16, 16, 128), (3, 3, 128, 128), (1, 1), "cpu") == "native"
+    assert rule((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), "cpu") == "native"
     for backend in ("gpu", "tpu", "cuda", "rocm"):
-        assert not rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), backend)
+        assert rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), backend) == "native"
+        assert rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), backend) == "native"
 
 
 def test_conv_module_keeps_nn_conv_parameters_and_outputs():
