@@ -258,7 +258,7 @@ def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
         x, y, valid = prepare(images_u8, labels, valid)
         return x, y, valid, count(params, batch_stats, x, y, valid)
 
-    begin_c = jax.jit(begin, **out)
+    begin_c = jax.jit(begin)  # the batch stays split along the mesh
     start_c = jax.jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
                       static_argnums=(2,))
     step_c = jax.jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
