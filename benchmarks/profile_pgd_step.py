@@ -1,0 +1,78 @@
+"""Where one PGD step's time goes on XLA:CPU: the step (forward + input gradient, with
+BatchNorm in train mode as during training) is traced with the JAX profiler and the
+XLA:CPU per-op events are summed by op kind.
+
+    python benchmarks/profile_pgd_step.py --model vgg16
+    python benchmarks/profile_pgd_step.py --model lenet_adv --width 4
+
+Needs XLA's per-op trace events, so it sets `--xla_cpu_enable_xprof_traceme=true` in
+XLA_FLAGS before JAX starts. Op names are XLA's (`ynn_fusion`: library-backed
+convolutions and matmuls; `*_fusion`: generated elementwise/reduction loops).
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from robust_admm import attacks  # noqa: E402
+from robust_admm.models import get_model  # noqa: E402
+from robust_admm.step import attack_logits_fn  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16", choices=["lenet_adv", "vgg16", "resnet18"])
+    p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
+    p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+    mnist = args.model == "lenet_adv"
+    batch = args.batch or (64 if mnist else 128)
+    shape = (batch, 28, 28, 1) if mnist else (batch, 32, 32, 3)
+    model = get_model(args.model, 10, args.width if mnist else 1)
+    x = jax.random.uniform(jax.random.PRNGKey(0), shape)
+    y = jnp.arange(batch) % 10
+    variables = model.init(jax.random.PRNGKey(1), x[:1])
+    pgd = attacks.Pgd(epsilon=0.3 if mnist else 8 / 255, step_size=0.01, num_steps=1)
+    step = jax.jit(lambda v, xa: pgd.step(
+        attack_logits_fn(model, v["params"], v.get("batch_stats", {})), xa, x, y))
+    for _ in range(3):
+        jax.block_until_ready(step(variables, x))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(args.iters):
+                jax.block_until_ready(step(variables, x))
+        events = json.load(gzip.open(glob.glob(f"{d}/**/*.json.gz", recursive=True)[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    by_kind, count, wall = collections.Counter(), collections.Counter(), 0.0
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        name = e["name"]
+        if name == "ThunkExecutor::Execute (wait for completion)":
+            wall += e["dur"]
+        if name.startswith("$") or "::" in name or "PjitFunction" in name:
+            continue  # host-side and runtime frames, not XLA ops
+        kind = re.sub(r"[._]?\d+$", "", name)
+        by_kind[kind] += e["dur"]
+        count[kind] += 1
+    per = 1e3 * args.iters
+    print(f"{args.model}, batch {batch}: one PGD step {wall / per:.2f} ms "
+          f"(ops sum {sum(by_kind.values()) / per:.2f} ms)")
+    for kind, t in by_kind.most_common(args.top):
+        print(f"  {t / per:8.2f} ms  {count[kind] // args.iters:4d} ops  {kind}")
+
+
+if __name__ == "__main__":
+    main()
