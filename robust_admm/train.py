@@ -188,7 +188,9 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
                 report.log(f"[{stage}] already complete in {mngr.directory}")
                 return state, meta["result"]
             report.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
-            run.writer.truncate_after(stage, last_ckpt)
+        # The records after the restored step are written again below; with no checkpoint
+        # (a stage killed before its first one finished) that is all of the stage's.
+        run.writer.truncate_after(stage, last_ckpt or 0)
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
         train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
                                      cfg.batch_size, schedule, run.mesh, cfg.attack.loop)

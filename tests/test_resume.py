@@ -3,6 +3,7 @@ non-finite losses, and every bad input refused before anything compiles."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def test_sigkill_in_every_stage_then_resume_is_bitwise_identical(tmp_path, idx_d
     for stage, out, had_checkpoint in zip(STAGES, outputs[1:], saved):
         assert (f"[{stage}] resuming from step" in out) == had_checkpoint, out[-2000:]
     assert sum(saved) >= 2
+    assert_same_results(workdir, reference)
+
+
+def test_a_stage_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path, idx_dir,
+                                                                          reference):
+    """A stage with metrics but no checkpoint (killed before the first one was written)
+    restarts from step 0, and its earlier records are dropped, not duplicated."""
+    workdir = str(tmp_path / "no_ckpt")
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(checkpoint.stage_dir(workdir, "retrain"))
+    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[retrain] resuming" not in r.stdout and "[admm] already complete" in r.stdout
     assert_same_results(workdir, reference)
 
 
