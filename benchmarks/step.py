@@ -143,12 +143,7 @@ def run_one(args):
     schedule = optim.make_schedule(cfg, 1)
     tx = optim.make_optimizer(cfg, schedule)
     # ADMM auxiliaries on every conv kernel, as the peer does.
-    specs = projections.match_rules(params, {"conv*": {"kind": "irregular", "ratio": 0.5},
-                                             "*/conv*": {"kind": "irregular", "ratio": 0.5},
-                                             "*/shortcut_conv": {"kind": "irregular",
-                                                                 "ratio": 0.5}}
-                                    if args.model == "resnet18"
-                                    else {"conv*": {"kind": "irregular", "ratio": 0.5}})
+    specs = projections.match_rules(params, {"*conv*": {"kind": "irregular", "ratio": 0.5}})
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=eps, step_size=step_size, num_steps=steps, random_start=True, loss="ce",
         unroll=args.unroll)), "adversarial")

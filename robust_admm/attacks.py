@@ -97,18 +97,31 @@ class Pgd:
         fooled = logits_fn(best).argmax(-1) != y
         return jnp.where(fooled[:, None, None, None], best, candidate)
 
+    def loop(self, step_fn: Callable, x_adv):
+        """`num_steps` applications of `step_fn` in one `lax.fori_loop`."""
+        unroll = max(1, min(self.unroll, self.num_steps))
+        return jax.lax.fori_loop(0, self.num_steps, lambda _, xa: step_fn(xa), x_adv,
+                                 unroll=unroll)
+
+    def best_of_restarts(self, start_fn: Callable, steps_fn: Callable, pick_fn: Callable):
+        """Runs each restart (`steps_fn(start_fn(r))`) and keeps, per example, the first
+        that fools the model (`pick_fn(best, candidate)`). The parts may be traced code or
+        compiled calls made from the host; the order of operations is the same."""
+        best = None
+        for r in range(self.restarts):
+            x_adv = steps_fn(start_fn(r))
+            best = x_adv if best is None else pick_fn(best, x_adv)
+        return best
+
     def __call__(self, logits_fn: LogitsFn, x, y, key, scale=1.0):
         """The whole attack in one compiled loop; returns stop_gradient(x_adv)."""
         x = jax.lax.stop_gradient(x)
         if self.is_identity:
             return x
-        body = lambda _, xa: self.step(logits_fn, xa, x, y, scale)
-        unroll = max(1, min(self.unroll, self.num_steps))
-        best = None
-        for r in range(self.restarts):
-            xa = jax.lax.fori_loop(0, self.num_steps, body, self.start(x, key, r, scale),
-                                   unroll=unroll)
-            best = xa if best is None else self.pick(logits_fn, best, xa, y)
+        best = self.best_of_restarts(
+            lambda r: self.start(x, key, r, scale),
+            lambda xa: self.loop(lambda z: self.step(logits_fn, z, x, y, scale), xa),
+            lambda b, c: self.pick(logits_fn, b, c, y))
         return jax.lax.stop_gradient(best)
 
 

@@ -199,10 +199,9 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
         def train_step(state: TrainState, images_u8, labels):
             x, y, x_adv, scale = begin(state, images_u8, labels)
-            body = lambda _, xa: pgd_step(state.params, state.batch_stats, xa, x, y, scale)
-            x_adv = jax.lax.fori_loop(0, attack.num_steps, body, x_adv,
-                                      unroll=max(1, min(pgd.unroll, attack.num_steps))
-                                      ) if attack.num_steps else x_adv
+            if attack.num_steps:
+                x_adv = pgd.loop(lambda xa: pgd_step(state.params, state.batch_stats, xa,
+                                                     x, y, scale), x_adv)
             return update(state, x_adv, y)
 
         step = jax.jit(train_step, donate_argnums=(0,), **state_out)
@@ -254,7 +253,7 @@ def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
         step = jax.jit(eval_step, **out)
         return CompiledStep(step, [step])
 
-    def begin(params, batch_stats, images_u8, labels, valid, key):
+    def begin(params, batch_stats, images_u8, labels, valid):
         x, y, valid = prepare(images_u8, labels, valid)
         return x, y, valid, count(params, batch_stats, x, y, valid)
 
@@ -268,13 +267,16 @@ def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
     count_c = jax.jit(count, **out)
 
     def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
-        x, y, valid, nat = begin_c(params, batch_stats, images_u8, labels, valid, key)
-        best = None
-        for r in range(eval_attack.restarts):
-            x_adv = start_c(x, key, r)
+        x, y, valid, nat = begin_c(params, batch_stats, images_u8, labels, valid)
+
+        def steps(x_adv):
             for _ in range(eval_attack.num_steps):
                 x_adv = step_c(params, batch_stats, x_adv, x, y)
-            best = x_adv if best is None else pick_c(params, batch_stats, best, x_adv, y)
+            return x_adv
+
+        best = eval_attack.best_of_restarts(
+            lambda r: start_c(x, key, r), steps,
+            lambda b, c: pick_c(params, batch_stats, b, c, y))
         return nat, count_c(params, batch_stats, best, y, valid)
 
     return CompiledStep(host_eval_step, [begin_c, start_c, step_c, pick_c, count_c])
