@@ -1,4 +1,5 @@
-"""The convolution forms (native, shifted slices + matmul, native over batch chunks)
+"""The convolution forms (native, shifted slices + matmul, native over batch chunks,
+rows times a banded matrix)
 against a float64 brute force."""
 import flax.linen as nn
 import jax
@@ -37,7 +38,7 @@ def reference(x, k, stride, pad, r):
 def both_forms(x, k, stride, padding):
     """{impl: (y, dx, dk, r)} for the float32 forms (r: fixed weights of the loss)."""
     out = {}
-    for impl in ("native", "slices", "chunks"):
+    for impl in ("native", "slices", "chunks", "rows"):
         f = conv.conv_general_dilated(impl)
         dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
         fn = lambda x, k: f(x, k, (stride, stride), padding, dimension_numbers=dn)
@@ -97,6 +98,9 @@ def test_the_cpu_rule_and_other_backends():
     rule = conv.choose_form
     assert rule((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "cpu") == "slices"  # tiny map
     assert rule((64, 28, 28, 1), (5, 5, 1, 32), (1, 1), "cpu") == "slices"  # stem
+    assert rule((64, 28, 28, 1), (5, 5, 1, 8), (1, 1), "cpu") == "rows"  # narrow stem
+    assert rule((64, 14, 14, 2), (5, 5, 2, 4), (1, 1), "cpu") == "rows"
+    assert rule((64, 28, 28, 1), (5, 5, 1, 8), (2, 2), "cpu") == "slices"  # strided
     assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu") == "slices"  # 1x1
     assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu") == "slices"  # strided
     assert rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu") == "chunks"

@@ -8,10 +8,13 @@ convolutions are 1.2-1.8x faster as slices. On larger maps with many channels th
 kernels win by up to 2.8x; and the native kernel on few channels (<= 64 in) over large
 maps runs 1.1-1.6x faster when called on chunks of 8 images than on a batch of 128
 (cache blocking inside the kernel; measured end to end: VGG-16 PGD step -8%, ResNet-18
--16%). So on CPU each convolution picks its form by a fixed rule (`choose_form`), decided
-when the program is traced; a rule timed at start-up was found to be noisy.
+-16%). The narrowest layers (LeNet's stems: 1 -> 2 or 8 channels) run best as rows times
+a banded matrix, a few times the FLOPs in one well-shaped matmul (LeNet_adv w=1 training
+step 1.8x faster, w=4 1.1x). So on CPU each convolution picks its form by a fixed rule
+(`choose_form`), decided when the program is traced; a rule timed at start-up was found
+to be noisy.
 
-The slices form is written by hand because no library offers it:
+The slices and rows forms are written by hand because no library offers them:
 `lax.conv_general_dilated_patches` builds the same patches but its input gradient is
 10-200x slower on CPU.
 """
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "slices", "chunks")
+IMPLS = ("auto", "native", "slices", "chunks", "rows")
 CHUNK = 8  # images per native call in the 'chunks' form
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -29,13 +32,16 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
-    """The CPU rule: 'slices' for 1x1 or strided kernels, stems (<= 4 input channels) and
+    """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
+    (LeNet's stems); 'slices' for 1x1 or strided kernels, stems (<= 4 input channels) and
     small maps (output <= 4x4); 'chunks' for <= 64 input channels over maps of >= 14x14;
     'native' elsewhere and on every other backend."""
     if backend != "cpu":
         return "native"
-    kh, kw, cin, _ = kernel_shape
+    kh, kw, cin, cout = kernel_shape
     h, w = input_shape[1] // strides[0], input_shape[2] // strides[1]
+    if max(strides) == 1 and kh * kw > 1 and cin * cout <= 16:
+        return "rows"
     if (kh == kw == 1) or max(strides) > 1 or cin <= 4 or h * w <= 16:
         return "slices"
     if cin <= 64 and h * w >= 196 and input_shape[0] > CHUNK:
@@ -57,6 +63,28 @@ def conv_slices(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
             for i in range(kh) for j in range(kw)]
     patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
     y = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(-1, cout),
+                precision=precision)
+    return y.reshape(n, ho, wo, cout)
+
+
+def conv_rows(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
+              padding: Sequence[tuple[int, int]], precision=None) -> jnp.ndarray:
+    """NHWC x HWIO convolution as one matmul per output row: the kh padded input rows
+    under it (kh slices, not kh*kw) times a banded (Toeplitz) matrix built from the
+    kernel, whose column (q, o) holds kernel[i, p - q*stride, :, o] at row (i, p, c). It
+    does about wp/kw times the FLOPs of the convolution, in one large well-shaped matmul,
+    so it pays off only for stems with very few channels."""
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    n, h, wp, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (wp - kw) // sw + 1
+    rows = jnp.stack([x[:, i:i + (ho - 1) * sh + 1:sh] for i in range(kh)], axis=2)
+    # band[p, q, j] = 1 where p == q*stride + j: tap j of each kernel row under column q.
+    band = (jnp.arange(wp)[:, None, None] - sw * jnp.arange(wo)[None, :, None]
+            == jnp.arange(kw)[None, None, :]).astype(kernel.dtype)
+    toeplitz = jnp.einsum("pqj,ijco->ipcqo", band, kernel, precision=precision)
+    y = jnp.dot(rows.reshape(n * ho, kh * wp * cin), toeplitz.reshape(kh * wp * cin, wo * cout),
                 precision=precision)
     return y.reshape(n, ho, wo, cout)
 
@@ -83,6 +111,8 @@ def conv_general_dilated(impl: str = "auto"):
                 lhs.shape, rhs.shape, window_strides, jax.default_backend())
             if form == "slices":
                 return conv_slices(lhs, rhs, window_strides, pads, precision)
+            if form == "rows":
+                return conv_rows(lhs, rhs, window_strides, pads, precision)
             if form == "chunks" and lhs.shape[0] > CHUNK:
                 return jnp.concatenate([
                     lax.conv_general_dilated(part, rhs, window_strides, pads,
