@@ -51,10 +51,16 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pgd-loop", default="auto", choices=["auto", "fori", "host"])
     p.add_argument("--unroll", type=int, default=1, help="PGD fori_loop unroll factor")
+    p.add_argument("--host-malloc", default="reuse", choices=["reuse", "system"],
+                   help="host malloc mode, as `python -m robust_admm.train --host_malloc`")
     p.add_argument("--all", action="store_true", help="run the five reference configs")
     p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
     p.add_argument("--torch-python", default=None, help="--all: a python with torch")
     p.add_argument("--torch-peer", default=None, help="--all: path of torch_peer.py")
+    p.add_argument("--torch-env", default="",
+                   help="--all: extra environment for the peer, e.g. the same malloc settings: "
+                        "'MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=4294967296 "
+                        "MALLOC_TRIM_THRESHOLD_=68719476736'")
     p.add_argument("--only", default=None,
                    help="--all: comma-separated subset, e.g. 'lenet_adv:4,vgg16'")
     args = p.parse_args()
@@ -116,6 +122,8 @@ def matmul_peak(n: int = 4096) -> float:
 
 
 def run_one(args):
+    from robust_admm import host_memory
+    malloc_note = host_memory.configure(args.host_malloc)  # before JAX starts its threads
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -173,15 +181,16 @@ def run_one(args):
     train_flops = (2 * steps + 3) * forward_flops(model, variables, shape)
     print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
           f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
-          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}")
+          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}; {malloc_note}")
     print(f"RESULT impl=robust_admm model={args.model} width={width} steps={steps} "
           f"batch={batch} compile_s={compile_s:.1f} gflop_per_img={train_flops / 1e9:.4f} "
           f"gflops={rate * train_flops / 1e9:.1f} img/s={rate:.2f}", flush=True)
 
 
-def _result(cmd) -> dict:
-    """Runs a benchmark command and parses its RESULT line into a dict."""
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def _result(cmd, env=None) -> dict:
+    """Runs a benchmark command (with `env` added to the environment) and parses its
+    RESULT line into a dict."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n"
@@ -202,7 +211,12 @@ def run_all(args):
           flush=True)
     me = [sys.executable, os.path.abspath(__file__), "--iters", str(args.iters),
           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-          "--pgd-loop", args.pgd_loop, "--opt", args.opt, "--rho", str(args.rho)]
+          "--pgd-loop", args.pgd_loop, "--opt", args.opt, "--rho", str(args.rho),
+          "--host-malloc", args.host_malloc]
+    try:
+        torch_env = dict(kv.split("=", 1) for kv in args.torch_env.split())
+    except ValueError:
+        raise SystemExit(f"--torch-env {args.torch_env!r}: expected KEY=VALUE pairs") from None
     rows = []
     for model, width, steps, batch in configs:
         flags = ["--model", model, "--width", str(width), "--steps", str(steps),
@@ -214,7 +228,7 @@ def run_all(args):
             if args.torch_python:
                 peer.append(_result([args.torch_python, args.torch_peer, *flags,
                                      "--iters", str(args.iters), "--warmup", str(args.warmup),
-                                     "--opt", args.opt, "--rho", str(args.rho)]))
+                                     "--opt", args.opt, "--rho", str(args.rho)], torch_env))
                 print(f"  {model} w={width}: {peer[-1]['impl']} {peer[-1]['img/s']} img/s",
                       flush=True)
         rate = statistics.median(float(r["img/s"]) for r in ours)

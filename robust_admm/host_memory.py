@@ -1,0 +1,66 @@
+"""Keep freed host memory inside the process, so XLA:CPU's per-call buffers reuse it.
+
+Why: XLA:CPU allocates a compiled program's buffers on every call and frees them after
+(one PGD step of VGG-16 at batch 128 takes a 413 MB block; its training pass 662 MB).
+With glibc's default malloc these blocks come from a fresh `mmap`, or from a worker
+thread's heap that returns pages to the system, so every call faults in about 100K new
+zeroed pages: measured 1.25M page faults per VGG-16 training iteration (5 GB), 8-12% of
+its time on a 2-core CPU (benchmarks/NOTES.md, "host memory"). Three documented glibc
+settings stop this: one malloc arena (worker-thread heaps are capped at 64 MB, so larger
+blocks bypass them), large blocks taken from the heap instead of `mmap`, and no trimming
+of the heap's top (`M_TRIM_THRESHOLD` = -1 disables it, as mallopt(3) documents). The
+cost: the process keeps its peak host memory until it exits.
+
+The same settings can be given from outside as environment variables (`MALLOC_ARENA_MAX=1
+MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`); this module sets
+them from inside for `python -m robust_admm.train` and the benchmarks. No library offers
+this; it is a few `mallopt` calls through ctypes.
+"""
+import ctypes
+import ctypes.util
+
+# mallopt(3) parameter numbers (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+MODES = ("reuse", "system")
+SETTINGS = (  # (parameter, name, value): the 'reuse' mode
+    (M_ARENA_MAX, "M_ARENA_MAX", 1),
+    (M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", 2**31 - 1),  # largest int: mmap only past 2 GiB
+    (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD", -1),  # never give the heap's top back
+)
+
+
+def _glibc():
+    """The C library when it is glibc (it has `gnu_get_libc_version`), else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def configure(mode: str = "reuse") -> str:
+    """Applies the host malloc `mode` ('reuse': the settings above; 'system': leave the C
+    library's defaults) and says what it did. Call it first, before JAX (or anything else)
+    starts threads: a thread keeps the malloc arena it was given at its first allocation.
+
+    Without glibc (macOS, musl) 'reuse' changes nothing and says so; a setting glibc
+    refuses is reported in the returned text, not raised, since only speed depends on it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"host malloc mode {mode!r}; allowed: {MODES}")
+    if mode == "system":
+        return "host malloc: the C library's defaults"
+    libc = _glibc()
+    if libc is None:
+        return "host malloc: not glibc, defaults kept"
+    refused = [name for param, name, value in SETTINGS
+               if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1]
+    if refused:
+        return f"host malloc: glibc refused {', '.join(refused)}; the others are set"
+    return "host malloc: freed memory kept for reuse (one arena, no mmap below 2 GiB, no trim)"
