@@ -51,7 +51,7 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pgd-loop", default="auto", choices=["auto", "fori", "host"])
     p.add_argument("--unroll", type=int, default=1, help="PGD fori_loop unroll factor")
-    p.add_argument("--host-malloc", default="reuse", choices=["reuse", "system"],
+    p.add_argument("--host-malloc", default="auto", choices=["auto", "reuse", "system"],
                    help="host malloc mode, as `python -m robust_admm.train --host_malloc`")
     p.add_argument("--all", action="store_true", help="run the five reference configs")
     p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
@@ -76,29 +76,28 @@ def parse():
 
 def forward_flops(model, variables, shape) -> int:
     """2 x the multiply-adds of the conv and dense layers in one forward pass of one image,
-    counted from the traced program (conv_general_dilated and dot_general equations), so
-    the slices form of a conv counts the same as the native one."""
+    from each layer's kernel and output shapes (recorded while tracing), so every conv form
+    counts as the direct convolution: the rows form's banded matmul does more arithmetic
+    for the same result, and counting it would overstate GFLOP/s."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    def count(jaxpr) -> int:
-        total = 0
-        for eqn in jaxpr.eqns:
-            out = eqn.outvars[0].aval.shape
-            if eqn.primitive.name == "dot_general":
-                (lc, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in lc]))
-            elif eqn.primitive.name == "conv_general_dilated":
-                rhs = eqn.invars[1].aval.shape  # HWIO here
-                total += 2 * int(np.prod(out)) * int(np.prod(rhs)) // rhs[-1]
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                total += count(sub)
-        return total
+    total = 0
 
-    fn = lambda x: model.apply(variables, x, train=False)
-    return count(jax.make_jaxpr(fn)(jnp.zeros((1,) + shape)).jaxpr)
+    def record(next_fun, args, kwargs, context):
+        nonlocal total
+        out = next_fun(*args, **kwargs)
+        layer = context.module
+        if context.method_name == "__call__" and isinstance(layer, (nn.Conv, nn.Dense)):
+            kernel = layer.variables["params"]["kernel"].shape  # (..., in, out)
+            total += 2 * int(np.prod(out.shape)) * int(np.prod(kernel[:-1]))
+        return out
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1,) + shape))
+    return total
 
 
 def matmul_peak(n: int = 4096) -> float:
@@ -123,7 +122,8 @@ def matmul_peak(n: int = 4096) -> float:
 
 def run_one(args):
     from robust_admm import host_memory
-    malloc_note = host_memory.configure(args.host_malloc)  # before JAX starts its threads
+    malloc_note = host_memory.configure(  # before JAX starts its threads
+        host_memory.resolve(args.host_malloc, args.model))
     import jax
     import jax.numpy as jnp
     import ml_collections

@@ -11,6 +11,11 @@ blocks bypass them), large blocks taken from the heap instead of `mmap`, and no 
 of the heap's top (`M_TRIM_THRESHOLD` = -1 disables it, as mallopt(3) documents). The
 cost: the process keeps its peak host memory until it exits.
 
+The single arena has a cost where buffers are small and many: the LeNet_adv w=4 step (all
+buffers well under 64 MB, so nothing to gain) ran 12% slower with it, from lock contention
+between XLA's threads and the dispatching thread. So 'auto' (`resolve`) picks 'reuse' for
+the CIFAR models and 'system' for the rest.
+
 The same settings can be given from outside as environment variables (`MALLOC_ARENA_MAX=1
 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`); this module sets
 them from inside for `python -m robust_admm.train` and the benchmarks. No library offers
@@ -24,7 +29,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
-MODES = ("reuse", "system")
+MODES = ("auto", "reuse", "system")
+# Models whose programs allocate hundreds of MB per call at their usual batch sizes.
+LARGE_BUFFER_MODELS = ("vgg16", "resnet18")
 SETTINGS = (  # (parameter, name, value): the 'reuse' mode
     (M_ARENA_MAX, "M_ARENA_MAX", 1),
     (M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", 2**31 - 1),  # largest int: mmap only past 2 GiB
@@ -44,7 +51,17 @@ def _glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
-def configure(mode: str = "reuse") -> str:
+def resolve(mode: str, model_name: str) -> str:
+    """'auto' -> 'reuse' for the models in LARGE_BUFFER_MODELS, 'system' for the others;
+    'reuse' and 'system' as given."""
+    if mode not in MODES:
+        raise ValueError(f"host malloc mode {mode!r}; allowed: {MODES}")
+    if mode != "auto":
+        return mode
+    return "reuse" if model_name in LARGE_BUFFER_MODELS else "system"
+
+
+def configure(mode: str) -> str:
     """Applies the host malloc `mode` ('reuse': the settings above; 'system': leave the C
     library's defaults) and says what it did. Call it first, before JAX (or anything else)
     starts threads: a thread keeps the malloc arena it was given at its first allocation.
@@ -52,8 +69,9 @@ def configure(mode: str = "reuse") -> str:
     Without glibc (macOS, musl) 'reuse' changes nothing and says so; a setting glibc
     refuses is reported in the returned text, not raised, since only speed depends on it.
     """
-    if mode not in MODES:
-        raise ValueError(f"host malloc mode {mode!r}; allowed: {MODES}")
+    if mode not in MODES[1:]:
+        raise ValueError(f"host malloc mode {mode!r}; allowed: {MODES[1:]} (resolve 'auto' "
+                         "with `resolve` first)")
     if mode == "system":
         return "host malloc: the C library's defaults"
     libc = _glibc()

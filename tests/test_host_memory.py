@@ -49,7 +49,14 @@ def test_reuse_mode_keeps_freed_blocks_and_system_mode_does_not():
     assert sum(system[1:]) > 10 * sum(reuse[1:]) + 100, (system, reuse)
 
 
-def test_modes_are_checked():
+def test_modes_are_checked_and_auto_picks_by_model():
     assert host_memory.configure("system").startswith("host malloc: the C library")
-    with pytest.raises(ValueError, match="'fast'.*allowed.*'reuse', 'system'"):
-        host_memory.configure("fast")
+    for bad in ("fast", "auto"):
+        with pytest.raises(ValueError, match=f"'{bad}'.*allowed.*'reuse', 'system'"):
+            host_memory.configure(bad)
+    with pytest.raises(ValueError, match="'fast'.*allowed.*'auto', 'reuse', 'system'"):
+        host_memory.resolve("fast", "vgg16")
+    assert host_memory.resolve("auto", "vgg16") == "reuse"
+    assert host_memory.resolve("auto", "resnet18") == "reuse"
+    assert host_memory.resolve("auto", "lenet_adv") == "system"
+    assert host_memory.resolve("system", "vgg16") == "system"
