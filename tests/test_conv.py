@@ -69,6 +69,8 @@ def check(n, h, w, cin, cout, kh, stride, padding, seed):
 @pytest.mark.parametrize("shape", [
     # n, h, w, cin, cout, k, stride, padding: the model zoo's kinds of layer
     (2, 12, 12, 1, 4, 5, 1, "SAME"),          # LeNet stem
+    (2, 12, 12, 1, 8, 5, 1, "SAME"),          # LeNet stem, rows in blocks of 4 columns
+    (2, 15, 16, 1, 16, 3, 2, ((1, 1), (1, 1))),  # strided, rows in blocks of 2 columns
     (2, 6, 6, 4, 6, 5, 1, "VALID"),           # LeNet-5
     (2, 8, 8, 3, 5, 3, 1, ((1, 1), (1, 1))),  # CIFAR stem
     (2, 2, 2, 8, 8, 3, 1, ((1, 1), (1, 1))),  # VGG's last 2x2 maps
