@@ -12,8 +12,8 @@ of the heap's top (`M_TRIM_THRESHOLD` = -1 disables it, as mallopt(3) documents)
 cost: the process keeps its peak host memory until it exits.
 
 The single arena has a cost where buffers are small and many: the LeNet_adv w=4 step (all
-buffers well under 64 MB, so nothing to gain) ran 12% slower with it, from lock contention
-between XLA's threads and the dispatching thread. So 'auto' (`resolve`) picks 'reuse' for
+buffers well under 64 MB, so nothing to gain) ran 12% slower with it (probably contention
+for the one arena's lock between XLA's threads and the dispatching thread). So 'auto' (`resolve`) picks 'reuse' for
 the CIFAR models and 'system' for the rest.
 
 The same settings can be given from outside as environment variables (`MALLOC_ARENA_MAX=1

@@ -8,9 +8,9 @@ convolutions are 1.2-1.8x faster as slices. On larger maps with many channels th
 kernels win by up to 2.8x; and the native kernel on few channels (<= 64 in) over large
 maps runs 1.1-1.6x faster when called on chunks of 8 images than on a batch of 128
 (cache blocking inside the kernel; measured end to end: VGG-16 PGD step -8%, ResNet-18
--16%). The narrowest layers (LeNet's stems: 1 -> 2 or 8 channels) run best as rows times
-a banded matrix, a few times the FLOPs in one well-shaped matmul (LeNet_adv w=1 training
-step 1.8x faster, w=4 1.1x). So on CPU each convolution picks its form by a fixed rule
+-16%). The narrowest layers (LeNet stems of 1 -> 2 or 8 channels) run best as input rows
+times a banded matrix: a few times the FLOPs, in one well-shaped matmul (LeNet_adv w=1
+training step 1.8x faster, w=4 1.1x). So on CPU each convolution picks its form by a fixed rule
 (`choose_form`), decided when the program is traced; a rule timed at start-up was found
 to be noisy.
 
@@ -33,7 +33,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
     """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
-    (LeNet's stems); 'slices' for 1x1 or strided kernels, stems (<= 4 input channels) and
+    (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'slices' for 1x1 or strided kernels, stems (<= 4 input channels) and
     small maps (output <= 4x4); 'chunks' for <= 64 input channels over maps of >= 14x14;
     'native' elsewhere and on every other backend."""
     if backend != "cpu":
