@@ -3,6 +3,7 @@ non-finite losses, and every bad input refused before anything compiles."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -44,14 +45,26 @@ def reference(tmp_path_factory, idx_dir):
     return workdir
 
 
-def run_and_signal(workdir, flags, stage, step, sig):
-    """Runs the CLI and sends `sig` once it has logged `step` of `stage`."""
+def has_checkpoint(workdir, stage) -> bool:
+    """A finished (renamed to its step number) checkpoint of `stage` is on disk."""
+    path = checkpoint.stage_dir(workdir, stage)
+    return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
+
+
+def run_and_signal(workdir, flags, stage, step, sig, after_checkpoint=False):
+    """Runs the CLI and sends `sig` once it has logged `step` of `stage`; with
+    `after_checkpoint`, at the first logged step from `step` on at which a finished
+    checkpoint of the stage is on disk (checkpoints are written asynchronously, so one
+    may still be in flight at `step`), or at the stage's last step if none is."""
     proc = subprocess.Popen(cli_command(workdir, *flags), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     out = []
     for line in proc.stdout:
         out.append(line)
-        if line.startswith(f"[{stage}] epoch") and f" step {step}/" in line:
+        logged = re.match(rf"\[{stage}\] epoch \S+ step (\d+)/(\d+) ", line)
+        if logged and int(logged[1]) >= step and (
+                not after_checkpoint or has_checkpoint(workdir, stage)
+                or logged[1] == logged[2]):
             proc.send_signal(sig)
             break
     rest, _ = proc.communicate(timeout=600)
@@ -84,16 +97,17 @@ def test_sigkill_in_every_stage_then_resume_is_bitwise_identical(tmp_path, idx_d
     outputs, saved = [], []
     for stage in STAGES:
         step = rng.randint(5, 13)  # of 16 steps per stage; checkpoints every 3
-        code, out = run_and_signal(workdir, flags, stage, step, signal.SIGKILL)
+        code, out = run_and_signal(workdir, flags, stage, step, signal.SIGKILL,
+                                   after_checkpoint=True)
         assert code == -signal.SIGKILL, out[-3000:]
         outputs.append(out)
-        saved.append(any(d.isdigit() for d in os.listdir(checkpoint.stage_dir(workdir, stage))))
+        saved.append(has_checkpoint(workdir, stage))
     r = subprocess.run(cli_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     outputs.append(r.stdout)
-    # Each rerun resumed the killed stage from its checkpoint (one was written before the
-    # kill unless the asynchronous write was still in flight, which is rare).
+    # Each rerun resumed the killed stage from its checkpoint (the kill waits for a finished
+    # one; a stage whose writes were all still in flight at its last step starts over).
     for stage, out, had_checkpoint in zip(STAGES, outputs[1:], saved):
         assert (f"[{stage}] resuming from step" in out) == had_checkpoint, out[-2000:]
     assert sum(saved) >= 2
