@@ -24,7 +24,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from robust_admm import attacks  # noqa: E402
+from robust_admm import attacks, compiler  # noqa: E402
 from robust_admm.models import get_model  # noqa: E402
 from robust_admm.step import attack_logits_fn  # noqa: E402
 
@@ -36,6 +36,8 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--cpu-convolutions", default="auto", choices=list(compiler.CPU_CONVOLUTIONS),
+                   help="as the config field cpu_convolutions")
     args = p.parse_args()
     mnist = args.model == "lenet_adv"
     batch = args.batch or (64 if mnist else 128)
@@ -46,7 +48,8 @@ def main():
     variables = model.init(jax.random.PRNGKey(1), x[:1])
     pgd = attacks.Pgd(epsilon=0.3 if mnist else 8 / 255, step_size=0.01, num_steps=1)
     step = jax.jit(lambda v, xa: pgd.step(
-        attack_logits_fn(model, v["params"], v.get("batch_stats", {})), xa, x, y))
+        attack_logits_fn(model, v["params"], v.get("batch_stats", {})), xa, x, y),
+        compiler_options=compiler.compiler_options(args.cpu_convolutions))
     for _ in range(3):
         jax.block_until_ready(step(variables, x))
     with tempfile.TemporaryDirectory() as d:

@@ -53,6 +53,8 @@ def parse():
     p.add_argument("--unroll", type=int, default=1, help="PGD fori_loop unroll factor")
     p.add_argument("--host-malloc", default="auto", choices=["auto", "reuse", "system"],
                    help="host malloc mode, as `python -m robust_admm.train --host_malloc`")
+    p.add_argument("--cpu-convolutions", default="auto", choices=["auto", "xla", "library"],
+                   help="XLA:CPU convolution runtime, as the config field cpu_convolutions")
     p.add_argument("--all", action="store_true", help="run the five reference configs")
     p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
     p.add_argument("--torch-python", default=None, help="--all: a python with torch")
@@ -159,7 +161,8 @@ def run_one(args):
                        opt_state=tx.init(params),
                        masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
                        admm=admm.init(params, specs, args.rho), key=jax.random.PRNGKey(1))
-    train_step = make_train_step(model, tx, attack, batch, schedule, pgd_loop=args.pgd_loop)
+    train_step = make_train_step(model, tx, attack, batch, schedule, pgd_loop=args.pgd_loop,
+                                 cpu_convolutions=args.cpu_convolutions)
 
     t = time.perf_counter()
     state, _ = train_step(state, images, labels)
@@ -181,7 +184,8 @@ def run_one(args):
     train_flops = (2 * steps + 3) * forward_flops(model, variables, shape)
     print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
           f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
-          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}; {malloc_note}")
+          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}, cpu convolutions "
+          f"{args.cpu_convolutions}; {malloc_note}")
     print(f"RESULT impl=robust_admm model={args.model} width={width} steps={steps} "
           f"batch={batch} compile_s={compile_s:.1f} gflop_per_img={train_flops / 1e9:.4f} "
           f"gflops={rate * train_flops / 1e9:.1f} img/s={rate:.2f}", flush=True)
@@ -212,7 +216,7 @@ def run_all(args):
     me = [sys.executable, os.path.abspath(__file__), "--iters", str(args.iters),
           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
           "--pgd-loop", args.pgd_loop, "--opt", args.opt, "--rho", str(args.rho),
-          "--host-malloc", args.host_malloc]
+          "--host-malloc", args.host_malloc, "--cpu-convolutions", args.cpu_convolutions]
     try:
         torch_env = dict(kv.split("=", 1) for kv in args.torch_env.split())
     except ValueError:

@@ -14,6 +14,7 @@ perturbed batch without updating the running averages; only the training forward
 updates them.
 """
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from robust_admm import admm as admm_lib
-from robust_admm import attacks, parallel
+from robust_admm import attacks, compiler, parallel
 
 
 @flax.struct.dataclass
@@ -132,17 +133,20 @@ class CompiledStep:
 
 def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack,
                     batch_size: int, schedule: Callable | None = None,
-                    mesh: Mesh | None = None, pgd_loop: str = "auto") -> CompiledStep:
+                    mesh: Mesh | None = None, pgd_loop: str = "auto",
+                    cpu_convolutions: str = "auto") -> CompiledStep:
     """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
     is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
     replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
-    `pgd_loop` ('auto', 'fori', 'host'; see `resolve_pgd_loop`) only changes speed.
+    `pgd_loop` ('auto', 'fori', 'host'; see `resolve_pgd_loop`) and `cpu_convolutions`
+    (see `robust_admm.compiler`) only change speed.
     """
     data_key_tag, attack_key_tag = 0, 1
     shard = _batch_constraint(mesh)
     pgd = attack.pgd
+    jit = _jit_with_options(cpu_convolutions)
     state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
 
     def begin(state: TrainState, images_u8, labels):
@@ -204,12 +208,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                                                      x, y, scale), x_adv)
             return update(state, x_adv, y)
 
-        step = jax.jit(train_step, donate_argnums=(0,), **state_out)
+        step = jit(train_step, donate_argnums=(0,), **state_out)
         return CompiledStep(step, [step])
 
-    begin_c = jax.jit(begin)
-    pgd_step_c = jax.jit(pgd_step, donate_argnums=(2,))
-    update_c = jax.jit(update, donate_argnums=(0,), **state_out)
+    begin_c = jit(begin)
+    pgd_step_c = jit(pgd_step, donate_argnums=(2,))
+    update_c = jit(update, donate_argnums=(0,), **state_out)
 
     def host_train_step(state: TrainState, images_u8, labels):
         x, y, x_adv, scale = begin_c(state, images_u8, labels)
@@ -220,6 +224,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     return CompiledStep(host_train_step, [begin_c, pgd_step_c, update_c])
 
 
+def _jit_with_options(cpu_convolutions: str) -> Callable:
+    """`jax.jit` with this backend's compiler options (see `robust_admm.compiler`)."""
+    return functools.partial(jax.jit,
+                             compiler_options=compiler.compiler_options(cpu_convolutions))
+
+
 def _batch_constraint(mesh: Mesh | None):
     """x -> x constrained to be split along the mesh's `data` axis (identity without one)."""
     if mesh is None:
@@ -228,11 +238,12 @@ def _batch_constraint(mesh: Mesh | None):
 
 
 def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
-                   pgd_loop: str = "auto") -> CompiledStep:
+                   pgd_loop: str = "auto", cpu_convolutions: str = "auto") -> CompiledStep:
     """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> (natural correct,
     adversarial correct) counts over the valid entries of one batch. Evaluation uses the
     running BatchNorm averages (train=False) for the attack too; no weight gradients."""
     shard = _batch_constraint(mesh)
+    jit = _jit_with_options(cpu_convolutions)
     out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
     logits_fn = lambda params, batch_stats: (
         lambda xa: apply_model(model, params, batch_stats, xa, train=False)[0])
@@ -250,21 +261,21 @@ def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
             return count(params, batch_stats, x, y, valid), count(
                 params, batch_stats, x_adv, y, valid)
 
-        step = jax.jit(eval_step, **out)
+        step = jit(eval_step, **out)
         return CompiledStep(step, [step])
 
     def begin(params, batch_stats, images_u8, labels, valid):
         x, y, valid = prepare(images_u8, labels, valid)
         return x, y, valid, count(params, batch_stats, x, y, valid)
 
-    begin_c = jax.jit(begin)  # the batch stays split along the mesh
-    start_c = jax.jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
+    begin_c = jit(begin)  # the batch stays split along the mesh
+    start_c = jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
                       static_argnums=(2,))
-    step_c = jax.jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
+    step_c = jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
         logits_fn(params, batch_stats), xa, x, y), donate_argnums=(2,))
-    pick_c = jax.jit(lambda params, batch_stats, best, cand, y: eval_attack.pick(
+    pick_c = jit(lambda params, batch_stats, best, cand, y: eval_attack.pick(
         logits_fn(params, batch_stats), best, cand, y), donate_argnums=(2,))
-    count_c = jax.jit(count, **out)
+    count_c = jit(count, **out)
 
     def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
         x, y, valid, nat = begin_c(params, batch_stats, images_u8, labels, valid)

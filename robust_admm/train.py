@@ -194,7 +194,8 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
         run.writer.truncate_after(stage, last_ckpt or 0)
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
         train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
-                                     cfg.batch_size, schedule, run.mesh, cfg.attack.loop)
+                                     cfg.batch_size, schedule, run.mesh, cfg.attack.loop,
+                                     cfg.cpu_convolutions)
         admm_update = jax.jit(lambda p, s: admm_lib.update(
             p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
 
@@ -355,7 +356,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         run = Run(config=config, workdir=workdir, model=model, mesh=mesh,
                   train=parallel.replicate((train.images, train.labels), mesh),
                   test=pad_to_multiple(test.images, test.labels, config.eval.batch_size, mesh),
-                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop),
+                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
+                                                        config.cpu_convolutions),
                   writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
         if stages[0] != STAGES[0]:
             prev = STAGES[STAGES.index(stages[0]) - 1]

@@ -2,7 +2,7 @@
 the field, the bad value and what is allowed."""
 import jax
 
-from robust_admm import data, optim, parallel
+from robust_admm import compiler, data, optim, parallel
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import PGD_LOOPS
@@ -73,6 +73,9 @@ def validate_config(config, device_count: int | None = None):
              "a number >= 0 (pixels are in [0, 1])")
     _require(config.attack.loop in PGD_LOOPS, "attack.loop", config.attack.loop,
              f"one of {list(PGD_LOOPS)}")
+    _require(config.cpu_convolutions in compiler.CPU_CONVOLUTIONS, "cpu_convolutions",
+             config.cpu_convolutions, f"one of {list(compiler.CPU_CONVOLUTIONS)}")
+    compiler.compiler_options(config.cpu_convolutions)  # 'xla' on a jaxlib without it: error
     _require(config.attack.unroll >= 1, "attack.unroll", config.attack.unroll, "an integer >= 1")
     _require(config.eval.restarts >= 1, "eval.restarts", config.eval.restarts, "an integer >= 1")
     _require(config.eval.every_epochs >= 1, "eval.every_epochs", config.eval.every_epochs, ">= 1")
@@ -110,7 +113,7 @@ def validate_config(config, device_count: int | None = None):
 
 # Fields that may change between runs in one workdir without changing the results.
 RESUMABLE_CHANGES = ("stages", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
-                     "attack.loop", "attack.unroll")
+                     "attack.loop", "attack.unroll", "cpu_convolutions")
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list:

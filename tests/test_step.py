@@ -23,7 +23,7 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 
 
 def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=None,
-           channels=1, warmup_steps=0, tx=None):
+           channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto"):
     model = model or get_model("lenet_digits", 10, 4)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -43,7 +43,8 @@ def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=No
     # A learnable task: the label is written into the image as a bright pixel.
     images = rng.integers(0, 60, (n, 8, 8, channels)).astype(np.uint8)
     images[np.arange(n), labels % 8, labels // 8 * 4, 0] = 255
-    step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop)
+    step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop,
+                           cpu_convolutions=cpu_convolutions)
     return state, step, jnp.asarray(images), jnp.asarray(labels)
 
 
@@ -99,6 +100,21 @@ def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels):
         assert step.compilations() == len(step.parts) == (1 if loop == "fori" else 3)
         runs[loop] = (state.params, state.batch_stats, m["ce"])
     _close(runs["fori"], runs["host"], atol=2e-5)
+
+
+def test_both_cpu_convolution_runtimes_give_the_same_training_run():
+    """cpu_convolutions 'xla' and 'library' compile the convolutions to different kernels:
+    the same training run up to float32 rounding (the model has BatchNorm and a native
+    8x8 conv of 8 -> 64 channels, which the library takes by default)."""
+    runs = {}
+    for runtime in ("xla", "library"):
+        state, step, x, y = _setup(model=VGG(cfg=(8, 64, "M", 8, "M")), channels=3,
+                                   tx=optax.sgd(0.05, momentum=0.9),
+                                   cpu_convolutions=runtime)
+        for _ in range(4):
+            state, m = step(state, x, y)
+        runs[runtime] = (state.params, state.batch_stats, m["ce"])
+    _close(runs["xla"], runs["library"], atol=2e-5)
 
 
 def test_host_driven_eval_matches_the_compiled_one():

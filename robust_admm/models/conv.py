@@ -1,18 +1,15 @@
 """2-D convolution with the implementation chosen per backend and per shape.
 
-XLA's native convolution is the right choice on GPU and TPU. On XLA:CPU it is slow for
-some shapes that adversarial training hits constantly (measured in benchmarks/NOTES.md,
-forward + input gradient, 2 cores): a 3x3 conv over a 2x2x512 map takes 1.5 s native and
-11 ms as shifted slices + one matmul; the 1- and 3-channel stems, strided and 1x1
-convolutions are 1.2-1.8x faster as slices. On larger maps with many channels the native
-kernels win by up to 2.8x; and the native kernel on few channels (<= 64 in) over large
-maps runs 1.1-1.6x faster when called on chunks of 8 images than on a batch of 128
-(cache blocking inside the kernel; measured end to end: VGG-16 PGD step -8%, ResNet-18
--16%). The narrowest layers (LeNet stems of 1 -> 2 or 8 channels) run best as input rows
-times a banded matrix: a few times the FLOPs, in one well-shaped matmul (LeNet_adv w=1
-training step 1.8x faster, w=4 1.1x). So on CPU each convolution picks its form by a fixed rule
-(`choose_form`), decided when the program is traced; a rule timed at start-up was found
-to be noisy.
+XLA's native convolution is the right choice on GPU and TPU, and on CPU for most layers
+once the steps are compiled with XLA's own convolution runtime (`robust_admm.compiler`).
+On XLA:CPU it is still slow for some shapes that adversarial training hits constantly
+(measured in benchmarks/NOTES.md, forward + input gradient, 2 cores): a 3x3 conv over a
+2x2x512 map takes 3.4 s native and 35 ms as shifted slices + one matmul; the 1- and
+3-channel stems and 1x1 convolutions are faster as slices too. The narrowest layers
+(LeNet stems of 1 -> 2 or 8 channels) run best as input rows times a banded matrix: a few
+times the FLOPs, in one well-shaped matmul (LeNet_adv w=1 training step 1.8x faster, w=4
+1.1x). So on CPU each convolution picks its form by a fixed rule (`choose_form`),
+decided when the program is traced; a rule timed at start-up was found to be noisy.
 
 The slices and rows forms are written by hand because no library offers them:
 `lax.conv_general_dilated_patches` builds the same patches but its input gradient is
@@ -24,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "slices", "chunks", "rows")
-CHUNK = 8  # images per native call in the 'chunks' form
+IMPLS = ("auto", "native", "slices", "rows")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -33,19 +29,17 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
     """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
-    (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'slices' for 1x1 or strided kernels, stems (<= 4 input channels) and
-    small maps (output <= 4x4); 'chunks' for <= 64 input channels over maps of >= 14x14;
-    'native' elsewhere and on every other backend."""
+    (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'slices' for 1x1 kernels,
+    stems (<= 4 input channels) and small maps (output <= 4x4); 'native' elsewhere and on
+    every other backend."""
     if backend != "cpu":
         return "native"
     kh, kw, cin, cout = kernel_shape
     h, w = input_shape[1] // strides[0], input_shape[2] // strides[1]
     if max(strides) == 1 and kh * kw > 1 and cin * cout <= 16:
         return "rows"
-    if (kh == kw == 1) or max(strides) > 1 or cin <= 4 or h * w <= 16:
+    if (kh == kw == 1) or cin <= 4 or h * w <= 16:
         return "slices"
-    if cin <= 64 and h * w >= 196 and input_shape[0] > CHUNK:
-        return "chunks"
     return "native"
 
 
@@ -124,12 +118,6 @@ def conv_general_dilated(impl: str = "auto"):
                 return conv_slices(lhs, rhs, window_strides, pads, precision)
             if form == "rows":
                 return conv_rows(lhs, rhs, window_strides, pads, precision)
-            if form == "chunks" and lhs.shape[0] > CHUNK:
-                return jnp.concatenate([
-                    lax.conv_general_dilated(part, rhs, window_strides, pads,
-                                             dimension_numbers=dimension_numbers,
-                                             precision=precision)
-                    for part in jnp.split(lhs, list(range(CHUNK, lhs.shape[0], CHUNK)))], axis=0)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

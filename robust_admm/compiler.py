@@ -1,0 +1,62 @@
+"""XLA compiler options for the compiled steps, chosen per backend.
+
+On XLA:CPU this jaxlib hands convolutions, matmuls and reductions to the YNNPACK library.
+For the convolutions of the CIFAR models XLA's own convolution runtime is 1.5-2x faster
+(forward and input gradient of a 32x32x64 -> 64 3x3 conv, batch 128: 146/139 ms vs
+66/66 ms) and its kernel gradient up to 25x faster (2.5 s vs 95 ms), while the library
+stays the better choice for matmuls and the BatchNorm reductions (benchmarks/NOTES.md, 14).
+So on CPU the steps are compiled with the library limited to dots and reductions
+(`cpu_convolutions='xla'`); the per-shape convolution forms of `models.conv.choose_form`
+are tuned for that. GPU and TPU get no options.
+
+The option is an experimental XLA flag. It is passed per compiled program (jit's
+`compiler_options`), not through XLA_FLAGS, because a jaxlib that does not know a flag in
+XLA_FLAGS aborts the process, whereas an unknown compiler option is an ordinary error:
+'auto' checks once whether this jaxlib accepts it and otherwise warns and keeps jaxlib's
+defaults; 'xla' turns that into an error.
+"""
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+CPU_CONVOLUTIONS = ("auto", "xla", "library")
+LIBRARY_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+LIBRARY_DOTS_AND_REDUCTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def compiler_options(cpu_convolutions: str = "auto", backend: str | None = None) -> dict:
+    """The `compiler_options` for `jax.jit` on `backend` (default: JAX's default backend).
+
+    `cpu_convolutions`: 'xla' (XLA:CPU's own convolutions, the library for dots and
+    reductions), 'library' (jaxlib's defaults), 'auto' ('xla' where this jaxlib accepts
+    the option, else jaxlib's defaults with a warning)."""
+    if cpu_convolutions not in CPU_CONVOLUTIONS:
+        raise ValueError(f"cpu_convolutions={cpu_convolutions!r}; allowed: {CPU_CONVOLUTIONS}")
+    if (backend or jax.default_backend()) != "cpu" or cpu_convolutions == "library":
+        return {}
+    options = {LIBRARY_OPTION: LIBRARY_DOTS_AND_REDUCTIONS}
+    error = _rejected(tuple(options.items()))
+    if error is None:
+        return options
+    message = (f"this jaxlib ({jax.__version__}) rejects the XLA:CPU compiler option "
+               f"{LIBRARY_OPTION}={LIBRARY_DOTS_AND_REDUCTIONS!r}: {error}")
+    if cpu_convolutions == "xla":
+        raise ValueError(f"cpu_convolutions='xla': {message}; use 'auto' or 'library'")
+    warnings.warn(f"{message}; compiling with jaxlib's defaults (slower convolutions on "
+                  "CPU; cpu_convolutions='library' silences this)")  # once: same place
+    return {}
+
+
+@functools.cache
+def _rejected(options: tuple) -> str | None:
+    """None if XLA:CPU compiles a trivial program with `options`, else its error text (a
+    fact about the installed jaxlib, so it is asked once per process)."""
+    try:
+        cpu = jax.devices("cpu")[0]
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+            jax.device_put(jnp.zeros((), jnp.float32), cpu)).compile()
+    except Exception as e:  # noqa: BLE001 (jaxlib raises its own runtime error types)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
