@@ -270,7 +270,7 @@ def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
 
     begin_c = jit(begin)  # the batch stays split along the mesh
     start_c = jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
-                      static_argnums=(2,))
+                  static_argnums=(2,))
     step_c = jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
         logits_fn(params, batch_stats), xa, x, y), donate_argnums=(2,))
     pick_c = jit(lambda params, batch_stats, best, cand, y: eval_attack.pick(
