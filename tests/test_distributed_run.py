@@ -1,5 +1,14 @@
 """One program at every scale: the same :smoke run (ADMM updates and masked retraining
-included) on 1 device, on 8 devices, and on 2 processes x 2 devices ends the same."""
+included) on 1 device, on 8 devices, and on 2 processes x 2 devices ends the same.
+
+1 vs 8 devices compiles different per-device batches (16 vs 2), so float sums run in a
+different order. Under adversarial training PGD takes the sign of the input gradient, and
+a rounding-level difference in a near-zero entry moves that pixel by a whole step; Adam
+and the ADMM projection's top-k (a near-tie between two weights) amplify that further. Measured
+here: params 8e-7 apart after pretraining, 2e-3 after ADMM, ADMM Z 0.11 apart. So the
+1-vs-8 run trains naturally (evaluation still attacks): it then ends within 5e-7. The
+adversarial step across processes is checked by the 4-device vs 2 x 2 run, whose
+per-device programs are the same."""
 import json
 import os
 import socket
@@ -24,12 +33,13 @@ def env_with(**extra):
     return env
 
 
-def launch(workdir, idx_dir, devices, process_id=None, port=None):
+def launch(workdir, idx_dir, devices, *overrides, process_id=None, port=None):
     env = env_with(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if process_id is not None:
         env.update(ROBUST_ADMM_MULTIHOST="1", ROBUST_ADMM_COORDINATOR=f"localhost:{port}",
                    ROBUST_ADMM_NUM_PROCESSES="2", ROBUST_ADMM_PROCESS_ID=str(process_id))
-    cmd = cli_command(workdir, "--config.data.source=files", f"--config.data.dir={idx_dir}")
+    cmd = cli_command(workdir, "--config.data.source=files", f"--config.data.dir={idx_dir}",
+                      *overrides)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -60,8 +70,8 @@ def assert_same_run(a, b):
 
 def test_one_device_and_eight_devices_end_the_same(tmp_path, idx_dir):
     one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-    finish(launch(one, idx_dir, 1))
-    finish(launch(eight, idx_dir, 8))
+    finish(launch(one, idx_dir, 1, "--config.setting=natural"))
+    finish(launch(eight, idx_dir, 8, "--config.setting=natural"))
     assert_same_run(one, eight)
 
 

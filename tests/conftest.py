@@ -1,0 +1,25 @@
+"""Test-session setup: one persistent XLA compilation cache for the whole run.
+
+Most of a :smoke CLI run is compiling its steps (about 40 s cold, 12 s warm here), and the
+suite starts that run in many subprocesses. JAX reads these variables at import, in this
+process and in every subprocess the tests start, so each program compiles once per session.
+A cached executable is the one compilation would give (a run with a warm cache ends
+bitwise equal to a cold one), so the tests check the same programs. A cache dir the
+caller set is kept and used.
+"""
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="robust-admm-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+# Cache every program, not only those that took over a second to compile: the eval and
+# ADMM programs of a smoke run are small but many.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
