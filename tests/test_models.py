@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.errors import ModifyScopeVariableError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robust_admm import projections
 from robust_admm.models import VGG, BasicBlock, ResNet, get_model, resnet18, vgg16
+from robust_admm.models.layers import max_pool_2x2
 from robust_admm.models.vgg import VGG16_CFG
 
 X = jnp.zeros((2, 32, 32, 3), jnp.float32)
@@ -182,3 +185,35 @@ def test_get_model_names_and_errors():
             get_model("vgg16", width=bad)
         with pytest.raises(ValueError, match="width"):
             resnet18(width=bad)
+
+
+def _pool_reference(x, g):
+    """Float64 loops: the 2x2/2 max-pool of NHWC `x` and its VJP with `g`, each window's
+    gradient shared equally among the entries equal to its max (JAX's rule for max)."""
+    n, h, w, c = x.shape
+    out, dx = np.zeros((n, h // 2, w // 2, c)), np.zeros(x.shape)
+    for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+        window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k]
+        out[b, i, j, k] = window.max()
+        ties = window == window.max()
+        dx[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k] = ties * g[b, i, j, k] / ties.sum()
+    return out, dx
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
+       st.integers(2, 5), st.integers(0, 2**31 - 1))
+def test_max_pool_and_its_gradient_match_a_float64_reference(n, h2, w2, c, levels, seed):
+    # Few distinct values, so windows with 2, 3 and 4 tied maxima are common.
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, (n, 2 * h2, 2 * w2, c)).astype(np.float32)
+    g = rng.standard_normal((n, h2, w2, c)).astype(np.float32)
+    out, vjp = jax.vjp(jax.jit(max_pool_2x2), jnp.asarray(x))
+    want_out, want_dx = _pool_reference(x.astype(np.float64), g.astype(np.float64))
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], want_dx, rtol=1e-6, atol=1e-7)
+
+
+def test_max_pool_odd_sizes_floor_as_pytorch():
+    x = jnp.arange(2 * 5 * 3 * 1, dtype=jnp.float32).reshape(2, 5, 3, 1)
+    np.testing.assert_array_equal(max_pool_2x2(x), x[:, 1:4:2, 1:2, :])

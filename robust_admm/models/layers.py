@@ -2,6 +2,7 @@
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from robust_admm.models import conv
@@ -11,13 +12,45 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     """2x2 max-pool with stride 2 on NHWC input.
 
     Written as a reshape and a max where the spatial size is even: XLA:CPU runs this
-    faster than the generic `reduce_window` (and its gradient, a select, is cheaper too).
-    Falls back to `nn.max_pool` (floor semantics, as PyTorch) for odd sizes.
+    faster than the generic `reduce_window`. Its gradient is JAX's own for that max (each
+    window's gradient shared equally among the entries equal to its max), but written by
+    hand (`_pool_even`) so that the backward pass is elementwise. Falls back to
+    `nn.max_pool` (floor semantics, as PyTorch) for odd sizes.
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:
         return nn.max_pool(x, (2, 2), strides=(2, 2))
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return _pool_even(x)
+
+
+def _windows(x: jnp.ndarray) -> jnp.ndarray:
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+# A custom VJP, not autodiff, because autodiff's backward divides by a window count (a
+# reduction) right after the next layer's input-gradient convolution, and XLA:CPU then
+# hands that convolution to the library's reduce fusion: 121 ms instead of about 50 for
+# VGG-16's conv3 (benchmarks/NOTES.md, 15). Here the shares are computed in the forward
+# pass, so the backward pass is a broadcast multiply. No forward-mode (jvp) rule.
+@jax.custom_vjp
+def _pool_even(x: jnp.ndarray) -> jnp.ndarray:
+    return _windows(x).max(axis=(2, 4))
+
+
+def _pool_even_fwd(x):
+    windows = _windows(x)
+    pooled = windows.max(axis=(2, 4))
+    is_max = (windows == pooled[:, :, None, :, None]).astype(x.dtype)
+    return pooled, is_max / is_max.sum(axis=(2, 4), keepdims=True)
+
+
+def _pool_even_bwd(shares, g):
+    n, h2, _, w2, _, c = shares.shape
+    return ((shares * g[:, :, None, :, None]).reshape(n, 2 * h2, 2 * w2, c),)
+
+
+_pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
 
 
 class Conv(nn.Conv):
