@@ -4,7 +4,10 @@ On XLA:CPU this jaxlib hands convolutions, matmuls and reductions to the YNNPACK
 For the convolutions of the CIFAR models XLA's own convolution runtime is 1.5-2x faster
 (forward and input gradient of a 32x32x64 -> 64 3x3 conv, batch 128: 146/139 ms vs
 66/66 ms) and its kernel gradient up to 25x faster (2.5 s vs 95 ms), while the library
-stays the better choice for matmuls and the BatchNorm reductions (benchmarks/NOTES.md, 14).
+stays the better choice for matmuls and the BatchNorm reductions (benchmarks/NOTES.md, 14;
+without the reductions a VGG-16 PGD step took 2.22 s instead of 2.11). Its reduce fusion
+may take in a convolution that feeds a reduction; the one such case in these models, the
+max-pool backward, is written so that it does not (`models.layers`, NOTES.md, 15).
 So on CPU the steps are compiled with the library limited to dots and reductions
 (`cpu_convolutions='xla'`); the per-shape convolution forms of `models.conv.choose_form`
 are tuned for that. GPU and TPU get no options.

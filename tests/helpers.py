@@ -1,6 +1,7 @@
-"""Shared test helpers: tiny MNIST-shaped IDX files and running the CLI."""
+"""Shared test helpers: tiny MNIST-shaped IDX files, running the CLI, reading compiled HLO."""
 import gzip
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -31,3 +32,19 @@ def cli_command(workdir, *overrides, config="configs/mnist.py:smoke"):
 def run_cli(workdir, *overrides, config="configs/mnist.py:smoke"):
     return subprocess.run(cli_command(workdir, *overrides, config=config), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def library_fusions(hlo_text: str) -> list[set[str]]:
+    """The HLO opcodes inside each library (YNNPACK) fusion of a compiled XLA:CPU program's
+    text, e.g. [{'parameter', 'dot'}, {'parameter', 'reduce', 'convolution', ...}]."""
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.-]+) .*\{$", line.rstrip())
+        if head:
+            current = bodies.setdefault(head.group(1), set())
+        elif current is not None:
+            op = re.search(r"=\s+(?:\([^)]*\)|\S+)\s+([\w-]+)\(", line)
+            if op:
+                current.add(op.group(1))
+    return [bodies[m.group(1)] for line in hlo_text.splitlines() if "__ynn_fusion" in line
+            for m in [re.search(r"calls=%([\w.-]+)", line)] if m]

@@ -9,7 +9,8 @@ from flax.errors import ModifyScopeVariableError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robust_admm import projections
+from helpers import library_fusions
+from robust_admm import compiler, projections
 from robust_admm.models import VGG, BasicBlock, ResNet, get_model, resnet18, vgg16
 from robust_admm.models.layers import max_pool_2x2
 from robust_admm.models.vgg import VGG16_CFG
@@ -217,3 +218,24 @@ def test_max_pool_and_its_gradient_match_a_float64_reference(n, h2, w2, c, level
 def test_max_pool_odd_sizes_floor_as_pytorch():
     x = jnp.arange(2 * 5 * 3 * 1, dtype=jnp.float32).reshape(2, 5, 3, 1)
     np.testing.assert_array_equal(max_pool_2x2(x), x[:, 1:4:2, 1:2, :])
+
+
+def test_the_pool_backward_keeps_the_next_convolution_out_of_library_fusions():
+    """Why max_pool_2x2 has a hand-written VJP: with autodiff's (a window-count reduction)
+    XLA:CPU put the next conv's input gradient inside the library's reduce fusion in this
+    program, as in VGG-16, where it ran at 40 GFLOP/s instead of about 100
+    (benchmarks/NOTES.md, 15)."""
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    norm = lambda y: (y - y.mean((0, 1, 2))) * jax.lax.rsqrt(y.var((0, 1, 2)) + 1e-5)
+
+    def loss(x):
+        y = max_pool_2x2(jax.nn.relu(norm(conv(x, jnp.ones((3, 3, 32, 64))))))
+        z = norm(conv(y, jnp.ones((3, 3, 64, 128))))
+        return jnp.sum(jax.nn.relu(z) * jnp.cos(z))
+
+    text = jax.jit(jax.grad(loss), compiler_options=compiler.compiler_options("xla")).lower(
+        jnp.ones((2, 16, 16, 32))).compile().as_text()
+    fusions = library_fusions(text)
+    assert any("reduce" in f for f in fusions)  # the library does take reductions here
+    assert not [f for f in fusions if "convolution" in f]

@@ -30,8 +30,9 @@ def _windows(x: jnp.ndarray) -> jnp.ndarray:
 
 # A custom VJP, not autodiff, because autodiff's backward divides by a window count (a
 # reduction) right after the next layer's input-gradient convolution, and XLA:CPU then
-# hands that convolution to the library's reduce fusion: 121 ms instead of about 50 for
-# VGG-16's conv3 (benchmarks/NOTES.md, 15). Here the shares are computed in the forward
+# hands that convolution to the library's reduce fusion: VGG-16's conv3 input gradient
+# then ran at 40 GFLOP/s, where XLA's runtime runs such convolutions at about 100
+# (benchmarks/NOTES.md, 15). Here the shares are computed in the forward
 # pass, so the backward pass is a broadcast multiply. No forward-mode (jvp) rule.
 @jax.custom_vjp
 def _pool_even(x: jnp.ndarray) -> jnp.ndarray:
