@@ -17,6 +17,11 @@ attack, as in the peer.
 compile time, images/s and the achieved GFLOP/s against the float32 matmul peak measured
 in the same run; with `--torch-python`/`--torch-peer` the peer runs alternately with ours
 (A B A B) and the table gives the ratio of the medians.
+
+`--mode eval` times evaluation under attack instead (robust_admm.step.make_eval_step: one
+batch = natural accuracy, PGD with random start, accuracy under attack; BatchNorm on its
+running averages, no weight gradients; (2k + 2) forward passes of FLOPs), and `--all`
+then runs `torch_eval_peer.py` of this folder as the peer.
 """
 import argparse
 import os
@@ -36,6 +41,8 @@ EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": (8 / 255, 2 / 255, 10, 128),
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", default="train", choices=["train", "eval"],
+                   help="train: the training step; eval: evaluation under attack")
     p.add_argument("--model", default="lenet_adv", choices=list(EPS))
     p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 40 mnist / 10 cifar)")
@@ -127,14 +134,10 @@ def run_one(args):
     malloc_note = host_memory.configure(  # before JAX starts its threads
         host_memory.resolve(args.host_malloc, args.model))
     import jax
-    import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
-    from robust_admm import admm, optim, projections
-    from robust_admm.config_base import stage_config
     from robust_admm.models import get_model
-    from robust_admm.step import TrainState, make_attack, make_train_step, resolve_pgd_loop
+    from robust_admm.step import resolve_pgd_loop
 
     eps, step_size, k_def, b_def = EPS[args.model]
     steps = k_def if args.steps is None else args.steps
@@ -143,11 +146,54 @@ def run_one(args):
     width = args.width if args.model == "lenet_adv" else 1
     model = get_model(args.model, 10, width)
     rng = np.random.default_rng(args.seed)
-    images = jnp.asarray(rng.integers(0, 256, (batch * 4,) + shape, dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, batch * 4).astype(np.int32))
-    variables = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1,) + shape))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    images = jax.numpy.asarray(rng.integers(0, 256, (batch * 4,) + shape, dtype=np.uint8))
+    labels = jax.numpy.asarray(rng.integers(0, 10, batch * 4).astype(np.int32))
+    variables = model.init(jax.random.PRNGKey(args.seed), jax.numpy.zeros((1,) + shape))
+    make = _eval_iteration if args.mode == "eval" else _train_iteration
+    iteration, compilations, passes = make(args, model, variables, images, labels,
+                                          (eps, step_size, steps, batch))
 
+    t = time.perf_counter()
+    iteration()
+    compile_s = time.perf_counter() - t
+    compiled = compilations()
+    for _ in range(args.warmup):
+        iteration()
+    rates = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.iters - 1):
+            iteration(block=False)
+        iteration()  # waits for the last result
+        rates.append(batch * args.iters / (time.perf_counter() - t))
+    assert compilations() == compiled, "the step recompiled"
+    rate = statistics.median(rates)
+    flops = passes * forward_flops(model, variables, shape)
+    print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
+          f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
+          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}, cpu convolutions "
+          f"{args.cpu_convolutions}; {malloc_note}")
+    print(f"RESULT impl=robust_admm mode={args.mode} model={args.model} width={width} "
+          f"steps={steps} batch={batch} compile_s={compile_s:.1f} "
+          f"gflop_per_img={flops / 1e9:.4f} gflops={rate * flops / 1e9:.1f} img/s={rate:.2f}",
+          flush=True)
+
+
+def _train_iteration(args, model, variables, images, labels, attack_setting):
+    """One training iteration of `make_train_step` on the held state, its count of
+    compiled programs, and its cost in forward passes: k PGD steps of forward + input gradient, and
+    the training pass (forward, input and weight gradients), (2k + 3) in all."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from robust_admm import admm, optim, projections
+    from robust_admm.config_base import stage_config
+    from robust_admm.step import TrainState, make_attack, make_train_step
+
+    eps, step_size, steps, batch = attack_setting
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
     lr = args.lr if args.lr is not None else (0.01 if args.opt == "sgd" else 1e-3)
     cfg = stage_config(epochs=1, lr=lr, optimizer=args.opt, schedule="constant")
     schedule = optim.make_schedule(cfg, 1)
@@ -164,31 +210,42 @@ def run_one(args):
     train_step = make_train_step(model, tx, attack, batch, schedule, pgd_loop=args.pgd_loop,
                                  cpu_convolutions=args.cpu_convolutions)
 
-    t = time.perf_counter()
-    state, _ = train_step(state, images, labels)
-    jax.block_until_ready(state.params)
-    compile_s = time.perf_counter() - t
-    for _ in range(args.warmup):
-        state, _ = train_step(state, images, labels)
-    jax.block_until_ready(state.params)
-    rates = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            state, metrics = train_step(state, images, labels)
-        jax.block_until_ready(state.params)
-        rates.append(batch * args.iters / (time.perf_counter() - t))
-    assert np.isfinite(float(metrics["loss"])), "the benchmark step diverged"
-    assert train_step.compilations() == len(train_step.parts), "the step recompiled"
-    rate = statistics.median(rates)
-    train_flops = (2 * steps + 3) * forward_flops(model, variables, shape)
-    print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
-          f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
-          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}, cpu convolutions "
-          f"{args.cpu_convolutions}; {malloc_note}")
-    print(f"RESULT impl=robust_admm model={args.model} width={width} steps={steps} "
-          f"batch={batch} compile_s={compile_s:.1f} gflop_per_img={train_flops / 1e9:.4f} "
-          f"gflops={rate * train_flops / 1e9:.1f} img/s={rate:.2f}", flush=True)
+    def iteration(block=True):
+        nonlocal state
+        state, metrics = train_step(state, images, labels)
+        if block:
+            assert np.isfinite(float(metrics["loss"])), "the benchmark step diverged"
+
+    return iteration, train_step.compilations, 2 * steps + 3
+
+
+def _eval_iteration(args, model, variables, images, labels, attack_setting):
+    """One batch of `make_eval_step` (natural accuracy, PGD with random start, accuracy
+    under attack; BatchNorm on running averages, no weight gradients), its count of
+    compiled programs, and its cost in forward passes: (2k + 2)."""
+    import jax
+    import numpy as np
+
+    from robust_admm.attacks import Pgd
+    from robust_admm.step import make_eval_step
+
+    eps, step_size, steps, batch = attack_setting
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    eval_step = make_eval_step(model, Pgd(eps, step_size, steps), pgd_loop=args.pgd_loop,
+                               cpu_convolutions=args.cpu_convolutions)
+    x, y = images[:batch], labels[:batch]
+    valid = jax.numpy.ones(batch, bool)
+    key = jax.random.PRNGKey(1)
+    done = 0
+
+    def iteration(block=True):
+        nonlocal done
+        counts = eval_step(params, batch_stats, x, y, valid, jax.random.fold_in(key, done))
+        done += 1
+        if block:
+            assert all(0 <= int(c) <= batch for c in counts), counts
+
+    return iteration, eval_step.compilations, 2 * steps + 2
 
 
 def _result(cmd, env=None) -> dict:
@@ -211,9 +268,9 @@ def run_all(args):
             raise SystemExit(f"--only {args.only!r} matches none of "
                              f"{[f'{m}:{w}' for m, w, _, _ in CONFIGS]}")
     peak = matmul_peak()
-    print(f"float32 matmul peak (best of 5, n=4096, max of numpy and XLA): {peak:.1f} GFLOP/s",
-          flush=True)
-    me = [sys.executable, os.path.abspath(__file__), "--iters", str(args.iters),
+    print(f"float32 matmul peak (best of 5, n=4096, max of numpy and XLA): {peak:.1f} GFLOP/s; "
+          f"mode {args.mode}", flush=True)
+    me = [sys.executable, os.path.abspath(__file__), "--mode", args.mode, "--iters", str(args.iters),
           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
           "--pgd-loop", args.pgd_loop, "--opt", args.opt, "--rho", str(args.rho),
           "--host-malloc", args.host_malloc, "--cpu-convolutions", args.cpu_convolutions]
@@ -221,6 +278,13 @@ def run_all(args):
         torch_env = dict(kv.split("=", 1) for kv in args.torch_env.split())
     except ValueError:
         raise SystemExit(f"--torch-env {args.torch_env!r}: expected KEY=VALUE pairs") from None
+    timing = ["--iters", str(args.iters), "--warmup", str(args.warmup)]
+    if args.mode == "eval":
+        peer_cmd = [args.torch_python, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                    "torch_eval_peer.py"), "--torch-peer", args.torch_peer, *timing]
+    else:
+        peer_cmd = [args.torch_python, args.torch_peer, *timing, "--opt", args.opt,
+                    "--rho", str(args.rho)]
     rows = []
     for model, width, steps, batch in configs:
         flags = ["--model", model, "--width", str(width), "--steps", str(steps),
@@ -230,9 +294,7 @@ def run_all(args):
             ours.append(_result(me + flags))
             print(f"  {model} w={width}: robust_admm {ours[-1]['img/s']} img/s", flush=True)
             if args.torch_python:
-                peer.append(_result([args.torch_python, args.torch_peer, *flags,
-                                     "--iters", str(args.iters), "--warmup", str(args.warmup),
-                                     "--opt", args.opt, "--rho", str(args.rho)], torch_env))
+                peer.append(_result(peer_cmd + flags, torch_env))
                 print(f"  {model} w={width}: {peer[-1]['impl']} {peer[-1]['img/s']} img/s",
                       flush=True)
         rate = statistics.median(float(r["img/s"]) for r in ours)

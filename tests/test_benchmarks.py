@@ -1,0 +1,32 @@
+"""The step benchmark runs the project's real steps end to end (tiny settings), in both
+modes, and counts FLOPs as the hand count of LeNet_adv's layers says."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "step.py")
+
+
+def lenet_adv_forward_flops(w: int) -> int:
+    """2 x multiply-adds of one forward pass: 5x5 'same' convs 1 -> 2w on 28x28 and
+    2w -> 4w on 14x14, dense 7*7*4w -> 64w and 64w -> 10."""
+    return 2 * (28 * 28 * 2 * w * 25 + 14 * 14 * 4 * w * 25 * 2 * w
+                + 7 * 7 * 4 * w * 64 * w + 64 * w * 10)
+
+
+@pytest.mark.parametrize("mode, passes", [("train", 2 * 2 + 3), ("eval", 2 * 2 + 2)])
+def test_step_benchmark_times_the_step_and_counts_its_flops(mode, passes):
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--mode", mode, "--model", "lenet_adv", "--width", "16",
+         "--steps", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = dict(re.findall(r"(\S+?)=(\S+)", line))
+    assert (result["mode"], result["steps"], result["batch"]) == (mode, "2", "8")
+    assert float(result["img/s"]) > 0
+    expected = passes * lenet_adv_forward_flops(16) / 1e9
+    assert float(result["gflop_per_img"]) == pytest.approx(expected, abs=1e-4)
