@@ -43,7 +43,12 @@ def _pool_even_fwd(x):
     windows = _windows(x)
     pooled = windows.max(axis=(2, 4))
     is_max = (windows == pooled[:, :, None, :, None]).astype(x.dtype)
-    return pooled, is_max / is_max.sum(axis=(2, 4), keepdims=True)
+    # The ties counted as a sum of the four window entries, not a reduction: XLA:CPU gives
+    # reductions to the library, and this one there cost a LeNet_adv w=4 PGD step 10%
+    # (NOTES.md, 17).
+    ties = (is_max[:, :, 0, :, 0] + is_max[:, :, 0, :, 1]
+            + is_max[:, :, 1, :, 0] + is_max[:, :, 1, :, 1])
+    return pooled, is_max / ties[:, :, None, :, None]
 
 
 def _pool_even_bwd(shares, g):
