@@ -78,6 +78,8 @@ def check(n, h, w, cin, cout, kh, stride, padding, seed):
     (2, 12, 12, 1, 4, 5, 1, "SAME"),          # LeNet stem
     (2, 12, 12, 1, 8, 5, 1, "SAME"),          # LeNet stem, rows in blocks of 4 columns
     (2, 15, 16, 1, 16, 3, 2, ((1, 1), (1, 1))),  # strided, rows in blocks of 2 columns
+    (2, 12, 12, 1, 16, 2, 2, "VALID"),        # rows: windows that do not overlap
+    (2, 12, 12, 1, 16, 5, 1, "SAME"),         # rows: windows overlapping by two blocks
     (2, 6, 6, 4, 6, 5, 1, "VALID"),           # LeNet-5
     (2, 8, 8, 3, 5, 3, 1, ((1, 1), (1, 1))),  # CIFAR stem
     (2, 2, 2, 8, 8, 3, 1, ((1, 1), (1, 1))),  # VGG's last 2x2 maps
@@ -150,3 +152,16 @@ def test_grouped_and_dilated_convs_go_to_the_native_op():
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="impl='im2col'.*allowed"):
         conv.conv_general_dilated("im2col")
+
+
+@settings(max_examples=50, deadline=None)
+@given(count=st.integers(1, 6), step=st.integers(1, 5), span=st.integers(1, 12),
+       extra=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_column_windows_are_the_slices_they_stand_for(count, step, span, extra, seed):
+    """The rows form's windows (reshapes where they overlap by at most a step) equal the
+    `count` slices of `span` columns, `step` apart, they replace."""
+    w = (count - 1) * step + span + extra
+    rows = np.random.default_rng(seed).normal(size=(2, 3, w, 2)).astype(np.float32)
+    want = np.stack([rows[:, :, b * step:b * step + span] for b in range(count)], axis=2)
+    got = np.asarray(conv._column_windows(jnp.asarray(rows), count, step, span))
+    np.testing.assert_array_equal(got, want)
