@@ -114,7 +114,10 @@ def test_the_cpu_rule_and_other_backends():
     assert rule((64, 28, 28, 1), (5, 5, 1, 8), (2, 2), "cpu") == "slices"  # strided stem
     assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu") == "slices"  # 1x1
     assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu") == "native"  # strided
-    assert rule((128, 8, 8, 256), (3, 3, 256, 512), (2, 2), "cpu") == "slices"  # to 4x4
+    assert rule((128, 8, 8, 256), (3, 3, 256, 512), (2, 2), "cpu") == "native"  # to 4x4
+    assert rule((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), "cpu") == "native"
+    assert rule((128, 4, 4, 512), (3, 3, 512, 512), (2, 2), "cpu") == "slices"  # to 2x2
+    assert rule((128, 1, 8, 64), (3, 3, 64, 64), (1, 1), "cpu") == "slices"  # a 1-row map
     assert rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu") == "native"
     assert rule((64, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu") == "native"
     assert rule((128, 16, 16, 128), (3, 3, 128, 128), (1, 1), "cpu") == "native"

@@ -30,15 +30,17 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
     """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
     (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'slices' for 1x1 kernels,
-    stems (<= 4 input channels) and small maps (output <= 4x4); 'native' elsewhere and on
-    every other backend."""
+    stems (<= 4 input channels) and tiny maps (an output side of 2 or less, where the
+    native op is pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'native'
+    elsewhere and on every other backend. (Output maps of 3x3 and 4x4 took the slices up
+    to NOTES.md entry 19, where native measured 1.2-1.5x faster on them.)"""
     if backend != "cpu":
         return "native"
     kh, kw, cin, cout = kernel_shape
     h, w = input_shape[1] // strides[0], input_shape[2] // strides[1]
     if max(strides) == 1 and kh * kw > 1 and cin * cout <= 16:
         return "rows"
-    if (kh == kw == 1) or cin <= 4 or h * w <= 16:
+    if (kh == kw == 1) or cin <= 4 or min(h, w) <= 2:
         return "slices"
     return "native"
 
