@@ -105,7 +105,11 @@ def forward_flops(model, variables, shape) -> int:
         return out
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1,) + shape))
+        # The variables as arguments, shapes only: the timed steps have donated them by now.
+        shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                        variables)
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
+                       jax.ShapeDtypeStruct((1,) + shape, jnp.float32))
     return total
 
 

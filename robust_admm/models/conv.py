@@ -8,10 +8,13 @@ On XLA:CPU it is still slow for some shapes that adversarial training hits const
 3-channel stems and 1x1 convolutions are faster as slices too. The narrowest layers
 (LeNet stems of 1 -> 2 or 8 channels) run best as input rows times a banded matrix: a few
 times the FLOPs, in one well-shaped matmul (LeNet_adv w=1 training step 1.8x faster, w=4
-1.1x). So on CPU each convolution picks its form by a fixed rule (`choose_form`),
+1.1x). On maps of a few pixels most of a padded 3x3 kernel's taps fall on the padding,
+so there one matmul per (output position, tap) pair inside the input does only the
+products that are not zero. So on CPU each convolution picks its form by a fixed rule
+(`choose_form`),
 decided when the program is traced; a rule timed at start-up was found to be noisy.
 
-The slices and rows forms are written by hand because no library offers them:
+The slices, rows and pairs forms are written by hand because no library offers them:
 `lax.conv_general_dilated_patches` builds the same patches but its input gradient is
 10-200x slower on CPU.
 """
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "slices", "rows")
+IMPLS = ("auto", "native", "slices", "rows", "pairs")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -29,10 +32,12 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
     """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
-    (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'slices' for 1x1 kernels,
-    stems (<= 4 input channels) and tiny maps (an output side of 2 or less, where the
-    native op is pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'native'
-    elsewhere and on every other backend. (Output maps of 3x3 and 4x4 took the slices up
+    (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'pairs' for other kernels
+    larger than 1x1 on output maps of at most 4 positions (VGG-16's 2x2 maps: its training
+    iteration 1.04x against 'slices'); 'slices' for 1x1 kernels, stems (<= 4 input
+    channels) and the other tiny maps (an output side of 2 or less, where the native op is
+    pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'native' elsewhere and on
+    every other backend. (Output maps of 3x3 and 4x4 took the slices up
     to NOTES.md entry 19, where native measured 1.2-1.5x faster on them.)"""
     if backend != "cpu":
         return "native"
@@ -40,6 +45,8 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
     h, w = input_shape[1] // strides[0], input_shape[2] // strides[1]
     if max(strides) == 1 and kh * kw > 1 and cin * cout <= 16:
         return "rows"
+    if kh * kw > 1 and cin > 4 and h * w <= 4:
+        return "pairs"
     if (kh == kw == 1) or cin <= 4 or min(h, w) <= 2:
         return "slices"
     return "native"
@@ -118,6 +125,28 @@ def _column_windows(rows: jnp.ndarray, count: int, step: int, span: int) -> jnp.
     return jnp.concatenate([own, nxt], axis=3)
 
 
+def conv_pairs(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
+               padding: Sequence[tuple[int, int]], precision=None) -> jnp.ndarray:
+    """NHWC x HWIO convolution as one matmul per (output position, kernel tap) pair that
+    falls inside the input, summed per output position: for maps of a few pixels, where the
+    padded taps that the slices form multiplies by zero are most of its arithmetic (3x3 on a
+    2x2 map: 16 of its 36 products are not zero)."""
+    kh, kw, cin, cout = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    n, h, w, _ = x.shape
+    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    outputs = []
+    for a in range(ho):
+        for b in range(wo):
+            terms = [jnp.dot(x[:, a * sh + i - pt, b * sw + j - pl], kernel[i, j],
+                             precision=precision)
+                     for i in range(kh) for j in range(kw)
+                     if 0 <= a * sh + i - pt < h and 0 <= b * sw + j - pl < w]
+            outputs.append(sum(terms[1:], terms[0]) if terms
+                           else jnp.zeros((n, cout), jnp.result_type(x, kernel)))
+    return jnp.stack(outputs, axis=1).reshape(n, ho, wo, cout)
+
+
 def conv_general_dilated(impl: str = "auto"):
     """A drop-in for `lax.conv_general_dilated` (the hook `flax.linen.Conv` offers) that
     computes plain NHWC convolutions in the form `impl` names ('auto': by `choose_form`
@@ -142,6 +171,8 @@ def conv_general_dilated(impl: str = "auto"):
                 return conv_slices(lhs, rhs, window_strides, pads, precision)
             if form == "rows":
                 return conv_rows(lhs, rhs, window_strides, pads, precision)
+            if form == "pairs":
+                return conv_pairs(lhs, rhs, window_strides, pads, precision)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
