@@ -11,8 +11,8 @@ times the FLOPs, in one well-shaped matmul (LeNet_adv w=1 training step 1.8x fas
 1.1x). On maps of a few pixels most of a padded 3x3 kernel's taps fall on the padding,
 so there one matmul per (output position, tap) pair inside the input does only the
 products that are not zero. So on CPU each convolution picks its form by a fixed rule
-(`choose_form`),
-decided when the program is traced; a rule timed at start-up was found to be noisy.
+(`choose_form`), decided when the program is traced; a rule timed at start-up was found
+to be noisy.
 
 The slices, rows and pairs forms are written by hand because no library offers them:
 `lax.conv_general_dilated_patches` builds the same patches but its input gradient is
@@ -37,8 +37,8 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
     iteration 1.04x against 'slices'); 'slices' for 1x1 kernels, stems (<= 4 input
     channels) and the other tiny maps (an output side of 2 or less, where the native op is
     pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'native' elsewhere and on
-    every other backend. (Output maps of 3x3 and 4x4 took the slices up
-    to NOTES.md entry 19, where native measured 1.2-1.5x faster on them.)"""
+    every other backend. (Output maps of 3x3 and 4x4 took the slices up to NOTES.md
+    entry 19, where native measured 1.2-1.5x faster on them.)"""
     if backend != "cpu":
         return "native"
     kh, kw, cin, cout = kernel_shape
