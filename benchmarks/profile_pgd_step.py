@@ -6,7 +6,10 @@ XLA:CPU per-op events are summed by op kind.
     python benchmarks/profile_pgd_step.py --model lenet_adv --width 4
 
 Needs XLA's per-op trace events, so it sets `--xla_cpu_enable_xprof_traceme=true` in
-XLA_FLAGS before JAX starts. Op names are XLA's (`ynn_fusion`: library-backed
+XLA_FLAGS before JAX starts. It applies the host malloc mode before that too, as
+`benchmarks/step.py` does (`--host-malloc`, default 'auto': 'reuse' for the CIFAR models):
+under the C library's defaults every program call faults its buffers in afresh, and the
+elementwise ops that first touch them read 2-4x slower than in the timed step. Op names are XLA's (`ynn_fusion`: library-backed
 convolutions and matmuls; `*_fusion`: generated elementwise/reduction loops).
 """
 import argparse
@@ -18,15 +21,10 @@ import os
 import re
 import tempfile
 
+from robust_admm import host_memory
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_enable_xprof_traceme=true").strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from robust_admm import attacks, compiler  # noqa: E402
-from robust_admm.models import get_model  # noqa: E402
-from robust_admm.step import attack_logits_fn  # noqa: E402
 
 
 def main():
@@ -36,9 +34,20 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--cpu-convolutions", default="auto", choices=list(compiler.CPU_CONVOLUTIONS),
+    p.add_argument("--cpu-convolutions", default="auto", choices=["auto", "xla", "library"],
                    help="as the config field cpu_convolutions")
+    p.add_argument("--host-malloc", default="auto", choices=list(host_memory.MODES),
+                   help="as benchmarks/step.py's flag ('auto': 'reuse' for vgg16/resnet18)")
     args = p.parse_args()
+    print(host_memory.configure(  # before JAX starts its threads
+        host_memory.resolve(args.host_malloc, args.model)))
+    import jax
+    import jax.numpy as jnp
+
+    from robust_admm import attacks, compiler
+    from robust_admm.models import get_model
+    from robust_admm.step import attack_logits_fn
+
     mnist = args.model == "lenet_adv"
     batch = args.batch or (64 if mnist else 128)
     shape = (batch, 28, 28, 1) if mnist else (batch, 32, 32, 3)
