@@ -1,5 +1,5 @@
 """The convolution forms (native, shifted slices + matmul, rows times a banded matrix,
-a matmul per output position and tap),
+a matmul per output position and tap, a matmul per tap over the outputs it reaches),
 compiled as the steps compile them, against a float64 brute force."""
 import flax.linen as nn
 import jax
@@ -39,7 +39,7 @@ def reference(x, k, stride, pad, r):
 # (form, cpu_convolutions): every form as the steps compile it on CPU, and the native op
 # under jaxlib's defaults too (the other convolution runtime).
 FORMS = (("native", "xla"), ("slices", "xla"), ("rows", "xla"), ("pairs", "xla"),
-         ("native", "library"))
+         ("shifts", "xla"), ("native", "library"))
 PAIRS_MAX_OUTPUTS = 16  # the pairs form unrolls a matmul per (position, tap): small maps only
 
 
@@ -96,6 +96,9 @@ def check(n, h, w, cin, cout, kh, stride, padding, seed):
     (2, 8, 8, 4, 8, 1, 2, "VALID"),           # ResNet shortcut
     (1, 7, 5, 3, 2, 3, 2, ((2, 0), (1, 1))),  # odd sizes, asymmetric padding
     (2, 16, 16, 8, 16, 3, 1, ((1, 1), (1, 1))),  # the native op on a larger map
+    (2, 4, 4, 8, 8, 3, 1, ((1, 1), (1, 1))),  # VGG's and ResNet's 4x4 maps (shifts)
+    (2, 3, 5, 6, 4, 3, 2, ((2, 0), (0, 2))),  # shifts: strided, asymmetric padding
+    (2, 1, 4, 6, 4, 3, 1, ((2, 0), (1, 1))),  # shifts: taps wholly on the padding
 ])
 def test_all_forms_match_a_float64_brute_force(shape):
     check(*shape, seed=0)
@@ -126,8 +129,11 @@ def test_the_cpu_rule_and_other_backends():
     assert rule((64, 28, 28, 1), (5, 5, 1, 8), (2, 2), "cpu") == "slices"  # strided stem
     assert rule((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), "cpu") == "slices"  # 1x1
     assert rule((128, 16, 16, 128), (3, 3, 128, 256), (2, 2), "cpu") == "native"  # strided
-    assert rule((128, 8, 8, 256), (3, 3, 256, 512), (2, 2), "cpu") == "native"  # to 4x4
-    assert rule((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), "cpu") == "native"
+    assert rule((128, 8, 8, 256), (3, 3, 256, 512), (2, 2), "cpu") == "shifts"  # to 4x4
+    assert rule((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), "cpu") == "shifts"
+    assert rule((128, 3, 3, 64), (3, 3, 64, 64), (1, 1), "cpu") == "shifts"
+    assert rule((128, 4, 4, 4), (3, 3, 4, 64), (1, 1), "cpu") == "slices"  # few channels
+    assert rule((128, 4, 5, 64), (3, 3, 64, 64), (1, 1), "cpu") == "native"  # 20 outputs
     assert rule((128, 1, 8, 64), (3, 3, 64, 64), (1, 1), "cpu") == "slices"  # a 1-row map
     assert rule((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), "cpu") == "native"
     assert rule((64, 14, 14, 32), (5, 5, 32, 64), (1, 1), "cpu") == "native"

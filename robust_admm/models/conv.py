@@ -10,11 +10,15 @@ On XLA:CPU it is still slow for some shapes that adversarial training hits const
 times the FLOPs, in one well-shaped matmul (LeNet_adv w=1 training step 1.8x faster, w=4
 1.1x). On maps of a few pixels most of a padded 3x3 kernel's taps fall on the padding,
 so there one matmul per (output position, tap) pair inside the input does only the
-products that are not zero. So on CPU each convolution picks its form by a fixed rule
+products that are not zero; on maps of 3x3 and 4x4, where a third of a padded 3x3
+kernel's products still fall on the padding, one matmul per tap over the outputs where
+that tap lies inside the input does the same with 9 well-shaped matmuls (VGG-16's and
+ResNet-18's 4x4 layers, forward + input gradient 1.24-1.42x faster than the native op).
+So on CPU each convolution picks its form by a fixed rule
 (`choose_form`), decided when the program is traced; a rule timed at start-up was found
 to be noisy.
 
-The slices, rows and pairs forms are written by hand because no library offers them:
+The slices, rows, pairs and shifts forms are written by hand because no library offers them:
 `lax.conv_general_dilated_patches` builds the same patches but its input gradient is
 10-200x slower on CPU.
 """
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "slices", "rows", "pairs")
+IMPLS = ("auto", "native", "slices", "rows", "pairs", "shifts")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -36,9 +40,11 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
     larger than 1x1 on output maps of at most 4 positions (VGG-16's 2x2 maps: its training
     iteration 1.04x against 'slices'); 'slices' for 1x1 kernels, stems (<= 4 input
     channels) and the other tiny maps (an output side of 2 or less, where the native op is
-    pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'native' elsewhere and on
-    every other backend. (Output maps of 3x3 and 4x4 took the slices up to NOTES.md
-    entry 19, where native measured 1.2-1.5x faster on them.)"""
+    pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'shifts' for other kernels
+    larger than 1x1 on output maps of at most 16 positions (3x3 and 4x4 maps: forward +
+    input gradient 1.24-1.42x faster than native, NOTES.md entry 27); 'native' elsewhere
+    and on every other backend. (Output maps of 3x3 and 4x4 took the slices up to NOTES.md
+    entry 19, where native measured 1.2-1.5x faster than the slices on them.)"""
     if backend != "cpu":
         return "native"
     kh, kw, cin, cout = kernel_shape
@@ -49,6 +55,8 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
         return "pairs"
     if (kh == kw == 1) or cin <= 4 or min(h, w) <= 2:
         return "slices"
+    if h * w <= 16:
+        return "shifts"
     return "native"
 
 
@@ -147,6 +155,38 @@ def conv_pairs(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
     return jnp.stack(outputs, axis=1).reshape(n, ho, wo, cout)
 
 
+def conv_shifts(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
+                padding: Sequence[tuple[int, int]], precision=None) -> jnp.ndarray:
+    """NHWC x HWIO convolution as one matmul per kernel tap, over the rectangle of output
+    positions where that tap falls inside the input (a strided slice of the input), each
+    padded to the output's shape and summed: no products with the padding, which on a
+    4x4 map are 44 of a padded 3x3 kernel's 144 per output channel block."""
+    kh, kw, cin, cout = kernel.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    n, h, w, _ = x.shape
+    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    y = None
+    for i in range(kh):
+        r0, r1 = _inside(i - pt, sh, h, ho)
+        for j in range(kw):
+            c0, c1 = _inside(j - pl, sw, w, wo)
+            if r1 < r0 or c1 < c0:
+                continue  # this tap falls on the padding for every output
+            taps = x[:, r0 * sh + i - pt:r1 * sh + i - pt + 1:sh,
+                     c0 * sw + j - pl:c1 * sw + j - pl + 1:sw]
+            term = jnp.dot(taps.reshape(-1, cin), kernel[i, j], precision=precision)
+            term = jnp.pad(term.reshape(n, r1 - r0 + 1, c1 - c0 + 1, cout),
+                           ((0, 0), (r0, ho - 1 - r1), (c0, wo - 1 - c1), (0, 0)))
+            y = term if y is None else y + term
+    return y if y is not None else jnp.zeros((n, ho, wo, cout), jnp.result_type(x, kernel))
+
+
+def _inside(offset: int, stride: int, size: int, outputs: int) -> tuple[int, int]:
+    """The first and last output o (in [0, outputs)) with 0 <= o * stride + offset < size."""
+    first = max(0, -(offset // stride))  # ceil(-offset / stride), at least 0
+    return first, min(outputs - 1, (size - 1 - offset) // stride)
+
+
 def conv_general_dilated(impl: str = "auto"):
     """A drop-in for `lax.conv_general_dilated` (the hook `flax.linen.Conv` offers) that
     computes plain NHWC convolutions in the form `impl` names ('auto': by `choose_form`
@@ -173,6 +213,8 @@ def conv_general_dilated(impl: str = "auto"):
                 return conv_rows(lhs, rhs, window_strides, pads, precision)
             if form == "pairs":
                 return conv_pairs(lhs, rhs, window_strides, pads, precision)
+            if form == "shifts":
+                return conv_shifts(lhs, rhs, window_strides, pads, precision)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
