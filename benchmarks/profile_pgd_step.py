@@ -8,9 +8,10 @@ XLA:CPU per-op events are summed by op kind.
 Needs XLA's per-op trace events, so it sets `--xla_cpu_enable_xprof_traceme=true` in
 XLA_FLAGS before JAX starts. It applies the host malloc mode before that too, as
 `benchmarks/step.py` does (`--host-malloc`, default 'auto': 'reuse' for the CIFAR models):
-under the C library's defaults every program call faults its buffers in afresh, and the
-elementwise ops that first touch them read 2-4x slower than in the timed step. Op names are XLA's (`ynn_fusion`: library-backed
-convolutions and matmuls; `*_fusion`: generated elementwise/reduction loops).
+under the C library's defaults every program call faults its buffers in afresh, which
+makes the elementwise ops that first touch them slower than in the timed step (NOTES.md,
+24). Op names are XLA's (`ynn_fusion`: library-backed convolutions and matmuls;
+`*_fusion`: generated elementwise/reduction loops).
 """
 import argparse
 import collections

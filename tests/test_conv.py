@@ -99,6 +99,7 @@ def check(n, h, w, cin, cout, kh, stride, padding, seed):
     (2, 4, 4, 8, 8, 3, 1, ((1, 1), (1, 1))),  # VGG's and ResNet's 4x4 maps (shifts)
     (2, 3, 5, 6, 4, 3, 2, ((2, 0), (0, 2))),  # shifts: strided, asymmetric padding
     (2, 1, 4, 6, 4, 3, 1, ((2, 0), (1, 1))),  # shifts: taps wholly on the padding
+    (2, 1, 1, 3, 2, 1, 2, ((1, 1), (1, 1))),  # every output on the padding: zeros
 ])
 def test_all_forms_match_a_float64_brute_force(shape):
     check(*shape, seed=0)
