@@ -36,6 +36,27 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be read."""
 
 
+def _move_aside(path: str, prefix: str) -> str:
+    """Renames `path` to `<prefix>-<time>[-n]` beside it and returns the new path.
+
+    The name never collides with an earlier one (a step written again and found unreadable
+    again within the same second got the same name, and the rename failed). If another
+    process of a multi-host run moved it first, that is fine: it is out of the way.
+    """
+    folder = os.path.dirname(path)
+    base = os.path.join(folder, f"{prefix}-{int(time.time())}")
+    aside, n = base, 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{base}-{n}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        if os.path.exists(path):
+            raise
+    return aside
+
+
 def restore_latest(mngr: ocp.CheckpointManager, like):
     """(state, meta, step) of the newest readable checkpoint, or None if there is none.
 
@@ -54,8 +75,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
             text = str(e).splitlines()[0][:300] if str(e) else ""
             failures.append(f"step {step}: {type(e).__name__}: {text}")
             path = os.path.join(str(mngr.directory), str(step))
-            aside = os.path.join(str(mngr.directory), f"unreadable-{step}-{int(time.time())}")
-            os.replace(path, aside)
+            aside = _move_aside(path, f"unreadable-{step}")
             report.log(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}: "
                        f"{text}); moved to {aside}")
             continue

@@ -183,6 +183,24 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, idx_
         train.train_and_evaluate(smoke_config(idx_dir, **cfg), workdir)
 
 
+def test_moving_aside_never_reuses_a_name(tmp_path, monkeypatch):
+    # The same step found unreadable twice within one second (CI saw it: the rename onto
+    # the first one's non-empty folder failed).
+    monkeypatch.setattr(checkpoint.time, "time", lambda: 1234.5)
+    moved = []
+    for content in ("first", "second", "third"):
+        step = tmp_path / "16"
+        step.mkdir()
+        (step / "f").write_text(content)
+        moved.append(checkpoint._move_aside(str(step), "unreadable-16"))
+    assert [os.path.basename(m) for m in moved] == [
+        "unreadable-16-1234", "unreadable-16-1234-2", "unreadable-16-1234-3"]
+    assert [open(os.path.join(m, "f")).read() for m in moved] == ["first", "second", "third"]
+    assert not (tmp_path / "16").exists()
+    # Already moved by another process of the run: nothing to do, no error.
+    checkpoint._move_aside(str(tmp_path / "16"), "unreadable-16")
+
+
 def test_a_workdir_with_another_config_is_refused(tmp_path, idx_dir):
     workdir = str(tmp_path / "w")
     train.train_and_evaluate(smoke_config(idx_dir, stages="pretrain",
