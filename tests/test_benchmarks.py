@@ -30,3 +30,21 @@ def test_step_benchmark_times_the_step_and_counts_its_flops(mode, passes):
     assert float(result["img/s"]) > 0
     expected = passes * lenet_adv_forward_flops(16) / 1e9
     assert float(result["gflop_per_img"]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_all_prints_a_table_against_the_larger_peak_reading():
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--all", "--only", "lenet_adv:1", "--rounds", "1",
+         "--iters", "1", "--repeats", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    readings = [float(v) for v in re.findall(r"matmul peak (?:before|after) ([\d.]+)", out.stdout)]
+    assert len(readings) == 2
+    row = [ln for ln in out.stdout.splitlines() if ln.startswith("| lenet_adv w=1 PGD-40 b=64 ")]
+    assert len(row) == 1, out.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    rate, gflops, peak, share = float(cells[2]), float(cells[3]), float(cells[4]), cells[5]
+    assert peak == pytest.approx(max(readings), abs=0.05)
+    assert gflops == pytest.approx(rate * (2 * 40 + 3)
+                                   * lenet_adv_forward_flops(1) / 1e9, rel=1e-2)
+    assert share == f"{100 * gflops / peak:.0f}%"
