@@ -15,8 +15,9 @@ attack, as in the peer.
 
 `--all` runs the five reference configs, each in a fresh process, and prints a table with
 compile time, images/s and the achieved GFLOP/s against the float32 matmul peak measured
-in the same run (before and after each config, the larger reading); with `--torch-python`/`--torch-peer` the peer
-runs alternately with ours (A B A B) and the table gives the ratio of the medians.
+in the same run (before and after each config, the larger reading); with
+`--torch-python`/`--torch-peer` the peer runs alternately with ours (A B A B) and the
+table gives the ratio of the medians.
 
 `--mode eval` times evaluation under attack instead (robust_admm.step.make_eval_step: one
 batch = natural accuracy, PGD with random start, accuracy under attack; BatchNorm on its

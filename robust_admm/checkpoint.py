@@ -36,12 +36,12 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be read."""
 
 
-def _move_aside(path: str, prefix: str) -> str:
-    """Renames `path` to `<prefix>-<time>[-n]` beside it and returns the new path.
+def _move_aside(path: str, prefix: str) -> str | None:
+    """Renames `path` to `<prefix>-<time>[-n]` beside it and returns the new path, or None
+    if another process of a multi-host run moved it first (it is out of the way).
 
     The name never collides with an earlier one (a step written again and found unreadable
-    again within the same second got the same name, and the rename failed). If another
-    process of a multi-host run moved it first, that is fine: it is out of the way.
+    again within the same second got the same name, and the rename failed).
     """
     folder = os.path.dirname(path)
     base = os.path.join(folder, f"{prefix}-{int(time.time())}")
@@ -54,6 +54,7 @@ def _move_aside(path: str, prefix: str) -> str:
     except FileNotFoundError:
         if os.path.exists(path):
             raise
+        return None
     return aside
 
 
@@ -76,8 +77,9 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
             failures.append(f"step {step}: {type(e).__name__}: {text}")
             path = os.path.join(str(mngr.directory), str(step))
             aside = _move_aside(path, f"unreadable-{step}")
+            where = f"moved to {aside}" if aside else "already moved aside by another process"
             report.log(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}: "
-                       f"{text}); moved to {aside}")
+                       f"{text}); {where}")
             continue
         if failures:
             mngr.reload()

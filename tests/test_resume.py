@@ -198,7 +198,7 @@ def test_moving_aside_never_reuses_a_name(tmp_path, monkeypatch):
     assert [open(os.path.join(m, "f")).read() for m in moved] == ["first", "second", "third"]
     assert not (tmp_path / "16").exists()
     # Already moved by another process of the run: nothing to do, no error.
-    checkpoint._move_aside(str(tmp_path / "16"), "unreadable-16")
+    assert checkpoint._move_aside(str(tmp_path / "16"), "unreadable-16") is None
 
 
 def test_a_workdir_with_another_config_is_refused(tmp_path, idx_dir):
