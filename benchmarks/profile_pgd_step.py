@@ -57,15 +57,16 @@ def main():
     y = jnp.arange(batch) % 10
     variables = model.init(jax.random.PRNGKey(1), x[:1])
     pgd = attacks.Pgd(epsilon=0.3 if mnist else 8 / 255, step_size=0.01, num_steps=1)
-    step = jax.jit(lambda v, xa: pgd.step(
-        attack_logits_fn(model, v["params"], v.get("batch_stats", {})), xa, x, y),
+    state = pgd.init(None, x, y, jax.random.PRNGKey(2))
+    step = jax.jit(lambda v, s: pgd.step(
+        attack_logits_fn(model, v["params"], v.get("batch_stats", {})), s, x, y),
         compiler_options=compiler.compiler_options(args.cpu_convolutions))
     for _ in range(3):
-        jax.block_until_ready(step(variables, x))
+        jax.block_until_ready(step(variables, state))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(args.iters):
-                jax.block_until_ready(step(variables, x))
+                jax.block_until_ready(step(variables, state))
         events = json.load(gzip.open(glob.glob(f"{d}/**/*.json.gz", recursive=True)[0]))
     events = events["traceEvents"] if isinstance(events, dict) else events
     by_kind, count, wall = collections.Counter(), collections.Counter(), 0.0

@@ -77,13 +77,17 @@ def resolve_pgd_loop(loop: str, backend: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TrainAttack:
-    """The training attack: a `Pgd` (None in the natural setting) whose epsilon and step
-    size ramp linearly from 0 to their configured values over the first `warmup_steps`
-    steps of the stage (adversarial training from scratch at full epsilon can sit at
-    chance level for a long time)."""
+    """The training attack: any attack of `robust_admm.attacks` (None in the natural
+    setting; one run, no restarts) whose epsilon and step sizes ramp linearly from 0 to
+    their configured values over the first `warmup_steps` steps of the stage (adversarial
+    training from scratch at full epsilon can sit at chance level for a long time)."""
 
-    pgd: attacks.Pgd | None
+    attack: attacks.Attack | None
     warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.attack is not None and self.attack.restarts != 1:
+            raise ValueError(f"a training attack runs once: restarts={self.attack.restarts}")
 
     def scale(self, step):
         if self.warmup_steps <= 0:
@@ -92,7 +96,7 @@ class TrainAttack:
 
     @property
     def num_steps(self) -> int:
-        return 0 if self.pgd is None or self.pgd.is_identity else self.pgd.num_steps
+        return 0 if self.attack is None or self.attack.is_identity else self.attack.num_steps
 
 
 def make_attack(attack_cfg, setting: str, warmup_steps: int = 0) -> TrainAttack:
@@ -145,28 +149,31 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     """
     data_key_tag, attack_key_tag = 0, 1
     shard = _batch_constraint(mesh)
-    pgd = attack.pgd
+    adv = attack.attack
     jit = _jit_with_options(cpu_convolutions)
     state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
 
     def begin(state: TrainState, images_u8, labels):
-        """The batch, the attack's start and its epsilon scale."""
+        """The batch and the attack's initial state (None without an attack)."""
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
         x = shard(to_pixels(images_u8[idx]))
         y = shard(labels[idx])
         if attack.num_steps == 0:
-            return x, y, x, jnp.float32(1.0)
+            return x, y, None
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
-        scale = attack.scale(state.step)
-        return x, y, shard(pgd.start(x, attack_key, 0, scale)), scale
+        logits_fn = attack_logits_fn(model, state.params, state.batch_stats)
+        return x, y, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
+                                          attack.scale(state.step)))
 
-    def pgd_step(params, batch_stats, x_adv, x, y, scale):
-        return pgd.step(attack_logits_fn(model, params, batch_stats), x_adv, x, y, scale)
+    def attack_step(params, batch_stats, attack_state, x, y):
+        return adv.step(attack_logits_fn(model, params, batch_stats), attack_state, x, y)
 
-    def update(state: TrainState, x_adv, y):
-        """The training pass on the adversarial batch and the optimizer update."""
+    def update(state: TrainState, attack_state, x, y):
+        """The attack's result, the training pass on it and the optimizer update."""
+        x_adv = x if attack_state is None else adv.finish(
+            attack_logits_fn(model, state.params, state.batch_stats), attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
 
         def loss_fn(params):
@@ -200,28 +207,34 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                                   opt_state=opt_state)
         return new_state, metrics
 
+    def shard_state(tree):
+        return jax.tree_util.tree_map(lambda a: shard(a) if a.ndim else a, tree)
+
     if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
         def train_step(state: TrainState, images_u8, labels):
-            x, y, x_adv, scale = begin(state, images_u8, labels)
+            x, y, attack_state = begin(state, images_u8, labels)
             if attack.num_steps:
-                x_adv = pgd.loop(lambda xa: pgd_step(state.params, state.batch_stats, xa,
-                                                     x, y, scale), x_adv)
-            return update(state, x_adv, y)
+                attack_state = jax.lax.fori_loop(
+                    0, attack.num_steps,
+                    lambda _, s: attack_step(state.params, state.batch_stats, s, x, y),
+                    attack_state, unroll=max(1, min(getattr(adv, "unroll", 1),
+                                                    attack.num_steps)))
+            return update(state, attack_state, x, y)
 
         step = jit(train_step, donate_argnums=(0,), **state_out)
         return CompiledStep(step, [step])
 
     begin_c = jit(begin)
-    pgd_step_c = jit(pgd_step, donate_argnums=(2,))
+    attack_step_c = jit(attack_step, donate_argnums=(2,))
     update_c = jit(update, donate_argnums=(0,), **state_out)
 
     def host_train_step(state: TrainState, images_u8, labels):
-        x, y, x_adv, scale = begin_c(state, images_u8, labels)
+        x, y, attack_state = begin_c(state, images_u8, labels)
         for _ in range(attack.num_steps):
-            x_adv = pgd_step_c(state.params, state.batch_stats, x_adv, x, y, scale)
-        return update_c(state, x_adv, y)
+            attack_state = attack_step_c(state.params, state.batch_stats, attack_state, x, y)
+        return update_c(state, attack_state, x, y)
 
-    return CompiledStep(host_train_step, [begin_c, pgd_step_c, update_c])
+    return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c])
 
 
 def _jit_with_options(cpu_convolutions: str) -> Callable:
@@ -237,57 +250,45 @@ def _batch_constraint(mesh: Mesh | None):
     return lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh))
 
 
-def make_eval_step(model, eval_attack: attacks.Pgd, mesh: Mesh | None = None,
+def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
                    pgd_loop: str = "auto", cpu_convolutions: str = "auto") -> CompiledStep:
     """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> (natural correct,
-    adversarial correct) counts over the valid entries of one batch. Evaluation uses the
-    running BatchNorm averages (train=False) for the attack too; no weight gradients."""
+    adversarial correct) counts over the valid entries of one batch, under any attack of
+    `robust_admm.attacks`. Evaluation uses the running BatchNorm averages (train=False)
+    for the attack too; no weight gradients."""
     shard = _batch_constraint(mesh)
     jit = _jit_with_options(cpu_convolutions)
     out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-    logits_fn = lambda params, batch_stats: (
-        lambda xa: apply_model(model, params, batch_stats, xa, train=False)[0])
+    apply = lambda model_args, xa: apply_model(model, *model_args, xa, train=False)[0]
 
-    def count(params, batch_stats, x, y, valid):
-        return ((logits_fn(params, batch_stats)(x).argmax(-1) == y) & valid).sum()
+    def count(model_args, x, y, valid):
+        return ((apply(model_args, x).argmax(-1) == y) & valid).sum()
 
     def prepare(images_u8, labels, valid):
         return shard(to_pixels(images_u8)), shard(labels), shard(valid)
 
     if resolve_pgd_loop(pgd_loop) == "fori" or eval_attack.is_identity:
         def eval_step(params, batch_stats, images_u8, labels, valid, key):
+            m = (params, batch_stats)
             x, y, valid = prepare(images_u8, labels, valid)
-            x_adv = eval_attack(logits_fn(params, batch_stats), x, y, key)
-            return count(params, batch_stats, x, y, valid), count(
-                params, batch_stats, x_adv, y, valid)
+            x_adv = attacks.run(eval_attack, functools.partial(apply, m), x, y, key,
+                                unroll=getattr(eval_attack, "unroll", 1))
+            return count(m, x, y, valid), count(m, x_adv, y, valid)
 
         step = jit(eval_step, **out)
         return CompiledStep(step, [step])
 
-    def begin(params, batch_stats, images_u8, labels, valid):
+    def begin(model_args, images_u8, labels, valid):
         x, y, valid = prepare(images_u8, labels, valid)
-        return x, y, valid, count(params, batch_stats, x, y, valid)
+        return x, y, valid, count(model_args, x, y, valid)
 
     begin_c = jit(begin)  # the batch stays split along the mesh
-    start_c = jit(lambda x, key, r: shard(eval_attack.start(x, key, r)),
-                  static_argnums=(2,))
-    step_c = jit(lambda params, batch_stats, xa, x, y: eval_attack.step(
-        logits_fn(params, batch_stats), xa, x, y), donate_argnums=(2,))
-    pick_c = jit(lambda params, batch_stats, best, cand, y: eval_attack.pick(
-        logits_fn(params, batch_stats), best, cand, y), donate_argnums=(2,))
+    runner = attacks.HostRunner(eval_attack, apply, jit, shard)
     count_c = jit(count, **out)
 
     def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
-        x, y, valid, nat = begin_c(params, batch_stats, images_u8, labels, valid)
+        m = (params, batch_stats)
+        x, y, valid, nat = begin_c(m, images_u8, labels, valid)
+        return nat, count_c(m, runner(m, x, y, key), y, valid)
 
-        def steps(x_adv):
-            for _ in range(eval_attack.num_steps):
-                x_adv = step_c(params, batch_stats, x_adv, x, y)
-            return x_adv
-
-        best = eval_attack.best_of_restarts(
-            lambda r: start_c(x, key, r), steps,
-            lambda b, c: pick_c(params, batch_stats, b, c, y))
-        return nat, count_c(params, batch_stats, best, y, valid)
-
-    return CompiledStep(host_eval_step, [begin_c, start_c, step_c, pick_c, count_c])
+    return CompiledStep(host_eval_step, [begin_c, *runner.parts, count_c])

@@ -1,0 +1,77 @@
+"""FGSM and L-inf PGD (Madry et al.) on the attack protocol."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from robust_admm.attacks import core
+
+
+@dataclasses.dataclass(frozen=True)
+class Pgd(core.Attack):
+    """L-inf PGD: a uniform random start in the eps-ball (restart r draws with
+    `fold_in(key, r)`), then `num_steps` signed-gradient ascent steps on `loss` ('ce' or
+    'margin'), each projected back onto the ball and [0, 1]. Restarts keep, per example,
+    the first that fools the model."""
+
+    epsilon: float
+    step_size: float
+    num_steps: int
+    random_start: bool = True
+    loss: str = "ce"
+    restarts: int = 1
+    unroll: int = 1  # `lax.fori_loop` unroll factor (speed only)
+
+    def __post_init__(self):
+        core.loss_fn(self.loss)
+        if self.restarts < 1:
+            raise ValueError(f"restarts={self.restarts} must be >= 1")
+        if self.num_steps < 0 or self.epsilon < 0 or self.step_size < 0:
+            raise ValueError(
+                f"PGD needs epsilon >= 0, step_size >= 0, num_steps >= 0; got "
+                f"epsilon={self.epsilon}, step_size={self.step_size}, "
+                f"num_steps={self.num_steps}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.num_steps == 0 or self.epsilon == 0
+
+    def init(self, logits_fn, x, y, key, restart: int = 0, scale=1.0):
+        eps, alpha = self.epsilon * scale, self.step_size * scale
+        x_adv = x
+        if self.random_start:
+            noise = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
+                                       -1.0, 1.0) * eps
+            x_adv = core.project_linf(x + noise, x, eps)
+        return {"x_adv": x_adv, "eps": jnp.asarray(eps, x.dtype),
+                "alpha": jnp.asarray(alpha, x.dtype)}
+
+    def step(self, logits_fn, state, x, y):
+        _, grad, _ = core.loss_and_grad(logits_fn, core.loss_fn(self.loss), state["x_adv"], y)
+        x_adv = state["x_adv"] + state["alpha"] * jnp.sign(grad)
+        return dict(state, x_adv=core.project_linf(x_adv, x, state["eps"]))
+
+    def finish(self, logits_fn, state, x, y):
+        return state["x_adv"]
+
+    def __call__(self, logits_fn, x, y, key, scale=1.0):
+        """The whole attack in one compiled loop; returns stop_gradient(x_adv)."""
+        return core.run(self, logits_fn, x, y, key, scale, self.unroll)
+
+
+def fgsm(logits_fn, x, y, key=None, *, epsilon: float, loss: str = "ce"):
+    """One signed-gradient step of size epsilon from x (Goodfellow et al.)."""
+    return Pgd(epsilon, epsilon, 1, random_start=False, loss=loss)(logits_fn, x, y, key)
+
+
+def pgd(logits_fn, x, y, key, *, epsilon: float, step_size: float, num_steps: int,
+        random_start: bool = True, loss: str = "ce", unroll: int = 1):
+    """L-inf PGD in one `lax.fori_loop`; see `Pgd`. Returns stop_gradient(x_adv)."""
+    return Pgd(epsilon, step_size, num_steps, random_start, loss, 1, unroll)(
+        logits_fn, x, y, key)
+
+
+def pgd_restarts(logits_fn, x, y, key, *, restarts: int = 1, **pgd_kwargs):
+    """PGD with `restarts` random starts; per example the first start that fools the
+    model (else the last). For evaluation, where the worst case matters."""
+    return Pgd(restarts=restarts, **pgd_kwargs)(logits_fn, x, y, key)
