@@ -25,6 +25,8 @@ setup(
         # The 8x8 handwritten digits of the offline quick start ship inside scikit-learn.
         "scikit-learn>=1.3",
         "absl-py",
+        # Plots of the evaluation (robust accuracy versus epsilon) and of reports.
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
 )

@@ -376,17 +376,23 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py:cpu.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-flags.DEFINE_bool("allow_config_change", False,
-                  "Continue a workdir whose config.json differs from this config.")
-flags.DEFINE_enum("host_malloc", "auto", list(host_memory.MODES),
-                  "'reuse': keep freed host memory for XLA's per-call buffers (glibc; about "
-                  "10% faster CPU steps for VGG-16 and ResNet-18, the process keeps its peak "
-                  "memory); 'system': the C library's defaults; 'auto': reuse for the CIFAR "
-                  "models, system for the others (see robust_admm/host_memory.py).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+    """The command line's flags; defined by the entry point only, so that importing this
+    module (for its functions) defines none."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py:cpu.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+    flags.DEFINE_bool("allow_config_change", False,
+                      "Continue a workdir whose config.json differs from this config.")
+    flags.DEFINE_enum("host_malloc", "auto", list(host_memory.MODES),
+                      "'reuse': keep freed host memory for XLA's per-call buffers (glibc; "
+                      "about 10% faster CPU steps for VGG-16 and ResNet-18, the process keeps "
+                      "its peak memory); 'system': the C library's defaults; 'auto': reuse "
+                      "for the CIFAR models, system for the others "
+                      "(see robust_admm/host_memory.py).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -407,4 +413,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

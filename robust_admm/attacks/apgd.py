@@ -52,6 +52,8 @@ def checkpoint_schedule(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
 class Apgd(core.Attack):
     """APGD on a per-example loss; subclasses say which loss and its extra argument."""
 
+    keeps_best = True
+
     epsilon: float
     num_steps: int = 100
     restarts: int = 1

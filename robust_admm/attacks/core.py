@@ -113,6 +113,10 @@ class Attack(abc.ABC):
 
     num_steps: int
     restarts: int = 1
+    # True if `finish` returns the best point found so far, so that a point it returns
+    # fooling stays fooled whatever more steps do (APGD, FAB, Square; PGD returns its last
+    # iterate). Such a run may drop its fooled points early (see robustness.py).
+    keeps_best = False
 
     @abc.abstractmethod
     def init(self, logits_fn: LogitsFn, x, y, key, restart: int = 0, scale=1.0):
@@ -187,8 +191,7 @@ class HostRunner:
         self.init_c = jit(lambda m, x, y, key, r, scale: shard_tree(
             attack.init(fn(m), x, y, key, r, scale)), static_argnums=(4,))
         self.step_c = jit(lambda m, s, x, y: attack.step(fn(m), s, x, y), donate_argnums=(1,))
-        self.finish_c = jit(lambda m, s, x, y: attack.finish(fn(m), s, x, y),
-                            donate_argnums=(1,))
+        self.finish_c = jit(lambda m, s, x, y: attack.finish(fn(m), s, x, y))
         self.pick_c = jit(lambda m, b, c, y: keep_fooled(fn(m), b, c, y), donate_argnums=(1,))
         self.parts = (self.init_c, self.step_c, self.finish_c, self.pick_c)
 

@@ -1,0 +1,214 @@
+"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-inf.
+
+FAB looks for the adversarial point of minimal L-inf norm: each step linearises the
+decision boundary between the true class y and a target class t at the current iterate,
+projects both the iterate and the clean point onto that hyperplane (within [0, 1]), and
+moves to a convex combination of the two projections, overshot by `eta`. An iterate that
+fools the model is recorded if it is the closest so far and then pulled back towards x by
+`beta`. The attack succeeds on a point when the closest adversarial found lies within
+epsilon.
+
+Follows AutoAttack's reference (`fab_base.py` attack_single_run / perturb, targeted
+branch; `fab_pt.py` get_diff_logits_grads_batch_targeted; `fab_projections.py`
+projection_linf) step for step, as the standard version runs it (n_iter=100,
+alpha_max=0.1, eta=1.05, beta=0.9, 9 target classes, one run each):
+- the target of run r is the clean logits' (r % n_target_classes + 2)-th largest class;
+- per step: f = z_t - z_y and its input gradient g (one forward and one backward pass);
+  the hyperplane {z : g.z = g.x1 - f}; d1, d2 = projection_linf of x1 and of x onto it;
+  alpha = clip(|d1|_inf / (|d1|_inf + |d2|_inf), 0, alpha_max) (norms floored at 1e-8);
+  x1 <- clip((x1 + eta d1)(1 - alpha) + (x + eta d2) alpha, 0, 1);
+- success is untargeted (argmax != y, as the reference); a fooling iterate is kept when
+  its norm is below the best so far, and every fooling iterate is shrunk:
+  x1 <- x + beta (x1 - x);
+- only points the model classifies correctly at x are attacked; the result of a run is the
+  closest adversarial where its norm is <= epsilon (the reference's perturb drops those
+  with norm > epsilon), else x itself: always inside the eps-ball and [0, 1].
+- no random start on a target's first run; runs r >= n_target_classes (the reference's
+  restarts within a target class, `use_rand_start=(counter > 0)`) start at
+  x + eps/2 * u / max|u|, u uniform in [-1, 1]^d, clipped to [0, 1].
+
+Deliberate differences, none changing a result in exact arithmetic:
+- fixed shapes: every point of the batch is iterated and masked (the reference gathers
+  the correctly classified points and the fooling iterates); per-example branches of the
+  projection are `jnp.where`s over all rows, its bisection a fixed unrolled loop. So every
+  run costs the whole batch, even where earlier runs fooled most of it; per step, one
+  forward + backward, one forward, and a sort of 2 x batch rows of D pixels (on CPU the
+  sort dominates the step of a small model).
+- the runs are ordered run r = (restart r // n_target_classes, target r % n_target_classes)
+  where the reference loops targets outside restarts: with one restart per target (the
+  standard version) the order is the same.
+- the projection's final masks are `jnp.where` rather than products, so a non-finite
+  value in a discarded branch cannot leak (the reference would give NaN there).
+- the reference's untargeted branch (all classes' gradients) is not implemented.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from robust_admm.attacks import core
+
+NO_ADVERSARIAL = 1e10  # the reference's initial "best norm": no adversarial found yet
+MIN_STEP_NORM = 1e-8   # floor of |d|_inf in the step-mixing weight alpha
+
+
+# ----------------------------------------------------------------------------- projection
+
+def projection_linf(points, w, b):
+    """Per row, the smallest-L-inf step d with w.(points + d) = b and points + d in
+    [0, 1]^D; where the box cannot reach the hyperplane, the step to the box corner that
+    gets closest to it. points, w: (N, D); b: (N,); returns d (N, D).
+
+    The reference's algorithm: orient the hyperplane so that w.t >= b (the step lowers
+    w.z); with budget lam each coordinate moves by -sign(w_i) min(lam, p_i), p_i its
+    distance to the box face it moves towards, so w.d = -sum |w_i| min(lam, p_i) is
+    piecewise linear in lam with breakpoints at the sorted p_i; find the piece by
+    bisection (ceil(log2 D) steps) and solve on it."""
+    t = points
+    dim = t.shape[1]
+    dtype = t.dtype
+    sign = jnp.where((w * t).sum(1) - b >= 0, 1.0, -1.0).astype(dtype)
+    w, b = w * sign[:, None], b * sign
+    nonzero = w != 0
+    a = (w < 0).astype(dtype)                     # 1 where the step raises the coordinate
+    d_box = jnp.where(nonzero, a - t, 0.0)        # the full step to the box face
+    p = a - t * (2 * a - 1)                       # |d_box| (for w != 0)
+    order_desc = jnp.argsort(p, axis=1)[:, ::-1]  # coordinates by decreasing p
+    take = lambda v: jnp.take_along_axis(v, order_desc, axis=1)
+    b = b - (w * t).sum(1)                        # the w.d the step must reach (<= 0)
+    b0 = (w * d_box).sum(1)                       # the lowest w.d the box allows
+    ws, p_desc = take(w), take(p)
+    # Piece k (budget between the (k+1)-th and the k-th largest p): w.d = sb[k] - s[k] lam.
+    s = jnp.cumsum(jnp.abs(ws), axis=1)
+    sb = jnp.cumsum(-ws * take(d_box), axis=1) + b0[:, None]
+    all_capped = b - (sb[:, -1] - s[:, -1] * p_desc[:, -1]) > 0  # lam below every p_i
+    feasible = (b - b0 > 0) & ~all_capped
+    piece = lambda v, k: jnp.take_along_axis(v, k[:, None], axis=1)[:, 0]
+    lb = jnp.zeros(t.shape[0], jnp.int32)
+    ub = jnp.full(t.shape[0], dim - 1, jnp.int32)
+    for _ in range(math.ceil(math.log2(dim)) if dim > 1 else 0):
+        mid = (lb + ub) // 2
+        below = b - (piece(sb, mid) - piece(s, mid) * piece(p_desc, mid)) > 0
+        lb = jnp.where(below, mid, lb)
+        ub = jnp.where(below, ub, mid)
+    lam_all = jnp.maximum((b - sb[:, -1]) / (-s[:, -1]), 0.0)[:, None]
+    d_all = (2 * a - 1) * lam_all
+    lam = jnp.maximum((b - piece(sb, lb)) / (-piece(s, lb)), 0.0)[:, None]
+    d_piece = jnp.where(a > 0, jnp.minimum(lam, d_box), jnp.maximum(-lam, d_box))
+    d = jnp.where(all_capped[:, None], d_all, jnp.where(feasible[:, None], d_piece, d_box))
+    return jnp.where(nonzero, d, 0.0)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def target_class(logits, restart: int, n_target_classes: int):
+    """Run `restart`'s target: the (restart % n_target_classes + 2)-th largest logit."""
+    if n_target_classes + 1 > logits.shape[-1]:
+        raise ValueError(f"FAB-T: n_target_classes={n_target_classes} needs more than "
+                         f"{logits.shape[-1]} classes")
+    rank = restart % n_target_classes + 2
+    return jnp.argsort(logits, axis=1)[:, -rank]
+
+
+def diff_logits_and_grad(logits_fn, x1, y, target):
+    """f = z_target - z_y per example and its input gradient: one forward, one backward
+    (of the sum; the examples are independent)."""
+    def total(xa):
+        logits = logits_fn(xa)
+        take = lambda idx: jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
+        diff = take(target) - take(y)
+        return diff.sum(), diff
+
+    grad, diff = jax.grad(total, has_aux=True)(x1)
+    return diff, grad
+
+
+def linf_norm(v):
+    """Per-example max |v|: (batch, ...) -> (batch,)."""
+    return jnp.abs(v.reshape(v.shape[0], -1)).max(axis=1)
+
+
+# ----------------------------------------------------------------------------- the attack
+
+@dataclasses.dataclass(frozen=True)
+class FabT(core.Attack):
+    """Targeted FAB, L-inf. `restarts` counts every run: a multiple of
+    `n_target_classes`, the runs cycling through the target classes (AutoAttack's
+    standard FAB-T: `FabT(eps)`, 9 targets, 100 iterations, one run per target)."""
+
+    keeps_best = True
+
+    epsilon: float
+    num_steps: int = 100
+    n_target_classes: int = 9
+    restarts: int = 9
+    alpha_max: float = 0.1
+    eta: float = 1.05
+    beta: float = 0.9
+
+    def __post_init__(self):
+        if self.epsilon < 0 or self.num_steps < 0 or self.restarts < 1:
+            raise ValueError(
+                f"FAB-T needs epsilon >= 0, num_steps >= 0, restarts >= 1; got "
+                f"epsilon={self.epsilon}, num_steps={self.num_steps}, "
+                f"restarts={self.restarts}")
+        if self.n_target_classes < 1 or self.restarts % self.n_target_classes:
+            raise ValueError(
+                f"FAB-T: n_target_classes={self.n_target_classes} must be >= 1 and divide "
+                f"restarts={self.restarts} (the runs cycle through the target classes)")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.num_steps == 0 or self.epsilon == 0
+
+    def init(self, logits_fn, x, y, key, restart: int = 0, scale=1.0):
+        eps = jnp.asarray(self.epsilon * scale, x.dtype)
+        logits = logits_fn(x)
+        x1 = x
+        if restart >= self.n_target_classes:  # a later run of the same target
+            u = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
+                                   -1.0, 1.0)
+            x1 = jnp.clip(x + eps * u / core.per_example(linf_norm(u), u) * 0.5, 0.0, 1.0)
+        return {
+            "eps": eps,
+            "target": target_class(logits, restart, self.n_target_classes),
+            "attacked": logits.argmax(-1) == y,  # the reference attacks only these
+            "x1": x1,
+            "x_best": x,
+            "norm_best": jnp.full((x.shape[0],), NO_ADVERSARIAL, x.dtype),
+        }
+
+    def step(self, logits_fn, s, x, y):
+        batch = x.shape[0]
+        pe = lambda v: core.per_example(v, x)
+        x1 = s["x1"]
+        diff, grad = diff_logits_and_grad(logits_fn, x1, y, s["target"])
+        # The linearised boundary {z : w.z = b}; project x1 and x onto it.
+        w = grad.reshape(batch, -1)
+        b = -diff + (w * x1.reshape(batch, -1)).sum(1)
+        d = projection_linf(jnp.concatenate([x1.reshape(batch, -1), x.reshape(batch, -1)]),
+                            jnp.concatenate([w, w]), jnp.concatenate([b, b]))
+        size = jnp.maximum(jnp.abs(d).max(axis=1), MIN_STEP_NORM)
+        alpha = jnp.clip(size[:batch] / (size[:batch] + size[batch:]), 0.0, self.alpha_max)
+        d1, d2 = d[:batch].reshape(x.shape), d[batch:].reshape(x.shape)
+        x1 = jnp.clip((x1 + self.eta * d1) * (1 - pe(alpha)) + (x + d2 * self.eta) * pe(alpha),
+                      0.0, 1.0)
+        # Record the closest fooling iterate; pull every fooling iterate back towards x.
+        fooled = logits_fn(x1).argmax(-1) != y
+        norm = linf_norm(x1 - x)
+        closer = fooled & (norm < s["norm_best"])
+        return dict(
+            s,
+            x_best=jnp.where(pe(closer), x1, s["x_best"]),
+            norm_best=jnp.where(closer, norm, s["norm_best"]),
+            x1=jnp.where(pe(fooled), x + (x1 - x) * self.beta, x1))
+
+    def finish(self, logits_fn, s, x, y):
+        """The closest adversarial where it lies within epsilon, else x."""
+        found = s["attacked"] & (s["norm_best"] <= s["eps"])
+        return jnp.where(core.per_example(found, x), s["x_best"], x)
+
+    def __call__(self, logits_fn, x, y, key, scale=1.0):
+        """The whole attack in one compiled loop; returns stop_gradient(x_adv)."""
+        return core.run(self, logits_fn, x, y, key, scale)

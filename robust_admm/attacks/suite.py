@@ -1,0 +1,71 @@
+"""Attacks by name, and AutoAttack's standard ensemble.
+
+Names: `fgsm`; `pgd<N>` (N steps, random start); `apgd-ce`, `apgd-dlr`, `apgd-t`
+(100 iterations; APGD-T over 9 target classes); `fab-t` (targeted FAB, 9 target
+classes); `square` (5,000 queries). `aa-standard` is AutoAttack's standard ensemble:
+apgd-ce, apgd-t, fab-t, square in that order, each run only on the points still robust.
+"""
+import re
+
+from robust_admm.attacks import core
+from robust_admm.attacks.apgd import ApgdCe, ApgdT
+from robust_admm.attacks.fab import FabT
+from robust_admm.attacks.pgd import Pgd
+from robust_admm.attacks.square import Square
+
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+ENSEMBLES = {"aa-standard": STANDARD}
+SINGLE = ("fgsm", "pgd<N>", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+
+
+def make(name: str, epsilon: float, num_classes: int = 10,
+         pgd_step_size: float | None = None) -> core.Attack:
+    """The attack `name` at L-inf radius `epsilon`. `pgd<N>` takes `pgd_step_size` per
+    step (default 2.5 * epsilon / N, Madry et al.'s rule)."""
+    check_name(name)
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon={epsilon!r} must be >= 0")
+    n_targets = min(9, num_classes - 1)
+    m = re.fullmatch(r"pgd(\d+)", name)
+    if m:
+        steps = int(m.group(1))
+        step = 2.5 * epsilon / steps if pgd_step_size is None else pgd_step_size
+        return Pgd(epsilon=epsilon, step_size=step, num_steps=steps)
+    if name == "fgsm":
+        return Pgd(epsilon=epsilon, step_size=epsilon, num_steps=1, random_start=False)
+    if name in ("apgd-ce", "apgd-dlr"):
+        return ApgdCe(epsilon=epsilon, num_steps=100, loss_name=name[5:])
+    if name == "apgd-t":
+        return ApgdT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
+                          restarts=n_targets)
+    if name == "fab-t":
+        return FabT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
+                    restarts=n_targets)
+    return Square(epsilon=epsilon, num_steps=5000)
+
+
+def check_name(name: str):
+    """Raises a ValueError naming `name` and what is allowed unless it is an attack."""
+    m = re.fullmatch(r"pgd(\d+)", name)
+    if (m and int(m.group(1)) >= 1) or name in SINGLE[:1] + SINGLE[2:]:
+        return
+    raise ValueError(f"attack {name!r} is not known; allowed: {', '.join(SINGLE)} "
+                     f"(pgd<N> with N >= 1, e.g. pgd40) and the ensembles "
+                     f"{', '.join(ENSEMBLES)}")
+
+
+def parse(spec: str) -> list[tuple[str, tuple[str, ...]]]:
+    """'fgsm,pgd40,aa-standard' -> [(label, member names)]: a single attack is an
+    ensemble of one. Unknown names are an error naming them."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"--attacks={spec!r} names no attack")
+    out = []
+    for item in items:
+        members = ENSEMBLES.get(item, (item,))
+        for name in members:
+            check_name(name)
+        if item in (label for label, _ in out):
+            raise ValueError(f"--attacks={spec!r} names {item!r} twice")
+        out.append((item, members))
+    return out

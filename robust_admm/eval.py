@@ -1,0 +1,260 @@
+"""Evaluates a finished stage of a run again: natural accuracy, accuracy under each
+attack and under the AutoAttack ensemble, sparsity, compression and stored size.
+
+    python -m robust_admm.eval --workdir DIR [--stage NAME] [--attacks fgsm,pgd40,aa-standard]
+        [--epsilon E] [--epsilons 0.1,0.2,0.3] [--n N] [--batch B] [--export PATH]
+
+Writes DIR/eval/<stage>.json (and, with --epsilons, <stage>_epsilons.json and .png) and
+prints a table. Warns, naming the numbers, on the signs of gradient masking (Carlini et
+al. 2019): a weaker attack beating a stronger one, accuracy at epsilon = 1 above about 0,
+accuracy that does not fall as epsilon grows.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from robust_admm import checkpoint, data, parallel, projections, report
+from robust_admm.attacks import suite
+from robust_admm.config_base import STAGES
+from robust_admm.models import get_model
+from robust_admm.robustness import Evaluator, robust_accuracy
+
+# The field's standard L-inf radius per dataset; other datasets use the run's own.
+STANDARD_EPSILON = {"mnist": 0.3, "cifar10": 8 / 255}
+DEFAULT_ATTACKS = "fgsm,pgd40,aa-standard"
+# Gradient-masking checks: how much a weaker attack may beat a stronger one, the most
+# accuracy allowed at epsilon = 1, how much accuracy may rise as epsilon grows.
+MARGIN, MAX_ACC_AT_EPS_1, RISE = 0.01, 0.02, 0.005
+WEAKER_STRONGER = (("fgsm", "pgd"), ("pgd", "apgd-ce"))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir!r} holds no run (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def finished_stage(workdir: str, config, stage: str | None) -> str:
+    """`stage` checked, or the last finished stage of the run."""
+    if stage:
+        if stage not in STAGES:
+            raise ValueError(f"--stage={stage!r}; allowed: {', '.join(STAGES)}")
+        return stage
+    for s in reversed(STAGES):
+        if os.path.isdir(checkpoint.stage_dir(workdir, s)):
+            return s
+    raise FileNotFoundError(f"{workdir} holds no stage's checkpoints")
+
+
+def parse_epsilons(text: str) -> list[float]:
+    try:
+        eps = sorted({float(e) for e in text.split(",") if e.strip()})
+    except ValueError:
+        raise ValueError(f"--epsilons={text!r} is not a comma-separated list of numbers") from None
+    if not eps or eps[0] < 0:
+        raise ValueError(f"--epsilons={text!r}: give one or more epsilons >= 0")
+    return eps
+
+
+def _acc(result: dict, prefix: str) -> tuple[str, float] | None:
+    """The accuracy of the first attack (or ensemble member) whose name starts with prefix."""
+    for label, r in result["attacks"].items():
+        if label.startswith(prefix) and len(r["members"]) == 1:
+            return label, r["robust_acc"]
+    for label, r in result["attacks"].items():
+        for name, acc in r.get("after", {}).items():
+            if name.startswith(prefix) and r["members"][0] == name:
+                return f"{label}/{name}", acc
+    return None
+
+
+def masking_warnings(result: dict, at_eps_1: dict | None = None,
+                     curve: list[dict] | None = None) -> list[str]:
+    """The signs of gradient masking in an evaluation, as sentences naming the numbers."""
+    out = []
+    for weak, strong in WEAKER_STRONGER:
+        a, b = _acc(result, weak), _acc(result, strong)
+        if a and b and a[1] < b[1] - MARGIN:
+            out.append(f"{a[0]} ({100 * a[1]:.2f}%) beats the stronger {b[0]} "
+                       f"({100 * b[1]:.2f}%) by more than {100 * MARGIN:g} point: the stronger "
+                       f"attack's gradients may be masked or its steps too small")
+    if at_eps_1 is not None:
+        for label, r in at_eps_1["attacks"].items():
+            if r["robust_acc"] > MAX_ACC_AT_EPS_1:
+                out.append(f"at epsilon = 1 (any image reachable) {label} leaves "
+                           f"{100 * r['robust_acc']:.2f}% accuracy, not about 0: the attack "
+                           f"does not reach what is reachable (masked gradients?)")
+    for before, after in zip(curve or [], (curve or [])[1:]):
+        for label, r in after["attacks"].items():
+            prev = before["attacks"][label]["robust_acc"]
+            if r["robust_acc"] > prev + RISE:
+                out.append(f"{label}: accuracy rises from {100 * prev:.2f}% at epsilon "
+                           f"{before['epsilon']:g} to {100 * r['robust_acc']:.2f}% at "
+                           f"{after['epsilon']:g}: it should not grow with epsilon")
+    return out
+
+
+def model_sizes(params, masks) -> dict:
+    """Per-layer sparsity, compression rate by nonzeros and stored bytes."""
+    return {"sparsity": projections.sparsity_report(params, masks),
+            "compression_rate": projections.compression_rate(params, masks=masks),
+            "stored_bytes": projections.storage_bytes(params, masks)}
+
+
+def table(result: dict) -> str:
+    rows = [("attack", "epsilon", "robust accuracy", "seconds"),
+            ("natural", "0", f"{100 * result['natural_acc']:.2f}%", "")]
+    for label, r in result["attacks"].items():
+        for name, acc in (r.get("after") or {}).items():
+            rows.append((f"  {label}: after {name}", f"{r['epsilon']:g}", f"{100 * acc:.2f}%",
+                         f"{r['member_seconds'][name]:.0f}"))
+        rows.append((label, f"{r['epsilon']:g}", f"{100 * r['robust_acc']:.2f}%",
+                     f"{r['seconds']:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_curve(curve: list[dict], path: str, title: str):
+    """Robust accuracy versus epsilon, one line per attack, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    eps = [c["epsilon"] for c in curve]
+    for label in curve[0]["attacks"]:
+        ax.plot(eps, [100 * c["attacks"][label]["robust_acc"] for c in curve], "o-",
+                label=label)
+    ax.set_xlabel("epsilon (L-inf, pixels in [0, 1])")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFAULT_ATTACKS,
+                     epsilon: float | None = None, epsilons: str = "", n: int = 0,
+                     batch: int = 500, seed: int = 0, data_dir: str = "",
+                     checks: bool = True, export: str = "", loop: str | None = None) -> dict:
+    """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds."""
+    config = load_config(workdir)
+    stage = finished_stage(workdir, config, stage)
+    items = suite.parse(attacks)
+    curve_eps = parse_epsilons(epsilons) if epsilons else []
+    if n < 0:
+        raise ValueError(f"--n={n} must be >= 0 (0 = the whole test split)")
+    state = checkpoint.load_final_state(workdir, stage)
+    ds = data.load_dataset(config.data.name, config.data.source,
+                           data_dir or config.data.dir or None)
+    test = ds.test
+    count = min(n or len(test), len(test))
+    x = test.images[:count].astype(np.float32) / 255.0
+    y = test.labels[:count]
+    eps = STANDARD_EPSILON.get(config.data.name, config.attack.epsilon) if epsilon is None \
+        else float(epsilon)
+    if not 0 <= eps <= 1:
+        raise ValueError(f"--epsilon={eps} must be in [0, 1] (pixels are in [0, 1])")
+    model = get_model(config.model.name, ds.num_classes, config.model.width)
+    mesh = parallel.make_mesh()
+    ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
+                   loop or config.attack.loop, config.cpu_convolutions)
+    # PGD steps as a fraction of epsilon, as the run's own evaluation takes them.
+    step_ratio = config.eval.step_size / config.attack.epsilon if config.attack.epsilon else None
+    key = jax.random.PRNGKey(seed)
+    t0 = time.time()
+    report.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "
+               f"epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
+    correct = ev.correct(x, y)
+    kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct)
+    result = robust_accuracy(ev, x, y, items, eps, key, **kw)
+    out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
+           **model_sizes(state["params"], state.get("masks"))}
+    at_eps_1 = curve = None
+    if checks:
+        sub = slice(0, min(count, batch))
+        at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0, key,
+                                   **dict(kw, correct=correct[sub], pgd_step_ratio=None))
+        out["check_eps_1"] = at_eps_1
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    if curve_eps:
+        curve = [{"epsilon": 0.0, "attacks": {label: {"robust_acc": result["natural_acc"]}
+                                              for label, _ in items}}]
+        curve += [robust_accuracy(ev, x, y, items, e, key, **kw) for e in curve_eps if e > 0]
+        base = os.path.join(workdir, "eval", f"{stage}_epsilons")
+        report.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
+        if report.is_main_process():
+            plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images")
+        out["epsilon_curve"] = base + ".json"
+    out["warnings"] = masking_warnings(result, at_eps_1, curve)
+    out["wall_time_s"] = time.time() - t0
+    if export:
+        from robust_admm import export as export_lib
+        out["export"] = export_lib.export_state(
+            config.to_dict(), state, export, source={"workdir": os.path.abspath(workdir),
+                                                     "stage": stage})
+    report.write_json(os.path.join(workdir, "eval", f"{stage}.json"), out)
+    report.log(table(result))
+    for w in out["warnings"]:
+        report.log(f"WARNING: {w}")
+    report.log(f"[eval] done in {report.fmt_duration(out['wall_time_s'])}; "
+               f"{os.path.join(workdir, 'eval', stage + '.json')}")
+    return out
+
+
+def define_flags():
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "The run's directory (holds config.json, checkpoints).")
+    flags.DEFINE_string("stage", "", "Stage to evaluate (default: the last one with "
+                        "checkpoints): " + ", ".join(STAGES))
+    flags.DEFINE_string("attacks", DEFAULT_ATTACKS,
+                        "Comma-separated attacks and ensembles: " + ", ".join(suite.SINGLE)
+                        + ", " + ", ".join(suite.ENSEMBLES))
+    flags.DEFINE_float("epsilon", None, "L-inf radius in pixels of [0, 1] (default: MNIST 0.3, "
+                       "CIFAR-10 8/255, else the run's training epsilon).")
+    flags.DEFINE_string("epsilons", "", "Also a robust-accuracy-versus-epsilon curve at "
+                        "these radii, e.g. 0.1,0.2,0.3 (JSON and PNG in DIR/eval).")
+    flags.DEFINE_integer("n", 0, "Evaluate the first n test images (0 = all).")
+    flags.DEFINE_integer("batch", 500, "Global batch of the attacks (a multiple of the "
+                         "device count).")
+    flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and queries.")
+    flags.DEFINE_string("data_dir", "", "Data folder, if not the run's data.dir.")
+    flags.DEFINE_bool("checks", True, "Run the gradient-masking checks (a PGD-20 at "
+                      "epsilon = 1 on one batch).")
+    flags.DEFINE_string("export", "", "Also export the model to PATH.npz + PATH.json "
+                        "(and a physically smaller model for filter/channel pruning).")
+    flags.DEFINE_enum("loop", None, ["auto", "fori", "host"], "How attack loops run "
+                      "(default: the run's attack.loop).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    from absl import flags, logging
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    parallel.initialize_distributed()
+    try:
+        evaluate_workdir(f.workdir, f.stage or None, f.attacks, f.epsilon, f.epsilons, f.n,
+                         f.batch, f.seed, f.data_dir, f.checks, f.export, f.loop)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app
+    define_flags()
+    app.run(main)

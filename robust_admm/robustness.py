@@ -1,0 +1,222 @@
+"""Robust accuracy under single attacks and ensembles, counted as AutoAttack counts it.
+
+A point is robust under an ensemble if the model classifies it correctly and no member
+attack fools it: the members run in order, each only on the points still robust, and a
+point's worst case is kept. A single attack runs on every correctly classified point.
+Batches are fixed-size (the last one padded) and split along the mesh's `data` axis, so
+each attack compiles once and runs on one device or many.
+"""
+import dataclasses
+import functools
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from robust_admm import attacks, parallel, report
+from robust_admm.attacks import core, suite
+from robust_admm.step import _batch_constraint, _jit_with_options, apply_model, resolve_pgd_loop
+
+
+def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: str = "auto",
+                   cpu_convolutions: str = "auto", place: Callable | None = None,
+                   bucket: Callable | None = None) -> Callable:
+    """`fooled(model_args, x, y, key) -> bool (batch,)` over host arrays x, y: the
+    attack's point is misclassified. `model_args` = (params, batch_stats); BatchNorm on
+    running averages. The host form regroups the points still robust (`Compacting`);
+    `place` puts a host batch on the devices, `bucket(count)` sizes a regrouped batch."""
+    jit = _jit_with_options(cpu_convolutions)
+    shard = _batch_constraint(mesh)
+    place = place or jnp.asarray
+    apply = lambda m, xa: apply_model(model, *m, xa, train=False)[0]
+    if resolve_pgd_loop(loop) == "fori":
+        def fooled(m, x, y, key):
+            fn = functools.partial(apply, m)
+            x_adv = core.run(attack, fn, shard(x), shard(y), key,
+                             unroll=getattr(attack, "unroll", 1))
+            return core.misclassified(fn, x_adv, y)
+        compiled = jit(fooled)
+        return lambda m, x, y, key: np.asarray(compiled(m, place(x), place(y), key))
+    return Compacting(attack, apply, jit, shard, place, bucket or (lambda n: n))
+
+
+class Compacting:
+    """The host-driven attack spending work only on points still robust, as AutoAttack
+    does: each run (restart) starts on the points no earlier run fooled, and an attack
+    that keeps its best point (`keeps_best`) drops the points it has fooled every
+    `check_every` steps, regrouping the rest into a smaller batch once they fit one.
+    Per-example results do not depend on the grouping: every state array is batch-first
+    and each example's work is its own (Square's shared random squares are drawn per
+    step, whoever is in the batch)."""
+
+    def __init__(self, attack: core.Attack, apply, jit, shard, place, bucket):
+        self.attack, self.place, self.bucket = attack, place, bucket
+        self.runner = core.HostRunner(attack, apply, jit, shard)
+        self.fooled_c = jit(lambda m, s, x, y: core.misclassified(
+            functools.partial(apply, m),
+            attack.finish(functools.partial(apply, m), s, x, y), y))
+        self.take_c = jit(lambda tree, idx: jax.tree_util.tree_map(
+            lambda a: a[idx] if a.ndim else a, tree))
+        self.check_every = max(10, attack.num_steps // 50) if attack.keeps_best else 0
+
+    def _padded(self, rows: np.ndarray) -> np.ndarray:
+        size = self.bucket(len(rows))
+        return np.concatenate([rows, np.full(size - len(rows), rows[0], rows.dtype)])
+
+    def __call__(self, m, x: np.ndarray, y: np.ndarray, key) -> np.ndarray:
+        fooled = np.zeros(len(y), bool)
+        x_all, y_all = self.place(x), self.place(y)
+        for r in range(self.attack.restarts):
+            rows = np.flatnonzero(~fooled)  # the points this run attacks, in batch order
+            if not len(rows):
+                break
+            # The start is drawn for the whole batch, as the compiled loop draws it, and
+            # then cut down to the points still robust.
+            s, xb, yb = self.runner.init_c(m, x_all, y_all, key, r, 1.0), x_all, y_all
+            idx = np.arange(len(y))
+            if len(rows) < len(y):
+                idx = self._padded(rows)
+                s, xb, yb = self.take_c((s, xb, yb), jnp.asarray(idx))
+            for i in range(1, self.attack.num_steps + 1):
+                s = self.runner.step_c(m, s, xb, yb)
+                if self.check_every and i % self.check_every == 0 and i < self.attack.num_steps:
+                    done = np.asarray(self.fooled_c(m, s, xb, yb))[:len(rows)]
+                    fooled[rows[done]] = True
+                    keep = np.flatnonzero(~done)
+                    if not len(keep):
+                        break
+                    if self.bucket(len(keep)) < len(idx):
+                        s, xb, yb = self.take_c((s, xb, yb), jnp.asarray(self._padded(keep)))
+                        rows = rows[keep]
+                        idx = self._padded(rows)
+            else:
+                fooled[rows] |= np.asarray(self.fooled_c(m, s, xb, yb))[:len(rows)]
+        return fooled
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Runs attacks on a model over host arrays of pixels in [0, 1] and labels."""
+
+    model: object
+    params: object
+    batch_stats: object
+    batch: int = 500
+    mesh: Mesh | None = None
+    loop: str = "auto"
+    cpu_convolutions: str = "auto"
+    log: Callable = report.log
+
+    def __post_init__(self):
+        if self.mesh is not None:
+            parallel.check_global_batch(self.batch, self.mesh, "--batch")
+            self.params, self.batch_stats = parallel.replicate(
+                (self.params, self.batch_stats), self.mesh)
+        elif self.batch < 1:
+            raise ValueError(f"--batch={self.batch} must be >= 1")
+        self._predict = _jit_with_options(self.cpu_convolutions)(
+            lambda m, x: apply_model(self.model, *m, x, train=False)[0].argmax(-1))
+        self._fooled = {}
+
+    @property
+    def model_args(self):
+        return (self.params, self.batch_stats)
+
+    def _place(self, a: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(a)
+        sharding = parallel.batch_sharding(self.mesh)
+        return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+
+    def batch_for(self, count: int) -> int:
+        """The batch for `count` points: `batch`, or for fewer points the next power of two
+        (a multiple of the device count), so few points left cost little and the attacks
+        compile for a handful of shapes only."""
+        if count >= self.batch:
+            return self.batch
+        devices = 1 if self.mesh is None else self.mesh.size
+        b = 1 << max(0, int(count - 1).bit_length())
+        return min(self.batch, -(-max(b, devices) // devices) * devices)
+
+    def _batches(self, idx: np.ndarray):
+        """Index batches of `batch_for(len(idx))` entries (the last padded with idx[0]) and
+        the number of real entries in each."""
+        size = self.batch_for(len(idx))
+        for start in range(0, len(idx), size):
+            part = idx[start:start + size]
+            pad = size - len(part)
+            yield np.concatenate([part, np.full(pad, idx[0], idx.dtype)]), len(part)
+
+    def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Natural correctness of every point."""
+        out = np.zeros(len(y), bool)
+        for b, n in self._batches(np.arange(len(y))):
+            pred = np.asarray(self._predict(self.model_args, self._place(x[b])))
+            out[b[:n]] = pred[:n] == y[b[:n]]
+        return out
+
+    def fooled_fn(self, attack: core.Attack):
+        if attack not in self._fooled:
+            self._fooled[attack] = make_fooled_fn(self.model, attack, self.mesh, self.loop,
+                                                  self.cpu_convolutions, self._place,
+                                                  self.batch_for)
+        return self._fooled[attack]
+
+    def attack(self, attack: core.Attack, x, y, idx: np.ndarray, key, label: str = "",
+               robust_before: int | None = None) -> np.ndarray:
+        """Which of the points `idx` the attack fools (bool over idx), with progress."""
+        fooled = np.zeros(len(idx), bool)
+        if len(idx) == 0 or attack.is_identity:
+            return fooled
+        fn = self.fooled_fn(attack)
+        size = self.batch_for(len(idx))
+        t0, n_batches = time.perf_counter(), -(-len(idx) // size)
+        for i, (b, n) in enumerate(self._batches(idx)):
+            f = fn(self.model_args, x[b], y[b], jax.random.fold_in(key, i))
+            fooled[i * size:i * size + n] = f[:n]
+            done = min((i + 1) * size, len(idx))
+            elapsed = time.perf_counter() - t0
+            left = (robust_before if robust_before is not None else len(idx)) - int(
+                fooled.sum())
+            self.log(f"[eval] {label}: batch {i + 1}/{n_batches}, {left} points still robust "
+                     f"after {done}/{len(idx)} attacked, {elapsed:.0f} s, ETA "
+                     f"{report.fmt_duration(elapsed / done * (len(idx) - done))}")
+        return fooled
+
+
+def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
+                    items: Sequence[tuple[str, Sequence[str]]], epsilon: float, key,
+                    num_classes: int = 10, pgd_step_ratio: float | None = None,
+                    correct: np.ndarray | None = None) -> dict:
+    """Natural accuracy and, for each (label, members) item of `suite.parse`, the
+    accuracy under it at L-inf radius `epsilon`; ensembles also report the accuracy
+    after each member (cumulative, as AutoAttack prints it) and the time each took.
+    `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps)."""
+    n = len(y)
+    correct = ev.correct(x, y) if correct is None else correct
+    result = {"n": n, "epsilon": epsilon, "natural_acc": float(correct.mean()), "attacks": {}}
+    for label, members in items:
+        robust = correct.copy()
+        after, seconds = {}, {}
+        for name in members:
+            step = pgd_step_ratio * epsilon if (pgd_step_ratio and name.startswith("pgd")) else None
+            attack = suite.make(name, epsilon, num_classes, step)
+            idx = np.flatnonzero(robust)
+            t0 = time.perf_counter()
+            fooled = ev.attack(attack, x, y, idx, jax.random.fold_in(key, zlib.crc32(name.encode())),
+                               f"{label}/{name}" if len(members) > 1 else name, len(idx))
+            robust[idx[fooled]] = False
+            seconds[name] = time.perf_counter() - t0
+            after[name] = float(robust.mean())
+            ev.log(f"[eval] eps {epsilon:g}: after {name}: {100 * after[name]:.2f}% robust "
+                   f"({seconds[name]:.0f} s)")
+        entry = {"robust_acc": float(robust.mean()), "epsilon": epsilon,
+                 "members": list(members), "seconds": sum(seconds.values())}
+        if len(members) > 1:
+            entry.update(after=after, member_seconds=seconds)
+        result["attacks"][label] = entry
+    return result
