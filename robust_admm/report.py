@@ -107,7 +107,9 @@ def write_json(path: str, obj, indent: int = 2):
 
 def summary_table(summary: dict) -> str:
     """The per-stage results as a text table."""
-    rows = [("stage", "nat_acc", "adv_acc", "compression (all)", "compression (pruned)")]
+    attack = next((r.get("adv_attack") for r in summary["stages"].values()), None)
+    adv = f"adv_acc: {attack.split(' (')[0]}" if attack else "adv_acc"
+    rows = [("stage", "nat_acc", adv, "compression (all)", "compression (pruned)")]
     for stage, r in summary["stages"].items():
         c = r["compression_rate"]
         rows.append((stage, f"{100 * r['nat_acc']:.2f}%", f"{100 * r['adv_acc']:.2f}%",
@@ -115,6 +117,9 @@ def summary_table(summary: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if attack:
+        lines.append(f"adv_acc: accuracy under {attack}; AutoAttack: python -m "
+                     f"robust_admm.eval --workdir <this workdir>")
     return "\n".join(lines)
 
 

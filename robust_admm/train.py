@@ -87,6 +87,14 @@ def evaluate(eval_step, params, batch_stats, test, batch_size: int, key) -> dict
     return {"nat_acc": int(nat) / total, "adv_acc": int(adv) / total, "eval_examples": total}
 
 
+def eval_attack_label(config) -> str:
+    """What measured `adv_acc`, in words (every robust accuracy names its attack)."""
+    e = config.eval
+    return (f"PGD-{e.num_steps} (L-inf eps {config.attack.epsilon:g}, step {e.step_size:g}, "
+            f"{e.restarts} restart(s), {'random' if config.attack.random_start else 'no'} "
+            f"start)")
+
+
 def pad_to_multiple(images, labels, multiple: int, mesh):
     """Test split padded to a whole number of eval batches, with a validity mask,
     replicated on the mesh."""
@@ -226,7 +234,8 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
                     result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
                                       cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
-                    run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result)
+                    run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
+                                     adv_attack=eval_attack_label(cfg))
                     report.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
                                f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
             if run.preempted and step < total:
@@ -264,6 +273,7 @@ def stage_summary(run: Run, state, result) -> dict:
     return {
         "nat_acc": result["nat_acc"],
         "adv_acc": result["adv_acc"],
+        "adv_attack": eval_attack_label(run.config),
         "compression_rate": compression(host, run.specs),
         "sparsity": projections.sparsity_report(host, jax.device_get(state.masks)),
     }

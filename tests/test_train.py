@@ -149,3 +149,50 @@ def test_presets_and_unknown_presets():
         mnist_config.get_config("fast")
     with pytest.raises(ValueError, match="unknown preset"):
         digits_config.get_config("fast")
+
+
+def test_eval_command_evaluates_a_finished_run_again_and_exports_it(digits_runs, tmp_path):
+    """`robust_admm.eval` on the quick start's run: the natural accuracy equals the run's
+    own, the attacks order by strength, the curve and its PNG are written, no masking
+    warning fires on this model, and the export rebuilds the same logits."""
+    from robust_admm import eval as eval_lib
+    from robust_admm import export
+
+    adv, workdir, _ = digits_runs
+    out = eval_lib.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce",
+                                    epsilons="0.05,0.15", export=str(tmp_path / "model"))
+    assert out["stage"] == "retrain"
+    assert out["natural_acc"] == adv["stages"]["retrain"]["nat_acc"]
+    assert adv["stages"]["retrain"]["adv_attack"].startswith("PGD-20 (L-inf eps 0.15")
+    acc = {k: v["robust_acc"] for k, v in out["attacks"].items()}
+    assert acc["apgd-ce"] <= acc["pgd20"] + 0.01 and acc["pgd20"] <= acc["fgsm"] + 0.01
+    assert out["epsilon"] == 0.15 and out["check_eps_1"]["attacks"]["pgd20"]["robust_acc"] < 0.02
+    assert out["warnings"] == []
+    with open(os.path.join(workdir, "eval", "retrain.json"), encoding="utf-8") as f:
+        assert json.load(f)["attacks"]["apgd-ce"]["robust_acc"] == acc["apgd-ce"]
+    with open(os.path.join(workdir, "eval", "retrain_epsilons.json"), encoding="utf-8") as f:
+        curve = json.load(f)["curve"]
+    assert [c["epsilon"] for c in curve] == [0.0, 0.05, 0.15]
+    with open(os.path.join(workdir, "eval", "retrain_epsilons.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert out["compression_rate"] == pytest.approx(
+        adv["stages"]["retrain"]["compression_rate"]["all"])
+    model, variables = export.rebuild(str(tmp_path / "model.npz"), str(tmp_path / "model.json"))
+    state = checkpoint.load_final_state(workdir, "retrain")
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model.apply(variables, x)),
+                                  np.asarray(model.apply({"params": state["params"]}, x)))
+
+
+def test_eval_command_refuses_bad_input(digits_runs, tmp_path):
+    from robust_admm import eval as eval_lib
+
+    _, workdir, _ = digits_runs
+    with pytest.raises(ValueError, match="--stage='final'"):
+        eval_lib.evaluate_workdir(workdir, stage="final")
+    with pytest.raises(ValueError, match="'pgd' is not known"):
+        eval_lib.evaluate_workdir(workdir, attacks="pgd")
+    with pytest.raises(ValueError, match="--epsilons='0.1,x'"):
+        eval_lib.evaluate_workdir(workdir, epsilons="0.1,x")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        eval_lib.evaluate_workdir(str(tmp_path))

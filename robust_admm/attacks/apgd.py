@@ -59,11 +59,8 @@ class Apgd(core.Attack):
     restarts: int = 1
 
     def __post_init__(self):
-        if self.epsilon < 0 or self.num_steps < 0 or self.restarts < 1:
-            raise ValueError(
-                f"APGD needs epsilon >= 0, num_steps >= 0, restarts >= 1; got "
-                f"epsilon={self.epsilon}, num_steps={self.num_steps}, "
-                f"restarts={self.restarts}")
+        core.check_arguments("APGD", epsilon=self.epsilon, num_steps=self.num_steps,
+                             restarts=self.restarts)
 
     @property
     def is_identity(self) -> bool:

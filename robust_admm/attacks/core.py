@@ -105,6 +105,18 @@ def keep_fooled(logits_fn: LogitsFn, best, candidate, y):
 
 # ----------------------------------------------------------------------------- protocol
 
+_RANGES = {"epsilon": (0, ">= 0"), "step_size": (0, ">= 0"), "num_steps": (0, ">= 0"),
+           "restarts": (1, ">= 1")}
+
+
+def check_arguments(attack_name: str, **values):
+    """Raises a ValueError naming every argument below its allowed minimum."""
+    bad = [f"{k}={v!r} (allowed: {_RANGES[k][1]})" for k, v in values.items()
+           if not v >= _RANGES[k][0]]
+    if bad:
+        raise ValueError(f"{attack_name}: " + ", ".join(bad))
+
+
 class Attack(abc.ABC):
     """init / step / finish over a carried state; see the module docstring. Subclasses
     are frozen dataclasses (hashable, so their parts can be static in `jax.jit`). Every

@@ -148,11 +148,8 @@ class FabT(core.Attack):
     beta: float = 0.9
 
     def __post_init__(self):
-        if self.epsilon < 0 or self.num_steps < 0 or self.restarts < 1:
-            raise ValueError(
-                f"FAB-T needs epsilon >= 0, num_steps >= 0, restarts >= 1; got "
-                f"epsilon={self.epsilon}, num_steps={self.num_steps}, "
-                f"restarts={self.restarts}")
+        core.check_arguments("FAB-T", epsilon=self.epsilon, num_steps=self.num_steps,
+                             restarts=self.restarts)
         if self.n_target_classes < 1 or self.restarts % self.n_target_classes:
             raise ValueError(
                 f"FAB-T: n_target_classes={self.n_target_classes} must be >= 1 and divide "

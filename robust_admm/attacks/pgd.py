@@ -24,13 +24,8 @@ class Pgd(core.Attack):
 
     def __post_init__(self):
         core.loss_fn(self.loss)
-        if self.restarts < 1:
-            raise ValueError(f"restarts={self.restarts} must be >= 1")
-        if self.num_steps < 0 or self.epsilon < 0 or self.step_size < 0:
-            raise ValueError(
-                f"PGD needs epsilon >= 0, step_size >= 0, num_steps >= 0; got "
-                f"epsilon={self.epsilon}, step_size={self.step_size}, "
-                f"num_steps={self.num_steps}")
+        core.check_arguments("PGD", epsilon=self.epsilon, step_size=self.step_size,
+                             num_steps=self.num_steps, restarts=self.restarts)
 
     @property
     def is_identity(self) -> bool:

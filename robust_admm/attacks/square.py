@@ -130,12 +130,10 @@ class Square(core.Attack):
     def __post_init__(self):
         if self.loss not in ("margin", "ce"):
             raise ValueError(f"Square loss={self.loss!r}; allowed: 'margin', 'ce'")
-        if (self.epsilon < 0 or self.num_steps < 0 or self.restarts < 1
-                or not 0 < self.p_init <= 1):
-            raise ValueError(
-                f"Square needs epsilon >= 0, num_steps >= 0, restarts >= 1, "
-                f"0 < p_init <= 1; got epsilon={self.epsilon}, num_steps={self.num_steps}, "
-                f"restarts={self.restarts}, p_init={self.p_init}")
+        core.check_arguments("Square", epsilon=self.epsilon, num_steps=self.num_steps,
+                             restarts=self.restarts)
+        if not 0 < self.p_init <= 1:
+            raise ValueError(f"Square: p_init={self.p_init!r} (allowed: 0 < p_init <= 1)")
 
     @property
     def is_identity(self) -> bool:
