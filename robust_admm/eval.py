@@ -102,10 +102,11 @@ def masking_warnings(result: dict, at_eps_1: dict | None = None,
 
 
 def model_sizes(params, masks) -> dict:
-    """Per-layer sparsity, compression rate by nonzeros and stored bytes."""
+    """Per-layer sparsity (by the masks), compression rate by nonzero values (as the
+    run's summary counts it) and stored bytes."""
     return {"sparsity": projections.sparsity_report(params, masks),
-            "compression_rate": projections.compression_rate(params, masks=masks),
-            "stored_bytes": projections.storage_bytes(params, masks)}
+            "compression_rate": projections.compression_rate(params),
+            "stored_bytes": projections.storage_bytes(params)}
 
 
 def table(result: dict) -> str:
