@@ -41,7 +41,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def finished_stage(workdir: str, config, stage: str | None) -> str:
+def finished_stage(workdir: str, stage: str | None) -> str:
     """`stage` checked, or the last finished stage of the run."""
     if stage:
         if stage not in STAGES:
@@ -151,7 +151,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFA
                      checks: bool = True, export: str = "", loop: str | None = None) -> dict:
     """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds."""
     config = load_config(workdir)
-    stage = finished_stage(workdir, config, stage)
+    stage = finished_stage(workdir, stage)
     items = suite.parse(attacks)
     curve_eps = parse_epsilons(epsilons) if epsilons else []
     if n < 0:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from robust_admm import attacks, parallel, report
+from robust_admm import parallel, report
 from robust_admm.attacks import core, suite
 from robust_admm.step import _batch_constraint, _jit_with_options, apply_model, resolve_pgd_loop
 
@@ -36,8 +36,7 @@ def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: s
     if resolve_pgd_loop(loop) == "fori":
         def fooled(m, x, y, key):
             fn = functools.partial(apply, m)
-            x_adv = core.run(attack, fn, shard(x), shard(y), key,
-                             unroll=getattr(attack, "unroll", 1))
+            x_adv = core.run(attack, fn, shard(x), shard(y), key)
             return core.misclassified(fn, x_adv, y)
         compiled = jit(fooled)
         return lambda m, x, y, key: np.asarray(compiled(m, place(x), place(y), key))
@@ -166,8 +165,8 @@ class Evaluator:
                                                   self.batch_for)
         return self._fooled[attack]
 
-    def attack(self, attack: core.Attack, x, y, idx: np.ndarray, key, label: str = "",
-               robust_before: int | None = None) -> np.ndarray:
+    def attack(self, attack: core.Attack, x, y, idx: np.ndarray, key,
+               label: str = "") -> np.ndarray:
         """Which of the points `idx` the attack fools (bool over idx), with progress."""
         fooled = np.zeros(len(idx), bool)
         if len(idx) == 0 or attack.is_identity:
@@ -180,8 +179,7 @@ class Evaluator:
             fooled[i * size:i * size + n] = f[:n]
             done = min((i + 1) * size, len(idx))
             elapsed = time.perf_counter() - t0
-            left = (robust_before if robust_before is not None else len(idx)) - int(
-                fooled.sum())
+            left = len(idx) - int(fooled.sum())
             self.log(f"[eval] {label}: batch {i + 1}/{n_batches}, {left} points still robust "
                      f"after {done}/{len(idx)} attacked, {elapsed:.0f} s, ETA "
                      f"{report.fmt_duration(elapsed / done * (len(idx) - done))}")
@@ -203,12 +201,15 @@ def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
         robust = correct.copy()
         after, seconds = {}, {}
         for name in members:
-            step = pgd_step_ratio * epsilon if (pgd_step_ratio and name.startswith("pgd")) else None
-            attack = suite.make(name, epsilon, num_classes, step)
+            pgd_step = pgd_step_ratio * epsilon if pgd_step_ratio else None
+            attack = suite.make(name, epsilon, num_classes, pgd_step)
             idx = np.flatnonzero(robust)
             t0 = time.perf_counter()
-            fooled = ev.attack(attack, x, y, idx, jax.random.fold_in(key, zlib.crc32(name.encode())),
-                               f"{label}/{name}" if len(members) > 1 else name, len(idx))
+            # Keyed by name: an attack at one epsilon draws the same randomness wherever it
+            # runs first (alone or as an ensemble's first member).
+            key_name = jax.random.fold_in(key, zlib.crc32(name.encode()))
+            fooled = ev.attack(attack, x, y, idx, key_name,
+                               f"{label}/{name}" if len(members) > 1 else name)
             robust[idx[fooled]] = False
             seconds[name] = time.perf_counter() - t0
             after[name] = float(robust.mean())

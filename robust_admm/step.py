@@ -214,11 +214,9 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         def train_step(state: TrainState, images_u8, labels):
             x, y, attack_state = begin(state, images_u8, labels)
             if attack.num_steps:
-                attack_state = jax.lax.fori_loop(
-                    0, attack.num_steps,
-                    lambda _, s: attack_step(state.params, state.batch_stats, s, x, y),
-                    attack_state, unroll=max(1, min(getattr(adv, "unroll", 1),
-                                                    attack.num_steps)))
+                attack_state = attacks.run_steps(
+                    adv, attack_logits_fn(model, state.params, state.batch_stats),
+                    attack_state, x, y)
             return update(state, attack_state, x, y)
 
         step = jit(train_step, donate_argnums=(0,), **state_out)
@@ -271,8 +269,7 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
         def eval_step(params, batch_stats, images_u8, labels, valid, key):
             m = (params, batch_stats)
             x, y, valid = prepare(images_u8, labels, valid)
-            x_adv = attacks.run(eval_attack, functools.partial(apply, m), x, y, key,
-                                unroll=getattr(eval_attack, "unroll", 1))
+            x_adv = attacks.run(eval_attack, functools.partial(apply, m), x, y, key)
             return count(m, x, y, valid), count(m, x_adv, y, valid)
 
         step = jit(eval_step, **out)

@@ -1,10 +1,7 @@
 """Robust accuracy as AutoAttack counts it, on a small model trained in the test: the
 attacks' ordering, epsilon 0 and 1, the host driver that regroups the points still
 robust against the compiled one, and the gradient-masking warnings."""
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -129,6 +129,7 @@ class Attack(abc.ABC):
     # fooling stays fooled whatever more steps do (APGD, FAB, Square; PGD returns its last
     # iterate). Such a run may drop its fooled points early (see robustness.py).
     keeps_best = False
+    unroll = 1  # `lax.fori_loop` unroll factor of the steps (speed only)
 
     @abc.abstractmethod
     def init(self, logits_fn: LogitsFn, x, y, key, restart: int = 0, scale=1.0):
@@ -148,11 +149,11 @@ class Attack(abc.ABC):
         return False
 
 
-def run_steps(attack: Attack, logits_fn: LogitsFn, state, x, y, unroll: int = 1):
+def run_steps(attack: Attack, logits_fn: LogitsFn, state, x, y):
     """`attack.num_steps` steps in one `lax.fori_loop` (traced)."""
     if attack.num_steps == 0:
         return state
-    unroll = max(1, min(unroll, attack.num_steps))
+    unroll = max(1, min(attack.unroll, attack.num_steps))
     return jax.lax.fori_loop(0, attack.num_steps,
                              lambda _, s: attack.step(logits_fn, s, x, y), state, unroll=unroll)
 
@@ -167,7 +168,7 @@ def best_of_restarts(restarts: int, one_run: Callable, pick: Callable):
     return best
 
 
-def run(attack: Attack, logits_fn: LogitsFn, x, y, key, scale=1.0, unroll: int = 1):
+def run(attack: Attack, logits_fn: LogitsFn, x, y, key, scale=1.0):
     """The whole attack, traced: restarts x (init, fori_loop of steps, finish), combined
     per example. Returns stop_gradient(x_adv)."""
     x = jax.lax.stop_gradient(x)
@@ -176,7 +177,7 @@ def run(attack: Attack, logits_fn: LogitsFn, x, y, key, scale=1.0, unroll: int =
 
     def one_run(r):
         state = attack.init(logits_fn, x, y, key, r, scale)
-        state = run_steps(attack, logits_fn, state, x, y, unroll)
+        state = run_steps(attack, logits_fn, state, x, y)
         return attack.finish(logits_fn, state, x, y)
 
     best = best_of_restarts(attack.restarts, one_run,

@@ -51,7 +51,7 @@ class Pgd(core.Attack):
 
     def __call__(self, logits_fn, x, y, key, scale=1.0):
         """The whole attack in one compiled loop; returns stop_gradient(x_adv)."""
-        return core.run(self, logits_fn, x, y, key, scale, self.unroll)
+        return core.run(self, logits_fn, x, y, key, scale)
 
 
 def fgsm(logits_fn, x, y, key=None, *, epsilon: float, loss: str = "ce"):
