@@ -14,7 +14,7 @@ def get_config(preset: str = ""):
     c.model.width = 4  # conv 8 -> conv 16 -> fc 64
     c.batch_size = 64
     c.log_every_steps = 20
-    c.attack.epsilon = 0.15  # ~2.5 of the 17 grey levels of these 8x8 digits
+    c.attack.epsilon = c.eval.epsilon = 0.15  # ~2.5 of the 17 grey levels of these digits
     c.attack.num_steps, c.attack.step_size = 10, 0.05
     c.eval.num_steps, c.eval.step_size, c.eval.batch_size = 20, 0.025, 300
     c.eval.every_epochs = 10

@@ -79,11 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
     # runs rolled loop bodies 3-4x slower), 'fori' on GPU and TPU.
     c.attack.loop = "auto"
 
-    # Evaluation: natural accuracy and accuracy under PGD (same epsilon as training).
+    # Evaluation during training: natural accuracy and accuracy under PGD, set apart from
+    # the training attack (`attack.loop` and `attack.unroll`, speed only, apply to both).
     c.eval = ml_collections.ConfigDict()
+    c.eval.epsilon = 0.3  # L-inf radius
     c.eval.num_steps = 40
     c.eval.step_size = 0.01
     c.eval.restarts = 1
+    c.eval.random_start = True
+    c.eval.loss = "ce"  # 'ce' | 'margin'
     c.eval.batch_size = 500
     c.eval.every_epochs = 1  # evaluate every this many epochs (and always at a stage's end)
 

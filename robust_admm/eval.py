@@ -163,7 +163,9 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFA
     count = min(n or len(test), len(test))
     x = test.images[:count].astype(np.float32) / 255.0
     y = test.labels[:count]
-    eps = STANDARD_EPSILON.get(config.data.name, config.attack.epsilon) if epsilon is None \
+    # Runs written before eval.epsilon existed evaluated at the training epsilon.
+    run_eps = config.eval.get("epsilon", config.attack.epsilon)
+    eps = STANDARD_EPSILON.get(config.data.name, run_eps) if epsilon is None \
         else float(epsilon)
     if not 0 <= eps <= 1:
         raise ValueError(f"--epsilon={eps} must be in [0, 1] (pixels are in [0, 1])")
@@ -172,7 +174,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFA
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)
     # PGD steps as a fraction of epsilon, as the run's own evaluation takes them.
-    step_ratio = config.eval.step_size / config.attack.epsilon if config.attack.epsilon else None
+    step_ratio = config.eval.step_size / run_eps if run_eps else None
     key = jax.random.PRNGKey(seed)
     t0 = time.time()
     report.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "

@@ -90,9 +90,16 @@ def evaluate(eval_step, params, batch_stats, test, batch_size: int, key) -> dict
 def eval_attack_label(config) -> str:
     """What measured `adv_acc`, in words (every robust accuracy names its attack)."""
     e = config.eval
-    return (f"PGD-{e.num_steps} (L-inf eps {config.attack.epsilon:g}, step {e.step_size:g}, "
-            f"{e.restarts} restart(s), {'random' if config.attack.random_start else 'no'} "
-            f"start)")
+    return (f"PGD-{e.num_steps} (L-inf eps {e.epsilon:g}, step {e.step_size:g}, "
+            f"{e.restarts} restart(s), {'random' if e.random_start else 'no random'} start)")
+
+
+def make_eval_attack(config) -> attacks.Pgd:
+    """The PGD of the evaluation during training: `eval.*` only (and the speed-only unroll)."""
+    e = config.eval
+    return attacks.Pgd(epsilon=e.epsilon, step_size=e.step_size, num_steps=e.num_steps,
+                       random_start=e.random_start, loss=e.loss, restarts=e.restarts,
+                       unroll=config.attack.unroll)
 
 
 def pad_to_multiple(images, labels, multiple: int, mesh):
@@ -155,22 +162,36 @@ def stage_optimizer(cfg, stage: str, steps_per_epoch: int):
     return tx, schedule
 
 
-def check_nonfinite(run: Run, stage: str, history: list, state, last_ckpt):
-    """Enforces config.nonfinite on the steps since the last log line."""
-    bad = [int(h["step"]) for h in history if h["nonfinite"]]
-    if not bad:
-        return
-    cfg = run.config.nonfinite
+def nonfinite_streaks(flags, carried: int = 0) -> tuple[int, int]:
+    """(longest, trailing) run of true `flags`, the first run extended by `carried` (the
+    streak the previous window ended with). Read from every step's flag because optax's
+    own counter resets on the first finite step, hiding a streak that ended between logs."""
+    longest, run_ = 0, carried
+    for bad in flags:
+        run_ = run_ + 1 if bad else 0
+        longest = max(longest, run_)
+    return longest, run_
+
+
+def check_nonfinite(stage: str, history: list, streak: int, cfg, last_ckpt) -> int:
+    """Enforces `cfg` (config.nonfinite) on the steps since the last log line, given the
+    non-finite streak the previous window ended with; returns the one this window ends with."""
+    flags = [bool(h["nonfinite"]) for h in history]
+    longest, trailing = nonfinite_streaks(flags, streak)
+    if not any(flags):
+        return trailing
+    bad = [int(h["step"]) for h, f in zip(history, flags) if f]
     where = (f"last good checkpoint: {last_ckpt}" if last_ckpt else
              "no checkpoint of this stage yet")
-    consecutive = int(state.opt_state.notfinite_count)
-    if cfg.policy == "stop" or consecutive >= cfg.max_consecutive:
+    if cfg.policy == "stop" or longest >= cfg.max_consecutive:
         raise FloatingPointError(
             f"[{stage}] non-finite loss or gradients at step {bad[0]} (of {len(history)} "
-            f"steps since the last log, {len(bad)} were non-finite); the update was not "
+            f"steps since the last log, {len(bad)} were non-finite, at most {longest} in a "
+            f"row; nonfinite.max_consecutive={cfg.max_consecutive}); the update was not "
             f"applied and the run stops ({where}). Lower the learning rate or check the "
             f"data; nonfinite.policy='skip' goes on past isolated bad steps.")
     report.log(f"[{stage}] WARNING: skipped {len(bad)} non-finite steps (first {bad[0]})")
+    return trailing
 
 
 def run_stage(run: Run, stage: str, params, batch_stats, masks):
@@ -211,13 +232,14 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
         progress = report.Progress(total, cfg.batch_size, start)
         report.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
+        streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         for step in range(start + 1, total + 1):
             epoch = -(-step // spe)
             state, metrics = train_step(state, *run.train)
             history.append(dict(metrics, step=step))
             if step % cfg.log_every_steps == 0 or step == total:
                 history = jax.device_get(history)
-                check_nonfinite(run, stage, history, state, last_ckpt)
+                streak = check_nonfinite(stage, history, streak, cfg.nonfinite, last_ckpt)
                 m = report.mean_metrics(history)
                 m.pop("step")
                 history = []
@@ -351,10 +373,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     except ValueError as e:
         raise ValueError(f"prune.ratios={config.prune.ratios!r}: {e}") from None
 
-    eval_attack = attacks.Pgd(
-        epsilon=config.attack.epsilon, step_size=config.eval.step_size,
-        num_steps=config.eval.num_steps, random_start=config.attack.random_start,
-        loss=config.attack.loss, restarts=config.eval.restarts, unroll=config.attack.unroll)
+    eval_attack = make_eval_attack(config)
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {"stages": {}}

@@ -3,11 +3,13 @@ the field, the bad value and what is allowed."""
 import jax
 
 from robust_admm import compiler, data, optim, parallel
+from robust_admm.attacks.core import LOSSES
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import PGD_LOOPS
 
 PRUNE_KINDS = ("irregular", "filter", "column", "channel")
+ATTACK_LOSSES = tuple(LOSSES)  # what PGD ascends in training and evaluation
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -69,8 +71,10 @@ def validate_config(config, device_count: int | None = None):
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
         _require(a.num_steps >= 0, f"{prefix}.num_steps", a.num_steps, "an integer >= 0")
         _require(a.step_size > 0, f"{prefix}.step_size", a.step_size, "a number > 0")
-    _require(config.attack.epsilon >= 0, "attack.epsilon", config.attack.epsilon,
-             "a number >= 0 (pixels are in [0, 1])")
+    for prefix, a in (("attack", config.attack), ("eval", config.eval)):
+        _require(0 <= a.epsilon <= 1, f"{prefix}.epsilon", a.epsilon,
+                 "a number in [0, 1] (pixels are in [0, 1])")
+        _require(a.loss in ATTACK_LOSSES, f"{prefix}.loss", a.loss, f"one of {ATTACK_LOSSES}")
     _require(config.attack.loop in PGD_LOOPS, "attack.loop", config.attack.loop,
              f"one of {list(PGD_LOOPS)}")
     # Names a bad value, and refuses 'xla' on a jaxlib without the option.

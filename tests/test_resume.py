@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -239,6 +240,9 @@ def test_skip_policy_goes_past_nonfinite_steps_without_applying_them(tmp_path, i
 @pytest.mark.parametrize("overrides,message", [
     ({"attack.epsilon": -0.1}, "attack.epsilon=-0.1 is not allowed"),
     ({"attack.step_size": 0.0}, "attack.step_size=0.0 is not allowed"),
+    ({"eval.epsilon": 1.5}, r"eval.epsilon=1.5 is not allowed.*\[0, 1\]"),
+    ({"eval.loss": "kl"}, "eval.loss='kl' is not allowed.*'ce', 'margin', 'dlr'"),
+    ({"attack.loss": "hinge"}, "attack.loss='hinge' is not allowed"),
     ({"attack.num_steps": -1}, "attack.num_steps=-1 is not allowed"),
     ({"eval.step_size": -1.0}, "eval.step_size=-1.0 is not allowed"),
     ({"prune.ratios": "conv1=1.0"}, "ratio 1.0 for 'conv1' is outside \\[0, 1\\)"),
@@ -304,3 +308,36 @@ def test_a_nan_in_the_input_pixels_stops_the_run(tmp_path, idx_dir, monkeypatch)
     with pytest.raises(FloatingPointError, match=r"\[pretrain\] non-finite loss or gradients "
                                                  r"at step 1 .*no checkpoint of this stage yet"):
         train.train_and_evaluate(cfg, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("flags,carried", [
+    ([], 0), ([], 3), ([1, 1, 0, 1], 0), ([1, 1, 1, 0, 0, 1, 1], 2), ([0, 0], 5), ([1] * 7, 1)])
+def test_nonfinite_streaks_match_brute_force(flags, carried):
+    seq = [1] * carried + flags
+
+    def run_ending_at(j):  # length of the run of 1s ending at seq[j - 1]
+        return next(k for k in range(j, -1, -1) if all(seq[j - k:j]))
+
+    ends = range(carried + 1, len(seq) + 1)  # runs that end inside this window
+    longest, trailing = train.nonfinite_streaks([bool(f) for f in flags], carried)
+    assert longest == max((run_ending_at(j) for j in ends), default=0)
+    assert trailing == run_ending_at(len(seq))
+
+
+def test_a_nonfinite_streak_that_ends_between_log_lines_still_stops_the_run():
+    """optax's counter is 0 again after the finite step that ends the streak; the check
+    reads the longest streak from the history instead."""
+    cfg = ml_collections.ConfigDict({"policy": "skip", "max_consecutive": 4})
+    history = [{"step": s, "nonfinite": int(s in (3, 4, 5, 6, 7))} for s in range(1, 10)]
+    with pytest.raises(FloatingPointError, match=r"at most 5 in a row; "
+                                                 r"nonfinite.max_consecutive=4"):
+        train.check_nonfinite("pretrain", history, 0, cfg, None)
+    # A streak split over two log windows counts as one.
+    first = [{"step": s, "nonfinite": int(s >= 3)} for s in range(1, 5)]
+    second = [{"step": s, "nonfinite": int(s <= 6)} for s in range(5, 9)]
+    streak = train.check_nonfinite("pretrain", first, 0, cfg, None)
+    assert streak == 2
+    with pytest.raises(FloatingPointError, match="at most 4 in a row"):
+        train.check_nonfinite("pretrain", second, streak, cfg, None)
+    # Shorter streaks are skipped with a warning and the trailing streak is returned.
+    assert train.check_nonfinite("pretrain", first[:3], 0, cfg, None) == 1

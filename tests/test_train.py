@@ -143,7 +143,7 @@ def test_presets_and_unknown_presets():
     for preset in ("paper", "cpu", "natural", "smoke"):
         cfg = mnist_config.get_config(preset)
         validation.parse_stages(cfg.stages)
-        assert cfg.attack.epsilon == 0.3
+        assert cfg.attack.epsilon == cfg.eval.epsilon == 0.3
     assert mnist_config.get_config("paper").attack.num_steps == 40
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         mnist_config.get_config("fast")
@@ -196,3 +196,15 @@ def test_eval_command_refuses_bad_input(digits_runs, tmp_path):
         eval_lib.evaluate_workdir(workdir, epsilons="0.1,x")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         eval_lib.evaluate_workdir(str(tmp_path))
+
+
+def test_the_evaluation_attack_comes_from_eval_fields_only():
+    cfg = mnist_config.get_config("smoke")
+    cfg.attack.update(epsilon=0.1, step_size=0.02, num_steps=7, random_start=True, loss="ce")
+    cfg.eval.update(epsilon=0.25, step_size=0.05, num_steps=9, random_start=False,
+                    loss="margin", restarts=2)
+    a = train.make_eval_attack(cfg)
+    assert (a.epsilon, a.step_size, a.num_steps, a.random_start, a.loss, a.restarts) == \
+        (0.25, 0.05, 9, False, "margin", 2)
+    assert train.eval_attack_label(cfg) == \
+        "PGD-9 (L-inf eps 0.25, step 0.05, 2 restart(s), no random start)"
