@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from robust_admm import checkpoint, data, parallel
-from robust_admm.eval import STAGES, STANDARD_EPSILON, load_config
+from robust_admm.eval import STAGES, default_epsilon, load_config
 from robust_admm.models import get_model
 from robust_admm.robustness import Evaluator, robust_accuracy
 
@@ -46,7 +46,7 @@ def main():
     ds = data.load_dataset(config.data.name, config.data.source, a.data or config.data.dir or None)
     x = ds.test.images[:a.n].astype(np.float32) / 255.0
     y = ds.test.labels[:a.n]
-    eps = STANDARD_EPSILON.get(config.data.name, config.attack.epsilon)
+    eps = default_epsilon(config, "linf")
     model = get_model(config.model.name, ds.num_classes, config.model.width)
     specs = [parse_spec(s) for s in a.attacks.split(",")]
     rows = []

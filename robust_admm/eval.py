@@ -2,7 +2,8 @@
 attack and under the AutoAttack ensemble, sparsity, compression and stored size.
 
     python -m robust_admm.eval --workdir DIR [--stage NAME] [--attacks fgsm,pgd40,aa-standard]
-        [--epsilon E] [--epsilons 0.1,0.2,0.3] [--n N] [--batch B] [--export PATH]
+        [--norm linf|l2] [--epsilon E] [--epsilons 0.1,0.2,0.3] [--n N] [--batch B]
+        [--export PATH]
 
 Writes DIR/eval/<stage>.json (and, with --epsilons, <stage>_epsilons.json and .png) and
 prints a table. Warns, naming the numbers, on the signs of gradient masking (Carlini et
@@ -24,9 +25,11 @@ from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.robustness import Evaluator, robust_accuracy
 
-# The field's standard L-inf radius per dataset; other datasets use the run's own.
-STANDARD_EPSILON = {"mnist": 0.3, "cifar10": 8 / 255}
-DEFAULT_ATTACKS = "fgsm,pgd40,aa-standard"
+# The field's standard radius per dataset and norm; other L-inf cases use the run's own.
+STANDARD_EPSILON = {("mnist", "linf"): 0.3, ("cifar10", "linf"): 8 / 255,
+                    ("cifar10", "l2"): 0.5}
+# L2 has no FAB-T or Square here (NotImplementedError), so no standard ensemble.
+DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,apgd-ce,apgd-t"}
 # Gradient-masking checks: how much a weaker attack may beat a stronger one, the most
 # accuracy allowed at epsilon = 1, how much accuracy may rise as epsilon grows.
 MARGIN, MAX_ACC_AT_EPS_1, RISE = 0.01, 0.02, 0.005
@@ -124,7 +127,18 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(curve: list[dict], path: str, title: str):
+def default_epsilon(config, norm: str) -> float:
+    """The dataset's standard radius in `norm`; for L-inf without one, the run's own."""
+    if (config.data.name, norm) in STANDARD_EPSILON:
+        return STANDARD_EPSILON[config.data.name, norm]
+    if norm == "linf":
+        # Runs written before eval.epsilon existed evaluated at the training epsilon.
+        return config.eval.get("epsilon", config.attack.epsilon)
+    raise ValueError(f"--norm={norm}: {config.data.name} has no standard L2 radius here; "
+                     f"give --epsilon")
+
+
+def plot_curve(curve: list[dict], path: str, title: str, norm: str = "linf"):
     """Robust accuracy versus epsilon, one line per attack, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -134,7 +148,7 @@ def plot_curve(curve: list[dict], path: str, title: str):
     for label in curve[0]["attacks"]:
         ax.plot(eps, [100 * c["attacks"][label]["robust_acc"] for c in curve], "o-",
                 label=label)
-    ax.set_xlabel("epsilon (L-inf, pixels in [0, 1])")
+    ax.set_xlabel(f"epsilon ({'L-inf' if norm == 'linf' else 'L2'}, pixels in [0, 1])")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
@@ -145,17 +159,30 @@ def plot_curve(curve: list[dict], path: str, title: str):
     plt.close(fig)
 
 
-def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFAULT_ATTACKS,
+def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
                      epsilon: float | None = None, epsilons: str = "", n: int = 0,
                      batch: int = 500, seed: int = 0, data_dir: str = "",
-                     checks: bool = True, export: str = "", loop: str | None = None) -> dict:
-    """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds."""
+                     checks: bool = True, export: str = "", loop: str | None = None,
+                     norm: str = "linf") -> dict:
+    """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds.
+    `attacks` defaults to DEFAULT_ATTACKS[norm]."""
     config = load_config(workdir)
     stage = finished_stage(workdir, stage)
+    if norm not in DEFAULT_ATTACKS:
+        raise ValueError(f"--norm={norm!r}; allowed: {', '.join(DEFAULT_ATTACKS)}")
+    attacks = attacks or DEFAULT_ATTACKS[norm]
     items = suite.parse(attacks)
     curve_eps = parse_epsilons(epsilons) if epsilons else []
     if n < 0:
         raise ValueError(f"--n={n} must be >= 0 (0 = the whole test split)")
+    eps = default_epsilon(config, norm) if epsilon is None else float(epsilon)
+    if norm == "linf" and not 0 <= eps <= 1:
+        raise ValueError(f"--epsilon={eps} must be in [0, 1] (pixels are in [0, 1])")
+    if not eps >= 0:
+        raise ValueError(f"--epsilon={eps} must be >= 0")
+    for _, members in items:  # refuse an attack the norm lacks before any work
+        for name in members:
+            suite.make(name, eps, norm=norm)
     state = checkpoint.load_final_state(workdir, stage)
     ds = data.load_dataset(config.data.name, config.data.source,
                            data_dir or config.data.dir or None)
@@ -163,32 +190,30 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFA
     count = min(n or len(test), len(test))
     x = test.images[:count].astype(np.float32) / 255.0
     y = test.labels[:count]
-    # Runs written before eval.epsilon existed evaluated at the training epsilon.
-    run_eps = config.eval.get("epsilon", config.attack.epsilon)
-    eps = STANDARD_EPSILON.get(config.data.name, run_eps) if epsilon is None \
-        else float(epsilon)
-    if not 0 <= eps <= 1:
-        raise ValueError(f"--epsilon={eps} must be in [0, 1] (pixels are in [0, 1])")
     model = get_model(config.model.name, ds.num_classes, config.model.width)
     mesh = parallel.make_mesh()
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)
     # PGD steps as a fraction of epsilon, as the run's own evaluation takes them.
-    step_ratio = config.eval.step_size / run_eps if run_eps else None
+    run_eps = config.eval.get("epsilon", config.attack.epsilon)
+    step_ratio = config.eval.step_size / run_eps if run_eps and norm == "linf" else None
     key = jax.random.PRNGKey(seed)
     t0 = time.time()
     report.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "
-               f"epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
+               f"{norm} epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
     correct = ev.correct(x, y)
-    kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct)
+    kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct,
+              norm=norm)
     result = robust_accuracy(ev, x, y, items, eps, key, **kw)
     out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
            **model_sizes(state["params"], state.get("masks"))}
     at_eps_1 = curve = None
     if checks:
         sub = slice(0, min(count, batch))
+        # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
         at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0, key,
-                                   **dict(kw, correct=correct[sub], pgd_step_ratio=None))
+                                   **dict(kw, correct=correct[sub], pgd_step_ratio=None,
+                                          norm="linf"))
         out["check_eps_1"] = at_eps_1
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     if curve_eps:
@@ -198,7 +223,8 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = DEFA
         base = os.path.join(workdir, "eval", f"{stage}_epsilons")
         report.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
         if report.is_main_process():
-            plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images")
+            plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images",
+                       norm)
         out["epsilon_curve"] = base + ".json"
     out["warnings"] = masking_warnings(result, at_eps_1, curve)
     out["wall_time_s"] = time.time() - t0
@@ -221,11 +247,14 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "The run's directory (holds config.json, checkpoints).")
     flags.DEFINE_string("stage", "", "Stage to evaluate (default: the last one with "
                         "checkpoints): " + ", ".join(STAGES))
-    flags.DEFINE_string("attacks", DEFAULT_ATTACKS,
+    flags.DEFINE_string("attacks", "",
                         "Comma-separated attacks and ensembles: " + ", ".join(suite.SINGLE)
-                        + ", " + ", ".join(suite.ENSEMBLES))
-    flags.DEFINE_float("epsilon", None, "L-inf radius in pixels of [0, 1] (default: MNIST 0.3, "
-                       "CIFAR-10 8/255, else the run's training epsilon).")
+                        + ", " + ", ".join(suite.ENSEMBLES) + " (default: L-inf "
+                        + DEFAULT_ATTACKS["linf"] + "; L2 " + DEFAULT_ATTACKS["l2"] + ")")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model. L2 has fgsm, pgd<N>, "
+                      "apgd-ce, apgd-dlr and apgd-t (FAB-T and Square are L-inf only).")
+    flags.DEFINE_float("epsilon", None, "Radius in pixels of [0, 1] (default: L-inf MNIST "
+                       "0.3, CIFAR-10 8/255, else the run's eval.epsilon; L2 CIFAR-10 0.5).")
     flags.DEFINE_string("epsilons", "", "Also a robust-accuracy-versus-epsilon curve at "
                         "these radii, e.g. 0.1,0.2,0.3 (JSON and PNG in DIR/eval).")
     flags.DEFINE_integer("n", 0, "Evaluate the first n test images (0 = all).")
@@ -251,7 +280,7 @@ def main(argv):
     parallel.initialize_distributed()
     try:
         evaluate_workdir(f.workdir, f.stage or None, f.attacks, f.epsilon, f.epsilons, f.n,
-                         f.batch, f.seed, f.data_dir, f.checks, f.export, f.loop)
+                         f.batch, f.seed, f.data_dir, f.checks, f.export, f.loop, f.norm)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

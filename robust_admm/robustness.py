@@ -189,20 +189,21 @@ class Evaluator:
 def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
                     items: Sequence[tuple[str, Sequence[str]]], epsilon: float, key,
                     num_classes: int = 10, pgd_step_ratio: float | None = None,
-                    correct: np.ndarray | None = None) -> dict:
+                    correct: np.ndarray | None = None, norm: str = "linf") -> dict:
     """Natural accuracy and, for each (label, members) item of `suite.parse`, the
     accuracy under it at L-inf radius `epsilon`; ensembles also report the accuracy
     after each member (cumulative, as AutoAttack prints it) and the time each took.
-    `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps)."""
+    `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps);
+    `norm`: the threat model, 'linf' or 'l2'."""
     n = len(y)
     correct = ev.correct(x, y) if correct is None else correct
-    result = {"n": n, "epsilon": epsilon, "natural_acc": float(correct.mean()), "attacks": {}}
+    result = {"n": n, "epsilon": epsilon, "norm": norm, "natural_acc": float(correct.mean()), "attacks": {}}
     for label, members in items:
         robust = correct.copy()
         after, seconds = {}, {}
         for name in members:
             pgd_step = pgd_step_ratio * epsilon if pgd_step_ratio else None
-            attack = suite.make(name, epsilon, num_classes, pgd_step)
+            attack = suite.make(name, epsilon, num_classes, pgd_step, norm)
             idx = np.flatnonzero(robust)
             t0 = time.perf_counter()
             # Keyed by name: an attack at one epsilon draws the same randomness wherever it
@@ -215,7 +216,7 @@ def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
             after[name] = float(robust.mean())
             ev.log(f"[eval] eps {epsilon:g}: after {name}: {100 * after[name]:.2f}% robust "
                    f"({seconds[name]:.0f} s)")
-        entry = {"robust_acc": float(robust.mean()), "epsilon": epsilon,
+        entry = {"robust_acc": float(robust.mean()), "epsilon": epsilon, "norm": norm,
                  "members": list(members), "seconds": sum(seconds.values())}
         if len(members) > 1:
             entry.update(after=after, member_seconds=seconds)

@@ -184,3 +184,57 @@ def test_apgd_rejects_bad_arguments(bad):
         attacks.ApgdCe(**(dict(epsilon=0.1) | bad))
     with pytest.raises(ValueError, match="n_target_classes=4.*restarts=9"):
         attacks.ApgdT(epsilon=0.1, n_target_classes=4)
+
+
+@pytest.mark.parametrize("attack", [
+    attacks.Pgd(epsilon=0.1, step_size=0.05, num_steps=60, norm="l2"),
+    attacks.ApgdCe(epsilon=0.1, num_steps=100, norm="l2")])
+def test_l2_attacks_reach_the_analytic_worst_case_of_a_linear_model(attack):
+    """Two classes, x inside the box by more than eps: the worst L2 perturbation is
+    eps * d / ||d||, d = w_other - w_true (every loss here increases in z_other - z_true)."""
+    x, w, y = _linear_two_class(1, n=8)
+    eps = attack.epsilon
+    fn = lambda xa: xa.reshape(xa.shape[0], -1) @ jnp.asarray(w)
+    d = (w[:, 1 - y] - w[:, y]).T.reshape(x.shape)
+    want = x + eps * d / np.linalg.norm(d.reshape(len(x), -1), axis=1)[:, None, None, None]
+    margin = lambda xa: np.asarray(attacks.margin_loss(fn(jnp.asarray(xa)), jnp.asarray(y)))
+    state = attack.init(fn, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
+    state = attacks.run_steps(attack, fn, state, jnp.asarray(x), jnp.asarray(y))
+    got = np.asarray(state["x_best"] if "x_best" in state else state["x_adv"])
+    delta = (got - x).reshape(len(x), -1)
+    assert (np.linalg.norm(delta, axis=1) <= eps * (1 + 1e-5)).all()
+    np.testing.assert_allclose(margin(got), margin(want), atol=2e-4 * eps)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_l2_attacks_stay_in_the_ball_and_the_box_and_fool_more_with_more_budget():
+    apply, params, x, y = _small_model(3)
+    fn = functools.partial(apply, params)
+    key = jax.random.PRNGKey(2)
+    robust = []
+    for eps in (0.25, 1.0, 4.0):
+        fooled = np.zeros(len(y), bool)
+        for attack in (attacks.Pgd(eps, 2.5 * eps / 20, 20, norm="l2"),
+                       attacks.ApgdCe(epsilon=eps, num_steps=30, norm="l2"),
+                       attacks.ApgdT(epsilon=eps, num_steps=30, n_target_classes=3,
+                                     restarts=3, norm="l2")):
+            x_adv = np.asarray(attacks.run(attack, fn, x, y, key))
+            norms = np.linalg.norm((x_adv - np.asarray(x)).reshape(len(y), -1), axis=1)
+            assert (norms <= eps * (1 + 1e-5)).all() and (x_adv >= 0).all() \
+                and (x_adv <= 1).all()
+            fooled |= np.asarray(fn(jnp.asarray(x_adv)).argmax(-1)) != np.asarray(y)
+        robust.append((~fooled).sum())
+    assert robust[0] >= robust[1] >= robust[2] and robust[0] > robust[2]
+
+
+def test_l2_names_what_it_lacks():
+    from robust_admm.attacks import suite
+    assert suite.make("apgd-t", 0.5, norm="l2").norm == "l2"
+    for name in ("fab-t", "square"):
+        with pytest.raises(NotImplementedError, match=f"{name} with norm='l2' is not "
+                                                      "implemented"):
+            suite.make(name, 0.5, norm="l2")
+    with pytest.raises(ValueError, match="norm='l1' is not allowed; allowed: linf, l2"):
+        suite.make("pgd10", 0.5, norm="l1")
+    with pytest.raises(ValueError, match="norm='L2' is not allowed"):
+        attacks.ApgdCe(epsilon=0.5, norm="L2")

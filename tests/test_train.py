@@ -198,6 +198,26 @@ def test_eval_command_refuses_bad_input(digits_runs, tmp_path):
         eval_lib.evaluate_workdir(str(tmp_path))
 
 
+def test_eval_command_measures_l2_robustness(digits_runs):
+    from robust_admm import eval as eval_lib
+
+    _, workdir, _ = digits_runs
+    out = eval_lib.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce", norm="l2",
+                                    epsilon=1.0, n=120, checks=False)
+    acc = {k: v["robust_acc"] for k, v in out["attacks"].items()}
+    assert out["norm"] == "l2" and all(v["norm"] == "l2" for v in out["attacks"].values())
+    assert acc["apgd-ce"] <= acc["pgd20"] + 0.01 <= acc["fgsm"] + 0.02
+    assert acc["apgd-ce"] < out["natural_acc"]
+    with pytest.raises(ValueError, match="digits has no standard L2 radius here; give "
+                                         "--epsilon"):
+        eval_lib.evaluate_workdir(workdir, norm="l2")
+    with pytest.raises(NotImplementedError, match="fab-t with norm='l2'"):
+        eval_lib.evaluate_workdir(workdir, attacks="aa-standard", norm="l2", epsilon=1.0,
+                                  n=8, checks=False)
+    with pytest.raises(ValueError, match="--norm='l1'; allowed: linf, l2"):
+        eval_lib.evaluate_workdir(workdir, norm="l1")
+
+
 def test_the_evaluation_attack_comes_from_eval_fields_only():
     cfg = mnist_config.get_config("smoke")
     cfg.attack.update(epsilon=0.1, step_size=0.02, num_steps=7, random_start=True, loss="ce")

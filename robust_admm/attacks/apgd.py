@@ -1,8 +1,10 @@
-"""APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, L-inf.
+"""APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum, L-inf or L2.
 
 Follows the paper and its reference implementation (AutoAttack's `autopgd_base.py`):
 - start: x + eps * t / max|t|, t uniform in [-1, 1]^d (restart r draws with
-  `fold_in(key, r)`), clipped to [0, 1]; step size 2 * eps per example.
+  `fold_in(key, r)`), clipped to [0, 1]; step size 2 * eps per example. L2: x + eps *
+  t / ||t||_2, t Gaussian, clipped; steps along grad / ||grad||_2 and P the reference's
+  L2 shrink then clip (`core.project_l2`).
 - step k: z = P(x_k + eta * sign(grad)); x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k -
   x_{k-1})) with momentum a = 0.75 (1 on the first step).
 - checkpoints at the published fractions (the first after 22% of the iterations, then
@@ -57,10 +59,12 @@ class Apgd(core.Attack):
     epsilon: float
     num_steps: int = 100
     restarts: int = 1
+    norm: str = "linf"  # 'linf' | 'l2'
 
     def __post_init__(self):
         core.check_arguments("APGD", epsilon=self.epsilon, num_steps=self.num_steps,
                              restarts=self.restarts)
+        core.check_norm("APGD", self.norm)
 
     @property
     def is_identity(self) -> bool:
@@ -79,9 +83,13 @@ class Apgd(core.Attack):
 
     def init(self, logits_fn, x, y, key, restart: int = 0, scale=1.0):
         eps = jnp.asarray(self.epsilon * scale, x.dtype)
-        t = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype, -1.0, 1.0)
-        t_max = jnp.abs(t.reshape(t.shape[0], -1)).max(axis=1)
-        x_adv = jnp.clip(x + eps * t / (core.per_example(t_max, t) + 1e-12), 0.0, 1.0)
+        if self.norm == "l2":
+            x_adv = core.l2_start(jax.random.fold_in(key, restart), x, eps)
+        else:
+            t = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
+                                   -1.0, 1.0)
+            t_max = jnp.abs(t.reshape(t.shape[0], -1)).max(axis=1)
+            x_adv = jnp.clip(x + eps * t / (core.per_example(t_max, t) + 1e-12), 0.0, 1.0)
         target = self.target(logits_fn, x, y, restart)
         loss, grad, logits = self._loss_and_grad(logits_fn, x_adv, y, target)
         batch = x.shape[0]
@@ -110,9 +118,11 @@ class Apgd(core.Attack):
         pe = lambda v: core.per_example(v, x)
         # The gradient step with momentum.
         a = jnp.where(i > 0, MOMENTUM, 1.0).astype(x.dtype)
-        z = core.project_linf(s["x_adv"] + pe(s["step_size"]) * jnp.sign(s["grad"]), x, eps)
-        x_adv = core.project_linf(
-            s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a), x, eps)
+        direction = core.ascent_direction(s["grad"], self.norm)
+        z = core.project(s["x_adv"] + pe(s["step_size"]) * direction, x, eps, self.norm)
+        x_adv = core.project(
+            s["x_adv"] + (z - s["x_adv"]) * a + (s["x_adv"] - s["x_prev"]) * (1 - a), x, eps,
+            self.norm)
         x_prev = s["x_adv"]
         loss, grad, logits = self._loss_and_grad(logits_fn, x_adv, y, s["target"])
         # Best points.

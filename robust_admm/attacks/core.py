@@ -89,6 +89,52 @@ def project_linf(x_adv, x, epsilon):
     return jnp.clip(jnp.clip(x_adv, x - epsilon, x + epsilon), 0.0, 1.0)
 
 
+# ----------------------------------------------------------------------------- norms
+# The threat models: 'linf' (max |delta_i| <= eps) and 'l2' (||delta||_2 <= eps).
+
+NORMS = ("linf", "l2")
+
+
+def check_norm(attack_name: str, norm: str, allowed=NORMS):
+    if norm not in allowed:
+        raise ValueError(f"{attack_name}: norm={norm!r} is not allowed; allowed: "
+                         f"{', '.join(allowed)}")
+
+
+def l2_norm(v):
+    """Per-example Euclidean norm: (batch, ...) -> (batch,)."""
+    return jnp.sqrt((v.reshape(v.shape[0], -1) ** 2).sum(axis=1))
+
+
+def l2_normalize(v):
+    """v / ||v||_2 per example (+1e-12, as AutoAttack's reference)."""
+    return v / (per_example(l2_norm(v), v) + 1e-12)
+
+
+def project_l2(x_adv, x, epsilon):
+    """x + (x_adv - x) shrunk to L2 norm <= epsilon, then clipped to [0, 1] (AutoAttack's
+    APGD-L2 step: not the exact projection onto the ball and the box together)."""
+    d = x_adv - x
+    return jnp.clip(x + l2_normalize(d) * jnp.minimum(epsilon, per_example(l2_norm(d), d)),
+                    0.0, 1.0)
+
+
+def project(x_adv, x, epsilon, norm: str):
+    return project_linf(x_adv, x, epsilon) if norm == "linf" else project_l2(x_adv, x, epsilon)
+
+
+def ascent_direction(grad, norm: str):
+    """The steepest-ascent unit step of the norm: sign(grad) (L-inf), grad / ||grad|| (L2)."""
+    return jnp.sign(grad) if norm == "linf" else l2_normalize(grad)
+
+
+def l2_start(key, x, epsilon):
+    """A start on the L2 sphere of radius epsilon around x, direction Gaussian, clipped to
+    [0, 1] (AutoAttack's APGD-L2 start)."""
+    return jnp.clip(x + epsilon * l2_normalize(jax.random.normal(key, x.shape, x.dtype)),
+                    0.0, 1.0)
+
+
 def per_example(v, like):
     """(batch,) -> broadcastable against `like` (batch, ...)."""
     return v.reshape(v.shape + (1,) * (like.ndim - 1))

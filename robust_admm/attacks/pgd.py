@@ -1,4 +1,4 @@
-"""FGSM and L-inf PGD (Madry et al.) on the attack protocol."""
+"""FGSM and PGD (Madry et al.), L-inf or L2, on the attack protocol."""
 import dataclasses
 
 import jax
@@ -9,10 +9,11 @@ from robust_admm.attacks import core
 
 @dataclasses.dataclass(frozen=True)
 class Pgd(core.Attack):
-    """L-inf PGD: a uniform random start in the eps-ball (restart r draws with
-    `fold_in(key, r)`), then `num_steps` signed-gradient ascent steps on `loss` ('ce' or
-    'margin'), each projected back onto the ball and [0, 1]. Restarts keep, per example,
-    the first that fools the model."""
+    """PGD: a random start in the eps-ball (restart r draws with `fold_in(key, r)`), then
+    `num_steps` ascent steps on `loss` ('ce', 'margin' or 'dlr'), each projected back onto
+    the ball and [0, 1]. L-inf: uniform start, signed-gradient steps. L2: a start on the
+    eps-sphere in a Gaussian direction, steps along grad / ||grad||_2. Restarts keep, per
+    example, the first that fools the model."""
 
     epsilon: float
     step_size: float
@@ -21,9 +22,11 @@ class Pgd(core.Attack):
     loss: str = "ce"
     restarts: int = 1
     unroll: int = 1  # `lax.fori_loop` unroll factor (speed only)
+    norm: str = "linf"  # 'linf' | 'l2'
 
     def __post_init__(self):
         core.loss_fn(self.loss)
+        core.check_norm("PGD", self.norm)
         core.check_arguments("PGD", epsilon=self.epsilon, step_size=self.step_size,
                              num_steps=self.num_steps, restarts=self.restarts)
 
@@ -34,7 +37,9 @@ class Pgd(core.Attack):
     def init(self, logits_fn, x, y, key, restart: int = 0, scale=1.0):
         eps, alpha = self.epsilon * scale, self.step_size * scale
         x_adv = x
-        if self.random_start:
+        if self.random_start and self.norm == "l2":
+            x_adv = core.l2_start(jax.random.fold_in(key, restart), x, eps)
+        elif self.random_start:
             noise = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
                                        -1.0, 1.0) * eps
             x_adv = core.project_linf(x + noise, x, eps)
@@ -43,6 +48,9 @@ class Pgd(core.Attack):
 
     def step(self, logits_fn, state, x, y):
         _, grad, _ = core.loss_and_grad(logits_fn, core.loss_fn(self.loss), state["x_adv"], y)
+        if self.norm == "l2":
+            x_adv = state["x_adv"] + state["alpha"] * core.l2_normalize(grad)
+            return dict(state, x_adv=core.project_l2(x_adv, x, state["eps"]))
         x_adv = state["x_adv"] + state["alpha"] * jnp.sign(grad)
         return dict(state, x_adv=core.project_linf(x_adv, x, state["eps"]))
 

@@ -19,25 +19,30 @@ SINGLE = ("fgsm", "pgd<N>", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 
 
 def make(name: str, epsilon: float, num_classes: int = 10,
-         pgd_step_size: float | None = None) -> core.Attack:
-    """The attack `name` at L-inf radius `epsilon`. `pgd<N>` takes `pgd_step_size` per
-    step (default 2.5 * epsilon / N, Madry et al.'s rule)."""
+         pgd_step_size: float | None = None, norm: str = "linf") -> core.Attack:
+    """The attack `name` at radius `epsilon` in `norm` ('linf' or 'l2'). `pgd<N>` takes
+    `pgd_step_size` per step (default 2.5 * epsilon / N, Madry et al.'s rule)."""
     check_name(name)
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon!r} must be >= 0")
+    core.check_norm(name, norm)
+    if norm != "linf" and name in ("fab-t", "square"):
+        raise NotImplementedError(f"{name} with norm={norm!r} is not implemented (only "
+                                  f"'linf'); L2 has fgsm, pgd<N>, apgd-ce, apgd-dlr, apgd-t")
     n_targets = min(9, num_classes - 1)
     m = re.fullmatch(r"pgd(\d+)", name)
     if m:
         steps = int(m.group(1))
         step = 2.5 * epsilon / steps if pgd_step_size is None else pgd_step_size
-        return Pgd(epsilon=epsilon, step_size=step, num_steps=steps)
+        return Pgd(epsilon=epsilon, step_size=step, num_steps=steps, norm=norm)
     if name == "fgsm":
-        return Pgd(epsilon=epsilon, step_size=epsilon, num_steps=1, random_start=False)
+        return Pgd(epsilon=epsilon, step_size=epsilon, num_steps=1, random_start=False,
+                   norm=norm)
     if name in ("apgd-ce", "apgd-dlr"):
-        return ApgdCe(epsilon=epsilon, num_steps=100, loss_name=name[5:])
+        return ApgdCe(epsilon=epsilon, num_steps=100, loss_name=name[5:], norm=norm)
     if name == "apgd-t":
         return ApgdT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
-                          restarts=n_targets)
+                     restarts=n_targets, norm=norm)
     if name == "fab-t":
         return FabT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
                     restarts=n_targets)

@@ -1,0 +1,82 @@
+"""Training objectives against float64 re-derivations written from the papers' formulas
+(and the constants of the authors' code)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_admm import objectives
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _case(seed=0, n=7, k=5):
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(size=(n, k)) * 3
+    adv = clean + rng.normal(size=(n, k)) * 2
+    y = rng.integers(0, k, n)
+    y[0] = clean[0].argmax()  # a point whose strongest adversarial class is its label
+    adv[0, y[0]] += 10.0
+    return clean, adv, y
+
+
+def _ref(clean, adv, y, beta):
+    """Per the papers: TRADES = CE(clean) + beta KL(p_c || p_a); MART = CE(adv)
+    - log(1.0001 - max_{k != y} p_a,k + 1e-12) + beta KL(p_c || p_a + 1e-12) (1.0000001 - p_c,y)."""
+    n = len(y)
+    pc, pa = _softmax(clean), _softmax(adv)
+    ce_c = -np.log(pc[np.arange(n), y])
+    ce_a = -np.log(pa[np.arange(n), y])
+    kl = (pc * (np.log(pc) - np.log(pa))).sum(1)
+    trades = ce_c.mean() + beta * kl.mean()
+    wrong = pa.copy()
+    wrong[np.arange(n), y] = -1
+    p_wrong = wrong.max(1)
+    kl_mart = (pc * (np.log(pc) - np.log(pa + 1e-12))).sum(1)
+    mart = (ce_a - np.log(1.0001 - p_wrong + 1e-12)).mean() + \
+        beta * (kl_mart * (1.0000001 - pc[np.arange(n), y])).mean()
+    return {"trades": trades, "mart": mart, "pgd_at": ce_a.mean(), "natural": ce_c.mean()}
+
+
+@pytest.mark.parametrize("name", objectives.OBJECTIVES)
+@pytest.mark.parametrize("beta", [1.0, 6.0])
+def test_objectives_match_their_formulas(name, beta):
+    clean, adv, y = _case()
+    got = objectives.get(name).loss(jnp.asarray(clean, jnp.float32),
+                                    jnp.asarray(adv, jnp.float32), jnp.asarray(y), beta)
+    np.testing.assert_allclose(float(got), _ref(clean, adv, y, beta)[name], rtol=2e-5)
+
+
+def test_the_hand_computed_two_class_case():
+    """Clean logits (0, 0), adversarial (0, ln 3), label 0: p_c = (1/2, 1/2),
+    p_a = (1/4, 3/4); KL = 1/2 ln 2 + 1/2 ln(2/3); TRADES = ln 2 + beta KL."""
+    clean = jnp.asarray([[0.0, 0.0]])
+    adv = jnp.asarray([[0.0, np.log(3.0)]])
+    y = jnp.asarray([0])
+    kl = 0.5 * np.log(2.0) + 0.5 * np.log(2.0 / 3.0)
+    np.testing.assert_allclose(float(objectives.trades(clean, adv, y, 6.0)),
+                               np.log(2.0) + 6.0 * kl, rtol=1e-6)
+    mart = np.log(4.0) - np.log(1.0001 - 0.75 + 1e-12) + \
+        6.0 * (0.5 * np.log(0.5 / (0.25 + 1e-12)) + 0.5 * np.log(0.5 / (0.75 + 1e-12))) * \
+        (1.0000001 - 0.5)
+    np.testing.assert_allclose(float(objectives.mart(clean, adv, y, 6.0)), mart, rtol=1e-6)
+
+
+def test_attack_losses_and_their_gradients():
+    clean, adv, y = (jnp.asarray(a) for a in _case(1))
+    clean, adv = clean.astype(jnp.float32), adv.astype(jnp.float32)
+    # TRADES's inner loss is 0 at the clean point and holds the clean prediction fixed.
+    np.testing.assert_allclose(objectives.kl_attack_loss(clean, y, clean), 0.0, atol=1e-6)
+    g_clean = jax.grad(lambda c: objectives.kl_attack_loss(adv, y, c).sum())(clean)
+    assert not np.asarray(g_clean).any()
+    np.testing.assert_allclose(objectives.ce_attack_loss(adv, y, clean),
+                               -np.log(_softmax(np.asarray(adv, np.float64))[np.arange(7),
+                                                                              np.asarray(y)]),
+                               rtol=1e-5, atol=1e-6)
+    assert objectives.get("natural").attack_loss is None
+    with pytest.raises(ValueError, match="objective='fgsm_at' is not known; allowed: "
+                                         "pgd_at, trades, mart, natural"):
+        objectives.get("fgsm_at")
