@@ -31,6 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = ",".join(STAGES)
     # 'adversarial' (PGD min-max training, Madry et al.) | 'natural' (no attack in training).
     c.setting = "adversarial"
+    # The training loss: 'pgd_at' (cross-entropy at the attack's point, Madry et al.),
+    # 'trades' (Zhang et al. 2019: CE(clean) + beta KL(clean || adv); its attack ascends
+    # the KL from x + 0.001 N(0, 1)), 'mart' (Wang et al. 2020; its attack ascends CE),
+    # 'natural' (no attack; the same as setting='natural').
+    c.objective = "pgd_at"
+    c.objective_beta = 6.0  # TRADES's and MART's beta
     c.batch_size = 64  # global training batch
     c.log_every_steps = 50  # metrics line + progress (img/s, ETA) every this many steps
     # Speed only, CPU only: 'xla' compiles the steps with XLA:CPU's own convolutions (the

@@ -12,7 +12,7 @@ its inner maximisation ascends (a per-example function, as the attacks take it).
 - `mart` (Wang et al. 2020): boosted CE at the adversarial point (CE plus
   -log(1.0001 - p_adv of the strongest wrong class)) + beta * KL(p_clean || p_adv)
   weighted per example by (1.0000001 - p_clean of the true class); the attack ascends CE.
-- `natural`: CE on clean inputs; no attack.
+- `natural`: CE on clean inputs; no attack (the step passes the clean logits for both).
 
 The constants (1e-12, 1.0001, 1.0000001) are those of the authors' code, kept so that
 results compare.
@@ -94,7 +94,7 @@ def get(name: str) -> Objective:
     table = {"pgd_at": Objective("pgd_at", pgd_at, ce_attack_loss, False),
              "trades": Objective("trades", trades, kl_attack_loss, True),
              "mart": Objective("mart", mart, ce_attack_loss, True),
-             "natural": Objective("natural", natural, None, True)}
+             "natural": Objective("natural", natural, None, False)}
     if name not in table:
         raise ValueError(f"objective={name!r} is not known; allowed: {', '.join(OBJECTIVES)}")
     return table[name]

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from robust_admm import admm as admm_lib
-from robust_admm import attacks, compiler, parallel
+from robust_admm import attacks, compiler, objectives, parallel
 
 
 @flax.struct.dataclass
@@ -99,16 +99,24 @@ class TrainAttack:
         return 0 if self.attack is None or self.attack.is_identity else self.attack.num_steps
 
 
-def make_attack(attack_cfg, setting: str, warmup_steps: int = 0) -> TrainAttack:
-    """The training attack for the setting ('natural' = no attack)."""
-    if setting == "natural":
-        return TrainAttack(None)
-    if setting != "adversarial":
+def make_attack(attack_cfg, setting: str, warmup_steps: int = 0,
+                objective: str = "pgd_at") -> TrainAttack:
+    """The training attack for the setting ('natural' = no attack) and the objective
+    (TRADES's attack ascends the KL to the clean prediction from a small Gaussian start)."""
+    if setting not in ("adversarial", "natural"):
         raise ValueError(f"setting={setting!r}; allowed: 'adversarial', 'natural'")
+    if setting == "natural" or objective == "natural":
+        return TrainAttack(None)
+    trades = objectives.get(objective).name == "trades"
     return TrainAttack(attacks.Pgd(
         epsilon=attack_cfg.epsilon, step_size=attack_cfg.step_size,
         num_steps=attack_cfg.num_steps, random_start=attack_cfg.random_start,
-        loss=attack_cfg.loss, unroll=attack_cfg.unroll), warmup_steps)
+        loss=objectives.kl_attack_loss if trades else attack_cfg.loss,
+        unroll=attack_cfg.unroll, start_std=TRADES_START_STD if trades else 0.0),
+        warmup_steps)
+
+
+TRADES_START_STD = 0.001  # TRADES's code: x + 0.001 * randn
 
 
 def batch_indices(key, step, num_examples: int, batch_size: int):
@@ -138,15 +146,20 @@ class CompiledStep:
 def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack,
                     batch_size: int, schedule: Callable | None = None,
                     mesh: Mesh | None = None, pgd_loop: str = "auto",
-                    cpu_convolutions: str = "auto") -> CompiledStep:
+                    cpu_convolutions: str = "auto", objective: str = "pgd_at",
+                    beta: float = 6.0) -> CompiledStep:
     """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
     is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
     replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
     `pgd_loop` ('auto', 'fori', 'host'; see `resolve_pgd_loop`) and `cpu_convolutions`
-    (see `robust_admm.compiler`) only change speed.
+    (see `robust_admm.compiler`) only change speed. `objective` (`robust_admm.objectives`)
+    is the loss at the attack's point; TRADES and MART also take a clean forward pass
+    (BatchNorm statistics updated by the clean pass, then by the adversarial one).
     """
+    obj = objectives.get(objective)
+    two_passes = obj.needs_clean and attack.attack is not None
     data_key_tag, attack_key_tag = 0, 1
     shard = _batch_constraint(mesh)
     adv = attack.attack
@@ -177,8 +190,11 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         x_adv = jax.lax.stop_gradient(x_adv)
 
         def loss_fn(params):
-            logits, new_stats = apply_model(model, params, state.batch_stats, x_adv, True)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            stats = state.batch_stats
+            if two_passes:
+                clean_logits, stats = apply_model(model, params, stats, x, True)
+            logits, new_stats = apply_model(model, params, stats, x_adv, True)
+            ce = obj.loss(clean_logits if two_passes else logits, logits, y, beta)
             pen = admm_lib.penalty(params, state.admm)
             return ce + pen, (ce, pen, logits, new_stats)
 

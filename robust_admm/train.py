@@ -222,9 +222,10 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
         # (a stage killed before its first one finished) that is all of the stage's.
         run.writer.truncate_after(stage, last_ckpt or 0)
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
-        train_step = make_train_step(run.model, tx, make_attack(cfg.attack, cfg.setting, warmup),
-                                     cfg.batch_size, schedule, run.mesh, cfg.attack.loop,
-                                     cfg.cpu_convolutions)
+        train_step = make_train_step(
+            run.model, tx, make_attack(cfg.attack, cfg.setting, warmup, cfg.objective),
+            cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
+            cfg.objective, cfg.objective_beta)
         admm_update = jax.jit(lambda p, s: admm_lib.update(
             p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
 

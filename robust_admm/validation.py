@@ -2,7 +2,7 @@
 the field, the bad value and what is allowed."""
 import jax
 
-from robust_admm import compiler, data, optim, parallel
+from robust_admm import compiler, data, objectives, optim, parallel
 from robust_admm.attacks.core import LOSSES
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
@@ -63,6 +63,16 @@ def validate_config(config, device_count: int | None = None):
     stages = parse_stages(config.stages)
     _require(config.setting in ("adversarial", "natural"), "setting", config.setting,
              "'adversarial' or 'natural'")
+    _require(config.objective in objectives.OBJECTIVES, "objective", config.objective,
+             f"one of {objectives.OBJECTIVES}")
+    _require(config.objective_beta >= 0, "objective_beta", config.objective_beta, ">= 0")
+    if config.setting == "natural" and config.objective in ("trades", "mart"):
+        raise ValueError(f"objective={config.objective!r} needs an attack; setting='natural' "
+                         f"trains without one (use setting='adversarial')")
+    if config.objective == "trades" and config.attack.loss != "ce":
+        raise ValueError(f"attack.loss={config.attack.loss!r} with objective='trades': its "
+                         f"attack ascends the KL to the clean prediction; leave attack.loss "
+                         f"at 'ce'")
     _require(config.data.name in data.DATASETS, "data.name", config.data.name,
              f"one of {list(data.DATASETS)}")
     _require(config.data.source in data.SOURCES, "data.source", config.data.source,

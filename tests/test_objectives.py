@@ -80,3 +80,23 @@ def test_attack_losses_and_their_gradients():
     with pytest.raises(ValueError, match="objective='fgsm_at' is not known; allowed: "
                                          "pgd_at, trades, mart, natural"):
         objectives.get("fgsm_at")
+
+
+def test_the_trades_attack_ascends_the_kl_to_the_clean_prediction():
+    from robust_admm import attacks
+    from robust_admm.models import get_model
+    model = get_model("lenet_digits", 10, 2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    fn = lambda xa: model.apply({"params": params}, xa)
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)), jnp.float32)
+    y = jnp.zeros(16, jnp.int32)
+    kl = lambda xa: np.asarray(objectives.kl_clean_adv(fn(x), fn(xa)))
+    pgd = attacks.Pgd(0.2, 0.05, 10, loss=objectives.kl_attack_loss, start_std=0.001)
+    s0 = pgd.init(fn, x, y, jax.random.PRNGKey(1))
+    start = np.asarray(s0["x_adv"])
+    assert 0 < np.abs(start - np.asarray(x)).max() < 0.01  # x + 0.001 N(0, 1)
+    x_adv = np.asarray(attacks.run(pgd, fn, x, y, jax.random.PRNGKey(1)))
+    assert np.abs(x_adv - np.asarray(x)).max() <= 0.2 + 1e-6
+    assert (kl(jnp.asarray(x_adv)) > 10 * kl(jnp.asarray(start)) + 1e-6).all()
+    with pytest.raises(ValueError, match="start_std=-0.1"):
+        attacks.Pgd(0.2, 0.05, 10, start_std=-0.1)

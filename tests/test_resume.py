@@ -258,6 +258,11 @@ def test_skip_policy_goes_past_nonfinite_steps_without_applying_them(tmp_path, i
     ({"admm.rho": 0.0}, "admm.rho=0.0 is not allowed"),
     ({"nonfinite.policy": "ignore"}, "nonfinite.policy='ignore' is not allowed"),
     ({"setting": "robust"}, "setting='robust' is not allowed"),
+    ({"objective": "fgsm_at"}, "objective='fgsm_at' is not allowed.*'pgd_at', 'trades'"),
+    ({"objective_beta": -1.0}, "objective_beta=-1.0 is not allowed"),
+    ({"objective": "trades", "setting": "natural"}, "objective='trades' needs an attack"),
+    ({"objective": "trades", "attack.loss": "margin"},
+     "attack.loss='margin' with objective='trades'"),
 ])
 def test_bad_config_values_are_named(overrides, message, idx_dir):
     with pytest.raises(ValueError, match=message):

@@ -23,7 +23,7 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 
 
 def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=None,
-           channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto"):
+           channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto", objective="pgd_at"):
     model = model or get_model("lenet_digits", 10, 4)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -37,14 +37,14 @@ def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=No
                        key=jax.random.PRNGKey(1))
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=0.1, step_size=0.05, num_steps=2, random_start=True, loss="ce", unroll=1)),
-        setting, warmup_steps)
+        setting, warmup_steps, objective)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, n).astype(np.int32)
     # A learnable task: the label is written into the image as a bright pixel.
     images = rng.integers(0, 60, (n, 8, 8, channels)).astype(np.uint8)
     images[np.arange(n), labels % 8, labels // 8 * 4, 0] = 255
     step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop,
-                           cpu_convolutions=cpu_convolutions)
+                           cpu_convolutions=cpu_convolutions, objective=objective, beta=6.0)
     return state, step, jnp.asarray(images), jnp.asarray(labels)
 
 
@@ -66,14 +66,16 @@ def test_masked_weights_stay_exactly_zero_and_the_rest_trains():
     assert step.compilations() == len(step.parts)  # each part compiled once for all steps
 
 
-def test_natural_and_adversarial_training_reduce_the_loss():
-    for setting in ("natural", "adversarial"):
-        state, step, x, y = _setup(setting)
-        losses = []
-        for _ in range(60):
-            state, m = step(state, x, y)
-            losses.append(float(m["ce"]))
-        assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), (setting, losses)
+@pytest.mark.parametrize("setting,objective", [
+    ("natural", "pgd_at"), ("adversarial", "pgd_at"), ("adversarial", "trades"),
+    ("adversarial", "mart")])
+def test_natural_and_adversarial_training_reduce_the_loss(setting, objective):
+    state, step, x, y = _setup(setting, objective=objective)
+    losses = []
+    for _ in range(60):
+        state, m = step(state, x, y)
+        losses.append(float(m["ce"]))
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), (setting, losses)
 
 
 def _close(a, b, atol):
@@ -81,12 +83,15 @@ def _close(a, b, atol):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol)
 
 
-@pytest.mark.parametrize("model,channels", [
-    (None, 1),
+@pytest.mark.parametrize("model,channels,objective", [
+    (None, 1, "pgd_at"),
     # BatchNorm in train mode during the attack: the statistics must move once per step.
-    (VGG(cfg=(4, "M", 8, "M")), 3),
+    (VGG(cfg=(4, "M", 8, "M")), 3, "pgd_at"),
+    # TRADES's attack carries the clean logits in its state; MART's step two passes.
+    (None, 1, "trades"),
+    (VGG(cfg=(4, "M", 8, "M")), 3, "mart"),
 ])
-def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels):
+def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels, objective):
     """'host' (a compiled call per PGD step) and 'fori' give the same training run, with an
     epsilon ramp in progress, and each compiles its parts once."""
     runs = {}
@@ -94,7 +99,8 @@ def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels):
         # SGD, not Adam: the gradient of a conv bias before BatchNorm is rounding noise,
         # which Adam's normalisation turns into steps of +-lr.
         state, step, x, y = _setup(pgd_loop=loop, model=model, channels=channels,
-                                   warmup_steps=3, tx=optax.sgd(0.05, momentum=0.9))
+                                   warmup_steps=3, tx=optax.sgd(0.05, momentum=0.9),
+                                   objective=objective)
         for _ in range(4):
             state, m = step(state, x, y)
         assert step.compilations() == len(step.parts) == (1 if loop == "fori" else 3)

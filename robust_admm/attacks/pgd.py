@@ -1,5 +1,6 @@
 """FGSM and PGD (Madry et al.), L-inf or L2, on the attack protocol."""
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,19 +14,28 @@ class Pgd(core.Attack):
     `num_steps` ascent steps on `loss` ('ce', 'margin' or 'dlr'), each projected back onto
     the ball and [0, 1]. L-inf: uniform start, signed-gradient steps. L2: a start on the
     eps-sphere in a Gaussian direction, steps along grad / ||grad||_2. Restarts keep, per
-    example, the first that fools the model."""
+    example, the first that fools the model.
+
+    `loss` is a name of `core.LOSSES` or a function `(logits, y, clean_logits) ->
+    (batch,)` (TRADES's KL to the clean prediction: the clean logits are computed once
+    at init and held fixed). `start_std > 0` replaces the uniform start by x + start_std *
+    N(0, 1), unclipped, as TRADES's code starts (0.001)."""
 
     epsilon: float
     step_size: float
     num_steps: int
     random_start: bool = True
-    loss: str = "ce"
+    loss: str | Callable = "ce"
     restarts: int = 1
     unroll: int = 1  # `lax.fori_loop` unroll factor (speed only)
     norm: str = "linf"  # 'linf' | 'l2'
+    start_std: float = 0.0
 
     def __post_init__(self):
-        core.loss_fn(self.loss)
+        if not callable(self.loss):
+            core.loss_fn(self.loss)
+        if not self.start_std >= 0:
+            raise ValueError(f"PGD: start_std={self.start_std!r} (allowed: >= 0)")
         core.check_norm("PGD", self.norm)
         core.check_arguments("PGD", epsilon=self.epsilon, step_size=self.step_size,
                              num_steps=self.num_steps, restarts=self.restarts)
@@ -37,17 +47,28 @@ class Pgd(core.Attack):
     def init(self, logits_fn, x, y, key, restart: int = 0, scale=1.0):
         eps, alpha = self.epsilon * scale, self.step_size * scale
         x_adv = x
-        if self.random_start and self.norm == "l2":
+        if self.random_start and self.start_std > 0:
+            x_adv = x + self.start_std * jax.random.normal(jax.random.fold_in(key, restart),
+                                                           x.shape, x.dtype)
+        elif self.random_start and self.norm == "l2":
             x_adv = core.l2_start(jax.random.fold_in(key, restart), x, eps)
         elif self.random_start:
             noise = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
                                        -1.0, 1.0) * eps
             x_adv = core.project_linf(x + noise, x, eps)
-        return {"x_adv": x_adv, "eps": jnp.asarray(eps, x.dtype),
-                "alpha": jnp.asarray(alpha, x.dtype)}
+        state = {"x_adv": x_adv, "eps": jnp.asarray(eps, x.dtype),
+                 "alpha": jnp.asarray(alpha, x.dtype)}
+        if callable(self.loss):
+            state["clean_logits"] = jax.lax.stop_gradient(logits_fn(x))
+        return state
 
     def step(self, logits_fn, state, x, y):
-        _, grad, _ = core.loss_and_grad(logits_fn, core.loss_fn(self.loss), state["x_adv"], y)
+        if callable(self.loss):
+            _, grad, _ = core.loss_and_grad(logits_fn, self.loss, state["x_adv"], y,
+                                            state["clean_logits"])
+        else:
+            _, grad, _ = core.loss_and_grad(logits_fn, core.loss_fn(self.loss),
+                                            state["x_adv"], y)
         if self.norm == "l2":
             x_adv = state["x_adv"] + state["alpha"] * core.l2_normalize(grad)
             return dict(state, x_adv=core.project_l2(x_adv, x, state["eps"]))
