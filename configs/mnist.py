@@ -2,8 +2,8 @@
 
 Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`):
 - (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
-- `cpu`: a budget recipe for 2 CPU cores, about an hour for all three stages (w = 4,
-  PGD-10 training, PGD-40 evaluation).
+- `cpu`: a budget recipe for 2 CPU cores, about 65 minutes for all three stages (w = 4,
+  PGD-10 training, PGD-40 evaluation, 9.6x on the pruned layers).
 - `natural`: LeNet-5 (20-50-500-10) trained without attack (the paper's natural setting).
 - `smoke`: a few hundred images and a few steps, seconds; for tests.
 """
@@ -28,20 +28,23 @@ def get_config(preset: str = "paper"):
     elif preset == "cpu":
         c.model.width = 4
         c.prune.to_width = 0
-        # >= 8x on the pruned layers (conv1 is tiny: 200 weights, kept at half).
-        c.prune.ratios = "conv1=0.5,conv2=0.875,fc1=0.9375,fc2=0.75"
+        # 9.6x on the pruned layers (conv1 is tiny: 200 weights, kept at half). At 15x
+        # (conv2 0.875, fc1 0.9375) this model lost 10 points under AutoAttack to pruning.
+        c.prune.ratios = "conv1=0.5,conv2=0.8,fc1=0.9,fc2=0.75"
         c.batch_size = 64
         c.attack.num_steps = 10  # cheaper inner loop for training ...
         c.attack.step_size = 0.05  # ... with a larger step (10 x 0.05 covers the ball)
         c.attack.warmup_epochs = 1.0  # ramp epsilon up over the first pretraining epoch
-        c.eval.num_steps, c.eval.step_size = 40, 0.01  # evaluation: the paper's PGD-40
+        # Evaluation: PGD-40 at Madry et al.'s step 2.5 eps / 40. The paper's 0.01 (40 x 0.01
+        # covers 1.3 eps) read 2 points higher on these models, 2 more of the AutoAttack gap.
+        c.eval.num_steps, c.eval.step_size = 40, 0.01875
         c.eval.every_epochs = 100  # only at the end of each stage
         for s in (c.pretrain, c.admm, c.retrain):
             s.optimizer = "adam"
-        c.pretrain.epochs, c.pretrain.lr = 8, 1e-3
-        c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 4, 5e-4, 1
+        c.pretrain.epochs, c.pretrain.lr = 20, 1e-3
+        c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 8, 5e-4, 1
         c.admm.rho, c.admm.rho_growth = 0.1, 1.5
-        c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 3, 5e-4, "cosine"
+        c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 10, 5e-4, "cosine"
     elif preset == "natural":
         # The natural setting of the paper: LeNet-5 (20-50-500-10), no attack in training;
         # evaluation still reports accuracy under PGD.
