@@ -203,7 +203,7 @@ def test_eval_command_measures_l2_robustness(digits_runs):
 
     _, workdir, _ = digits_runs
     out = eval_lib.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce", norm="l2",
-                                    epsilon=1.0, n=120, checks=False)
+                                    epsilon=1.0, n=64, checks=False)
     acc = {k: v["robust_acc"] for k, v in out["attacks"].items()}
     assert out["norm"] == "l2" and all(v["norm"] == "l2" for v in out["attacks"].values())
     assert acc["apgd-ce"] <= acc["pgd20"] + 0.01 <= acc["fgsm"] + 0.02
