@@ -127,13 +127,18 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_eval_epsilon(config) -> float:
+    """The epsilon of the run's own evaluation (runs written before eval.epsilon existed
+    evaluated at the training epsilon)."""
+    return config.eval.get("epsilon", config.attack.epsilon)
+
+
 def default_epsilon(config, norm: str) -> float:
     """The dataset's standard radius in `norm`; for L-inf without one, the run's own."""
     if (config.data.name, norm) in STANDARD_EPSILON:
         return STANDARD_EPSILON[config.data.name, norm]
     if norm == "linf":
-        # Runs written before eval.epsilon existed evaluated at the training epsilon.
-        return config.eval.get("epsilon", config.attack.epsilon)
+        return run_eval_epsilon(config)
     raise ValueError(f"--norm={norm}: {config.data.name} has no standard L2 radius here; "
                      f"give --epsilon")
 
@@ -195,7 +200,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)
     # PGD steps as a fraction of epsilon, as the run's own evaluation takes them.
-    run_eps = config.eval.get("epsilon", config.attack.epsilon)
+    run_eps = run_eval_epsilon(config)
     step_ratio = config.eval.step_size / run_eps if run_eps and norm == "linf" else None
     key = jax.random.PRNGKey(seed)
     t0 = time.time()

@@ -5,13 +5,14 @@ attack's point and the labels, and returns the batch's mean loss; `attack_loss` 
 its inner maximisation ascends (a per-example function, as the attacks take it).
 
 - `pgd_at` (Madry et al. 2018): cross-entropy at the adversarial point; the attack
-  ascends cross-entropy.
+  ascends the configured loss (cross-entropy by default).
 - `trades` (Zhang et al. 2019): CE(clean) + beta * KL(p_clean || p_adv), the KL summed
   over classes and averaged over the batch; the attack ascends that KL, the clean
   prediction held fixed.
 - `mart` (Wang et al. 2020): boosted CE at the adversarial point (CE plus
   -log(1.0001 - p_adv of the strongest wrong class)) + beta * KL(p_clean || p_adv)
-  weighted per example by (1.0000001 - p_clean of the true class); the attack ascends CE.
+  weighted per example by (1.0000001 - p_clean of the true class); the attack ascends
+  the configured loss (CE, as the authors').
 - `natural`: CE on clean inputs; no attack (the step passes the clean logits for both).
 
 The constants (1e-12, 1.0001, 1.0000001) are those of the authors' code, kept so that
@@ -37,12 +38,6 @@ def kl_clean_adv(clean_logits, adv_logits):
     """Per-example KL(softmax(clean) || softmax(adv)), summed over classes."""
     p = jax.nn.softmax(clean_logits)
     return (p * (jax.nn.log_softmax(clean_logits) - jax.nn.log_softmax(adv_logits))).sum(-1)
-
-
-def ce_attack_loss(adv_logits, y, clean_logits=None):
-    """The inner loss of PGD-AT and MART: cross-entropy on the labels, per example."""
-    del clean_logits
-    return ce(adv_logits, y)
 
 
 def kl_attack_loss(adv_logits, y, clean_logits):
@@ -81,19 +76,21 @@ def mart(clean_logits, adv_logits, y, beta: float = 6.0):
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """`loss(clean_logits, adv_logits, y, beta)`; `attack_loss(adv_logits, y,
-    clean_logits)` per example (None: no attack); `needs_clean`: whether `loss` reads the
-    clean logits (a clean forward pass in the step)."""
+    clean_logits)` per example (None: the configured `attack.loss`, a name);
+    `attack_start_std` > 0: the attack starts at x + that * N(0, 1); `needs_clean`:
+    whether `loss` reads the clean logits (a clean forward pass in the step)."""
 
     name: str
     loss: Callable
     attack_loss: Callable | None
     needs_clean: bool
+    attack_start_std: float = 0.0
 
 
 def get(name: str) -> Objective:
-    table = {"pgd_at": Objective("pgd_at", pgd_at, ce_attack_loss, False),
-             "trades": Objective("trades", trades, kl_attack_loss, True),
-             "mart": Objective("mart", mart, ce_attack_loss, True),
+    table = {"pgd_at": Objective("pgd_at", pgd_at, None, False),
+             "trades": Objective("trades", trades, kl_attack_loss, True, 0.001),
+             "mart": Objective("mart", mart, None, True),
              "natural": Objective("natural", natural, None, False)}
     if name not in table:
         raise ValueError(f"objective={name!r} is not known; allowed: {', '.join(OBJECTIVES)}")

@@ -107,16 +107,12 @@ def make_attack(attack_cfg, setting: str, warmup_steps: int = 0,
         raise ValueError(f"setting={setting!r}; allowed: 'adversarial', 'natural'")
     if setting == "natural" or objective == "natural":
         return TrainAttack(None)
-    trades = objectives.get(objective).name == "trades"
+    obj = objectives.get(objective)
     return TrainAttack(attacks.Pgd(
         epsilon=attack_cfg.epsilon, step_size=attack_cfg.step_size,
         num_steps=attack_cfg.num_steps, random_start=attack_cfg.random_start,
-        loss=objectives.kl_attack_loss if trades else attack_cfg.loss,
-        unroll=attack_cfg.unroll, start_std=TRADES_START_STD if trades else 0.0),
-        warmup_steps)
-
-
-TRADES_START_STD = 0.001  # TRADES's code: x + 0.001 * randn
+        loss=obj.attack_loss or attack_cfg.loss, unroll=attack_cfg.unroll,
+        start_std=obj.attack_start_std), warmup_steps)
 
 
 def batch_indices(key, step, num_examples: int, batch_size: int):

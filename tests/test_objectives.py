@@ -2,10 +2,12 @@
 (and the constants of the authors' code)."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from robust_admm import objectives
+from robust_admm.attacks import core
 
 
 def _softmax(z):
@@ -72,10 +74,18 @@ def test_attack_losses_and_their_gradients():
     np.testing.assert_allclose(objectives.kl_attack_loss(clean, y, clean), 0.0, atol=1e-6)
     g_clean = jax.grad(lambda c: objectives.kl_attack_loss(adv, y, c).sum())(clean)
     assert not np.asarray(g_clean).any()
-    np.testing.assert_allclose(objectives.ce_attack_loss(adv, y, clean),
-                               -np.log(_softmax(np.asarray(adv, np.float64))[np.arange(7),
-                                                                              np.asarray(y)]),
-                               rtol=1e-5, atol=1e-6)
+    # PGD-AT's and MART's attacks ascend the configured loss; TRADES's starts near x.
+    from robust_admm.step import make_attack
+    cfg = dict(epsilon=0.1, step_size=0.05, num_steps=2, random_start=True, loss="ce", unroll=1)
+    for name in ("pgd_at", "mart"):
+        pgd = make_attack(ml_collections.ConfigDict(cfg), "adversarial", 0, name).attack
+        assert (pgd.loss, pgd.start_std) == ("ce", 0.0)
+        np.testing.assert_allclose(
+            core.loss_fn(pgd.loss)(adv, y),
+            -np.log(_softmax(np.asarray(adv, np.float64))[np.arange(7), np.asarray(y)]),
+            rtol=1e-5, atol=1e-6)
+    trades = make_attack(ml_collections.ConfigDict(cfg), "adversarial", 0, "trades").attack
+    assert (trades.loss, trades.start_std) == (objectives.kl_attack_loss, 0.001)
     assert objectives.get("natural").attack_loss is None
     with pytest.raises(ValueError, match="objective='fgsm_at' is not known; allowed: "
                                          "pgd_at, trades, mart, natural"):

@@ -64,16 +64,12 @@ class Pgd(core.Attack):
 
     def step(self, logits_fn, state, x, y):
         if callable(self.loss):
-            _, grad, _ = core.loss_and_grad(logits_fn, self.loss, state["x_adv"], y,
-                                            state["clean_logits"])
+            loss, args = self.loss, (y, state["clean_logits"])
         else:
-            _, grad, _ = core.loss_and_grad(logits_fn, core.loss_fn(self.loss),
-                                            state["x_adv"], y)
-        if self.norm == "l2":
-            x_adv = state["x_adv"] + state["alpha"] * core.l2_normalize(grad)
-            return dict(state, x_adv=core.project_l2(x_adv, x, state["eps"]))
-        x_adv = state["x_adv"] + state["alpha"] * jnp.sign(grad)
-        return dict(state, x_adv=core.project_linf(x_adv, x, state["eps"]))
+            loss, args = core.loss_fn(self.loss), (y,)
+        _, grad, _ = core.loss_and_grad(logits_fn, loss, state["x_adv"], *args)
+        x_adv = state["x_adv"] + state["alpha"] * core.ascent_direction(grad, self.norm)
+        return dict(state, x_adv=core.project(x_adv, x, state["eps"], self.norm))
 
     def finish(self, logits_fn, state, x, y):
         return state["x_adv"]
