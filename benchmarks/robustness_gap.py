@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
-from robust_admm import checkpoint, data, parallel
-from robust_admm.eval import STAGES, default_epsilon, load_config
+from robust_admm import checkpoint, data, parallel, recipe
+from robust_admm.eval import default_epsilon, load_config
 from robust_admm.models import get_model
 from robust_admm.robustness import Evaluator, robust_accuracy
 
@@ -42,7 +42,8 @@ def main():
     a = p.parse_args()
     config = load_config(a.workdir)
     stages = a.stages.split(",") if a.stages else [
-        s for s in STAGES if os.path.isdir(checkpoint.stage_dir(a.workdir, s))]
+        p.name for p in recipe.parse_program(config)
+        if os.path.isdir(checkpoint.stage_dir(a.workdir, p.name))]
     ds = data.load_dataset(config.data.name, config.data.source, a.data or config.data.dir or None)
     x = ds.test.images[:a.n].astype(np.float32) / 255.0
     y = ds.test.labels[:a.n]

@@ -45,17 +45,34 @@ def replace_by_path(tree, new: Mapping[str, Any]):
     )
 
 
-def _project(w, spec):
+def project_within(w, spec: Mapping[str, Any], mask=None):
+    """(projection of `w` onto the set `spec` intersected with {zero where `mask` is
+    False}, its mask): weights an earlier phase pruned stay pruned. Exact, as the sets
+    act entry- or unit-wise: zeroing the masked entries first, then projecting, gives the
+    nearest point of the intersection (quantization fits its levels to the kept entries)."""
     spec = dict(spec)
-    return projections.project_leaf(w, spec.pop("kind"), **spec)[0]
+    kind = spec.pop("kind")
+    if mask is None:
+        return projections.project_leaf(w, kind, **spec)
+    w = jnp.where(mask, w, jnp.zeros_like(w))
+    if kind == "quantize":
+        return projections.project_leaf(w, kind, mask=mask, **spec)
+    proj, kept = projections.project_leaf(w, kind, **spec)
+    return proj, kept & mask
 
 
-def init(params, specs: Specs, rho: float) -> AdmmState:
-    """Z = Proj(W), U = 0, rho = rho for every compressed leaf."""
+def _mask_of(masks, path):
+    return None if masks is None else masks[path]
+
+
+def init(params, specs: Specs, rho: float, masks=None) -> AdmmState:
+    """Z = Proj(W), U = 0, rho = rho for every compressed leaf (projections within
+    `masks` when given)."""
     if rho <= 0:
         raise ValueError(f"admm.rho={rho} must be > 0")
     w = leaves_by_path(params)
-    z = {p: _project(w[p], s) for p, s in specs.items()}
+    m = None if masks is None else leaves_by_path(masks)
+    z = {p: project_within(w[p], s, _mask_of(m, p))[0] for p, s in specs.items()}
     return AdmmState(
         z=z,
         u={p: jnp.zeros_like(v) for p, v in z.items()},
@@ -73,16 +90,17 @@ def penalty(params, state: AdmmState) -> jnp.ndarray:
 
 
 def update(params, state: AdmmState, specs: Specs, rho_growth: float = 1.0,
-           rho_max: float = float("inf")):
-    """One Z- and U-step; rho grows by `rho_growth` (capped at `rho_max`).
+           rho_max: float = float("inf"), masks=None):
+    """One Z- and U-step; rho grows by `rho_growth` (capped at `rho_max`); Z within `masks`.
 
     Returns the new state and per-leaf residuals: primal ||W - Z|| / ||W|| (how far the
     weights still are from the constraint set) and dual ||Z - Z_prev|| / ||Z||.
     """
     w = leaves_by_path(params)
+    m = None if masks is None else leaves_by_path(masks)
     z, u, rho, metrics = {}, {}, {}, {}
     for p, spec in specs.items():
-        z[p] = _project(w[p] + state.u[p], spec)
+        z[p] = project_within(w[p] + state.u[p], spec, _mask_of(m, p))[0]
         rho[p] = jnp.minimum(state.rho[p] * rho_growth, rho_max)
         # U is the scaled dual (Y / rho): rescale it when rho changes (Boyd et al. 3.4.1).
         u[p] = (state.u[p] + w[p] - z[p]) * (state.rho[p] / rho[p])
@@ -94,12 +112,32 @@ def update(params, state: AdmmState, specs: Specs, rho_growth: float = 1.0,
     return AdmmState(z=z, u=u, rho=rho), metrics
 
 
-def hard_project(params, specs: Specs):
-    """Projects each compressed leaf of `params` onto its set; returns (params, masks).
+def hard_project(params, specs: Specs, masks=None):
+    """Projects each compressed leaf of `params` onto its set (within `masks` when given);
+    returns (params, masks): bool leaves, all True where nothing is pruned."""
+    if masks is None:
+        masks = jax.tree_util.tree_map(lambda x: jnp.ones(jnp.shape(x), bool), params)
+    w, m = leaves_by_path(params), leaves_by_path(masks)
+    new_w, new_m = {}, {}
+    for p, spec in specs.items():
+        new_w[p], new_m[p] = project_within(w[p], spec, m[p])
+    return replace_by_path(params, new_w), replace_by_path(masks, new_m)
 
-    `masks` has the structure of `params`, bool leaves, all True where nothing is pruned.
-    """
-    return projections.project_tree(params, specs)
+
+def keep_constraints(params, masks, specs: Specs):
+    """What a retrain phase applies after every update: pruned weights back to zero, and
+    quantized leaves back onto their levels (the scale refit to the kept weights; the
+    support stays `masks`). Projection after the update rather than a straight-through
+    estimator: see the README's "Quantization" section."""
+    params = jax.tree_util.tree_map(lambda p, m: p * m, params, masks)
+    quant = {p: s for p, s in specs.items() if s["kind"] == "quantize"}
+    if not quant:
+        return params
+    w, m = leaves_by_path(params), leaves_by_path(masks)
+    levels = {p: projections.project_leaf(w[p], "quantize", bits=s["bits"],
+                                          method=s.get("method", "auto"), mask=m[p])[0]
+              for p, s in quant.items()}
+    return replace_by_path(params, levels)
 
 
 def freeze_zeros(params, masks, specs: Specs):

@@ -3,11 +3,11 @@ from `base_config()` and set what differs. Every field can be overridden from th
 line: `--config.admm.rho=0.01`; unknown fields are refused."""
 import ml_collections
 
-STAGES = ("pretrain", "admm", "retrain")
+STAGES = ("pretrain", "admm", "retrain")  # the default program's phases
 
 
 def stage_config(epochs: int, lr: float, optimizer: str = "sgd", schedule: str = "cosine"):
-    """Optimisation of one stage."""
+    """Optimisation of one phase."""
     c = ml_collections.ConfigDict()
     c.epochs = epochs
     c.optimizer = optimizer  # 'sgd' (with momentum) | 'adam'
@@ -23,12 +23,32 @@ def stage_config(epochs: int, lr: float, optimizer: str = "sgd", schedule: str =
     return c
 
 
+def phase_config(kind: str, epochs: int, lr: float, rules: str = "", **optim):
+    """One phase of a program (robust_admm/recipe.py): `kind` 'dense' | 'admm' | 'retrain',
+    its optimisation, and for admm and retrain its compression `rules` ('' = those of the
+    closest earlier admm/retrain phase, or `prune.*` for the first)."""
+    c = stage_config(epochs, lr, **optim)
+    c.kind = kind
+    if kind != "dense":
+        c.rules = rules
+    if kind == "admm":
+        c.rho = 0.001  # initial penalty rho
+        c.rho_growth = 1.3  # rho <- growth * rho at each update (the paper's multi-rho)
+        c.rho_max = 1.0  # cap on rho
+        c.update_every_epochs = 2  # Z/U update interval (also the 'periodic' lr period)
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Which stages to run, in order, comma-separated: a subset of pretrain,admm,retrain.
-    # A stage after the first loads the previous stage's checkpoint from the workdir.
-    c.stages = ",".join(STAGES)
+    # The compression program: its phases in order, each a field below with a `kind`
+    # (dense | admm | retrain) and, for admm and retrain, compression `rules`
+    # (robust_admm/recipe.py). A config file adds phases with phase_config().
+    c.program = ",".join(STAGES)
+    # Which phases to run ('' = the whole program): consecutive, in program order. A phase
+    # after the program's first loads the previous phase's checkpoint from the workdir.
+    c.stages = ""
     # 'adversarial' (PGD min-max training, Madry et al.) | 'natural' (no attack in training).
     c.setting = "adversarial"
     # The training loss: 'pgd_at' (cross-entropy at the attack's point, Madry et al.),
@@ -107,14 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
     # of the same model at width `to_width` (the paper's "pruned to w'").
     c.prune.to_width = 0
     c.prune.to_width_layers = "conv1,conv2,fc1,fc2"
+    # The rules of the first admm/retrain phase whose `rules` is empty; a phase's own
+    # `rules` (e.g. "conv*=filter:0.5,fc*=irregular:0.9+quantize:4") mixes kinds.
     # Masked-progressive: weights that are already zero when ADMM starts stay zero.
     c.prune.masked_progressive = False
 
-    c.pretrain = stage_config(epochs=40, lr=0.01)
-    c.admm = stage_config(epochs=40, lr=0.01, schedule="periodic")
-    c.admm.rho = 0.001  # initial penalty rho
-    c.admm.rho_growth = 1.3  # rho <- growth * rho at each update (the paper's multi-rho)
-    c.admm.rho_max = 1.0  # cap on rho
-    c.admm.update_every_epochs = 2  # Z/U update interval (also the 'periodic' lr period)
-    c.retrain = stage_config(epochs=40, lr=0.005)
+    c.pretrain = phase_config("dense", epochs=40, lr=0.01)
+    c.admm = phase_config("admm", epochs=40, lr=0.01, schedule="periodic")
+    c.retrain = phase_config("retrain", epochs=40, lr=0.005)
     return c

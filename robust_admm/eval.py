@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from robust_admm import checkpoint, data, parallel, projections, report
+from robust_admm import checkpoint, data, parallel, projections, recipe, report
 from robust_admm.attacks import suite
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
@@ -41,16 +41,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--workdir={workdir!r} holds no run (no config.json)")
     with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(recipe.upgrade_config_dict(json.load(f)))
 
 
-def finished_stage(workdir: str, stage: str | None) -> str:
-    """`stage` checked, or the last finished stage of the run."""
+def finished_stage(workdir: str, stage: str | None, config) -> str:
+    """`stage` checked, or the last phase of the run's program with checkpoints."""
+    names = [p.name for p in recipe.parse_program(config)]
     if stage:
-        if stage not in STAGES:
-            raise ValueError(f"--stage={stage!r}; allowed: {', '.join(STAGES)}")
+        if stage not in names:
+            raise ValueError(f"--stage={stage!r}; allowed: the run's phases {', '.join(names)}")
         return stage
-    for s in reversed(STAGES):
+    for s in reversed(names):
         if os.path.isdir(checkpoint.stage_dir(workdir, s)):
             return s
     raise FileNotFoundError(f"{workdir} holds no stage's checkpoints")
@@ -104,12 +105,12 @@ def masking_warnings(result: dict, at_eps_1: dict | None = None,
     return out
 
 
-def model_sizes(params, masks) -> dict:
+def model_sizes(params, masks, specs) -> dict:
     """Per-layer sparsity (by the masks), compression rate by nonzero values (as the
-    run's summary counts it) and stored bytes."""
+    run's summary counts it) and the stored size at the bit widths of `specs`."""
     return {"sparsity": projections.sparsity_report(params, masks),
             "compression_rate": projections.compression_rate(params),
-            "stored_bytes": projections.storage_bytes(params)}
+            "size": projections.model_size(params, specs)}
 
 
 def table(result: dict) -> str:
@@ -172,7 +173,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds.
     `attacks` defaults to DEFAULT_ATTACKS[norm]."""
     config = load_config(workdir)
-    stage = finished_stage(workdir, stage)
+    stage = finished_stage(workdir, stage, config)
     if norm not in DEFAULT_ATTACKS:
         raise ValueError(f"--norm={norm!r}; allowed: {', '.join(DEFAULT_ATTACKS)}")
     attacks = attacks or DEFAULT_ATTACKS[norm]
@@ -210,8 +211,10 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct,
               norm=norm)
     result = robust_accuracy(ev, x, y, items, eps, key, **kw)
+    specs = recipe.finished_phase_specs(config, stage, state["params"], ds.num_classes,
+                                        (1,) + x.shape[1:])
     out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
-           **model_sizes(state["params"], state.get("masks"))}
+           **model_sizes(state["params"], state.get("masks"), specs)}
     at_eps_1 = curve = None
     if checks:
         sub = slice(0, min(count, batch))
@@ -237,7 +240,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
         from robust_admm import export as export_lib
         out["export"] = export_lib.export_state(
             config.to_dict(), state, export, source={"workdir": os.path.abspath(workdir),
-                                                     "stage": stage})
+                                                     "stage": stage}, specs=specs)
     report.write_json(os.path.join(workdir, "eval", f"{stage}.json"), out)
     report.log(table(result))
     for w in out["warnings"]:
@@ -251,7 +254,8 @@ def define_flags():
     from absl import flags
     flags.DEFINE_string("workdir", None, "The run's directory (holds config.json, checkpoints).")
     flags.DEFINE_string("stage", "", "Stage to evaluate (default: the last one with "
-                        "checkpoints): " + ", ".join(STAGES))
+                        "checkpoints), one of the run's program, e.g. "
+                        + ", ".join(STAGES))
     flags.DEFINE_string("attacks", "",
                         "Comma-separated attacks and ensembles: " + ", ".join(suite.SINGLE)
                         + ", " + ", ".join(suite.ENSEMBLES) + " (default: L-inf "

@@ -18,9 +18,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from robust_admm import checkpoint, projections, report
+from robust_admm import checkpoint, projections, recipe, report
 from robust_admm.config_base import STAGES
 from robust_admm.models import LeNet, get_model
 
@@ -113,16 +114,17 @@ def param_count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def describe(params, masks=None, bits: int = 32) -> dict:
-    """Per-layer nonzeros/sparsity (from `masks` if given) with `bits` per stored weight,
-    parameter count, compression rate and storage sizes (`projections` helpers)."""
+def describe(params, masks=None, specs=None) -> dict:
+    """Per-layer nonzeros/sparsity (from `masks` if given) with the bits per stored weight
+    of the layer's spec (32 without one), parameter count, compression rate and storage
+    sizes (`projections` helpers)."""
     layers = projections.sparsity_report(params, masks)
-    for entry in layers.values():
-        entry["bits"] = bits
+    size = projections.model_size(params, specs)
+    for name, entry in layers.items():
+        entry["bits"] = size["layers"][name]["bits"]
     return {"param_count": param_count(params), "layers": layers,
             "compression_rate": projections.compression_rate(params, masks=masks),
-            "stored_bytes": projections.storage_bytes(params, masks,
-                                                      bits=bits if bits < 32 else None)}
+            "stored_bytes": projections.storage_bytes(params, masks), "size": size}
 
 
 def _input_spec(dataset: str) -> dict:
@@ -135,9 +137,11 @@ def _input_spec(dataset: str) -> dict:
             "dataset": dataset}
 
 
-def export_state(config: dict, state: dict, path: str, source: dict | None = None) -> dict:
+def export_state(config: dict, state: dict, path: str, source: dict | None = None,
+                 specs: dict | None = None) -> dict:
     """Writes the model in `state` (a finished stage: params, batch_stats, masks) described
-    by the run `config` (config.json as a dict) to `path`; returns the sidecar. With filter
+    by the run `config` (config.json as a dict) to `path`, the bit widths from `specs` (the
+    phase's `recipe.finished_phase_specs`); returns the sidecar. With filter
     or channel pruning of a LeNet it also writes the shrunk model (`shrink`); for models
     `shrink` does not handle, the sidecar says why none was written."""
     files = output_paths(path)
@@ -148,7 +152,6 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
     model = get_model(model_cfg["name"], num_classes, model_cfg["width"])
     params, batch_stats = state["params"], state.get("batch_stats") or {}
     masks = state.get("masks") or None
-    bits = int(prune.get("bits", 32)) if prune.get("kind") == "quantize" else 32
     os.makedirs(os.path.dirname(os.path.abspath(files["npz"])), exist_ok=True)
     export_npz(params, batch_stats, files["npz"])
     sidecar = {
@@ -157,7 +160,8 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
                   "width": model_cfg["width"], "builder": "robust_admm.models.get_model"},
         "input": inp, "layouts": LAYOUTS, "weights_file": os.path.basename(files["npz"]),
         "prune": {k: prune.get(k) for k in ("kind", "ratios", "to_width") if k in prune},
-        **describe(params, masks, bits), "source": source or {},
+        "specs": specs or {},  # leaf path -> the compression set the weights lie on
+        **describe(params, masks, specs), "source": source or {},
     }
     if prune.get("kind") in SHRINKABLE_KINDS:
         try:
@@ -184,18 +188,22 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
 
 def write_export(workdir: str, stage: str, path: str) -> dict:
     """Exports the final state of the finished `stage` in `workdir` (see `export_state`)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not a stage; allowed: {list(STAGES)}")
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: workdir={workdir!r} is not a "
                                 "training run's folder")
     output_paths(path)  # a bad path fails before the checkpoint is read
     with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+        config = recipe.upgrade_config_dict(json.load(f))
+    names = [p.name for p in recipe.parse_program(ml_collections.ConfigDict(config))]
+    if stage not in names:
+        raise ValueError(f"stage={stage!r} is not a phase of this run; allowed: {names}")
     state = checkpoint.load_final_state(workdir, stage)
+    shape, num_classes = INPUTS[config["data"]["name"]]
+    specs = recipe.finished_phase_specs(ml_collections.ConfigDict(config), stage,
+                                        state["params"], num_classes, (1, *shape))
     return export_state(config, state, path,
-                        source={"workdir": os.path.abspath(workdir), "stage": stage})
+                        source={"workdir": os.path.abspath(workdir), "stage": stage}, specs=specs)
 
 
 def _shapes(variables) -> dict:
@@ -343,7 +351,8 @@ def shrink(model, params, batch_stats=None, masks=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
-    ap.add_argument("--stage", default="retrain", help=f"one of {', '.join(STAGES)}")
+    ap.add_argument("--stage", default="retrain", help="a phase of the run's program, e.g. "
+                    f"{', '.join(STAGES)}")
     ap.add_argument("--out", required=True, help="output path (stem or .npz)")
     args = ap.parse_args(argv)
     try:

@@ -38,6 +38,7 @@ import numpy as np
 __all__ = [
     "KINDS",
     "SPARSITY_KINDS",
+    "model_size",
     "kept_count",
     "project_leaf",
     "quantize_leaf",
@@ -663,6 +664,48 @@ def storage_bytes(params, masks=None, bits: int | None = None) -> dict[str, int]
             out["quantized"] += -(-size * bits // 8) + 4
             out["quantized_sparse"] += -(-size // 8) + -(-nnz * bits // 8) + 4
     return out
+
+
+def model_size(params, specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """What the compressed model takes to store, per kernel layer and in total.
+
+    ``specs`` (``{leaf path: spec}``, as ``match_rules`` returns) give each compressed
+    kernel's bits (a ``quantize`` spec's, else 32); nonzeros are counted from the values.
+    A compressed kernel is stored in the smaller of two formats: ``dense`` (every entry's
+    code: ceil(size * bits / 8) bytes) and ``bitmask`` (one bit per entry saying whether it
+    is nonzero, then the nonzeros' codes: ceil(size / 8) + ceil(nnz * bits / 8)); a
+    quantized kernel adds its float32 scale (4 bytes). Every other parameter (biases, norm
+    scales, kernels without a rule) is dense float32. ``dense_bytes`` is 4 bytes per
+    parameter. BatchNorm running statistics are not parameters and are not counted.
+    """
+    specs = dict(specs or {})
+    layers = {}
+    total = {"size": 0, "nonzero": 0, "bytes": 0, "dense_bytes": 0}
+    for path, leaf in _leaves(params):
+        w = np.asarray(leaf)
+        size, nnz = int(w.size), int(np.count_nonzero(w))
+        spec = specs.get(path)
+        if spec is None:
+            nbytes, bits, fmt = 4 * size, 32, "dense"
+        else:
+            bits = int(spec["bits"]) if spec["kind"] == "quantize" else 32
+            scale = 4 if spec["kind"] == "quantize" else 0
+            formats = {"dense": -(-size * bits // 8) + scale,
+                       "bitmask": -(-size // 8) + -(-nnz * bits // 8) + scale}
+            fmt = min(formats, key=formats.get)
+            nbytes = formats[fmt]
+        if path.endswith("/kernel") or spec is not None:
+            layers[path.rsplit("/", 1)[0]] = {
+                "size": size, "nonzero": nnz, "bits": bits, "format": fmt, "bytes": nbytes,
+                "dense_bytes": 4 * size, "compressed": spec is not None}
+        total["size"] += size
+        total["nonzero"] += nnz
+        total["bytes"] += nbytes
+        total["dense_bytes"] += 4 * size
+    inf = float("inf")
+    total["rate_by_nonzeros"] = total["size"] / total["nonzero"] if total["nonzero"] else inf
+    total["rate_by_bytes"] = total["dense_bytes"] / total["bytes"] if total["bytes"] else inf
+    return {"layers": layers, "total": total}
 
 
 def ratios_to_match(shapes_big, shapes_small, layers: Sequence[str] | None = None) -> dict[str, float]:

@@ -8,7 +8,6 @@ import time
 import jax
 import numpy as np
 
-from robust_admm.config_base import STAGES
 
 
 def to_python(x):
@@ -33,12 +32,12 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = is_main_process()
 
-    def truncate_after(self, stage: str, step: int):
+    def truncate_after(self, stage: str, step: int, later_stages=()):
         """Drops the records of `stage` after `step` and of every later stage: a resumed
         stage writes them again, so the file reads as if the run had never stopped."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        later = set(STAGES[STAGES.index(stage) + 1:])
+        later = set(later_stages)
         with open(self.path, encoding="utf-8") as f:
             lines = f.readlines()
         keep = []
@@ -109,11 +108,15 @@ def summary_table(summary: dict) -> str:
     """The per-stage results as a text table."""
     attack = next((r.get("adv_attack") for r in summary["stages"].values()), None)
     adv = f"adv_acc: {attack.split(' (')[0]}" if attack else "adv_acc"
-    rows = [("stage", "nat_acc", adv, "compression (all)", "compression (pruned)")]
+    rows = [("stage", "nat_acc", adv, "compression (all)", "compression (pruned)",
+             "stored (vs float32)")]
     for stage, r in summary["stages"].items():
         c = r["compression_rate"]
+        size = r.get("size", {}).get("total")
+        stored = (f"{size['bytes'] / 1024:.1f} KiB ({size['rate_by_bytes']:.2f}x)" if size
+                  else "")
         rows.append((stage, f"{100 * r['nat_acc']:.2f}%", f"{100 * r['adv_acc']:.2f}%",
-                     f"{c['all']:.2f}x", f"{c['pruned']:.2f}x"))
+                     f"{c['all']:.2f}x", f"{c['pruned']:.2f}x", stored))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -143,7 +143,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                     batch_size: int, schedule: Callable | None = None,
                     mesh: Mesh | None = None, pgd_loop: str = "auto",
                     cpu_convolutions: str = "auto", objective: str = "pgd_at",
-                    beta: float = 6.0) -> CompiledStep:
+                    beta: float = 6.0, constraints: admm_lib.Specs | None = None
+                    ) -> CompiledStep:
     """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
@@ -153,6 +154,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     (see `robust_admm.compiler`) only change speed. `objective` (`robust_admm.objectives`)
     is the loss at the attack's point; TRADES and MART also take a clean forward pass
     (BatchNorm statistics updated by the clean pass, then by the adversarial one).
+    After each update the masks are applied, and `constraints` (a retrain phase's specs)
+    put quantized leaves back onto their levels (`admm.keep_constraints`).
     """
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
@@ -204,7 +207,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                                            state.batch_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params = jax.tree_util.tree_map(lambda p, m: p * m, params, state.masks)
+        params = admm_lib.keep_constraints(params, state.masks, constraints or {})
         metrics = {
             "loss": ce + pen,
             "ce": ce,

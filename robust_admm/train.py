@@ -1,4 +1,5 @@
-"""Command line and stage orchestration: pretrain -> admm -> retrain.
+"""Command line and orchestration of a run's program of phases (robust_admm/recipe.py);
+the default: pretrain -> admm -> retrain.
 
     python -m robust_admm.train --config configs/mnist.py:cpu --workdir runs/mnist \
         [--config.admm.rho=0.01 ...]
@@ -23,11 +24,11 @@ from ml_collections import config_flags
 
 from robust_admm import admm as admm_lib
 from robust_admm import (attacks, checkpoint, data, host_memory, optim, parallel, projections,
-                         report)
-from robust_admm.config_base import STAGES
+                         recipe, report)
 from robust_admm.models import get_model
+from robust_admm.recipe import Phase
 from robust_admm.step import TrainState, make_attack, make_eval_step, make_train_step
-from robust_admm.validation import (config_differences, parse_ratios, validate_config)
+from robust_admm.validation import config_differences, validate_config
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by it
 
@@ -38,24 +39,22 @@ class Preempted(SystemExit):
 
 # ----------------------------------------------------------------------------- config
 
-def prune_rules(config, input_shape, num_classes: int) -> dict:
-    """{pattern: spec} from config.prune: explicit ratios, or 'prune to width w''."""
-    p = config.prune
-    if p.to_width:
-        if not 0 < p.to_width < config.model.width:
-            raise ValueError(f"prune.to_width={p.to_width} must be in (0, model.width="
-                             f"{config.model.width})")
-        shapes = {}
-        for w in (config.model.width, p.to_width):
-            m = get_model(config.model.name, num_classes, w)
-            shapes[w] = jax.eval_shape(m.init, jax.random.PRNGKey(0),
-                                       jnp.zeros(input_shape, jnp.float32))["params"]
-        layers = [s.strip() for s in p.to_width_layers.split(",") if s.strip()]
-        ratios = projections.ratios_to_match(shapes[config.model.width], shapes[p.to_width],
-                                             layers)
-    else:
-        ratios = parse_ratios(p.ratios)
-    return {k: {"kind": p.kind, "ratio": r} for k, r in ratios.items()}
+def phase_specs(config, program, params, num_classes: int, input_shape) -> dict:
+    """{phase name: {leaf path: projection spec}} for every phase of the program."""
+    out = {}
+    for phase in program:
+        out[phase.name] = {}
+        if not phase.compresses:
+            continue
+        try:
+            out[phase.name] = recipe.resolve_rules(phase.rules, params, config.model,
+                                                   num_classes, input_shape)
+        except ValueError as e:
+            where = ("prune.kind / prune.ratios / prune.to_width" if phase.rules_from == "prune"
+                     else f"{phase.rules_from}.rules")
+            raise ValueError(f"phase {phase.name!r}: rules {phase.rules!r} (from {where}): "
+                             f"{e}") from None
+    return out
 
 
 def check_workdir_config(workdir: str, config, allow_change: bool):
@@ -64,7 +63,7 @@ def check_workdir_config(workdir: str, config, allow_change: bool):
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+        old = recipe.upgrade_config_dict(json.load(f))
     diffs = config_differences(old, json.loads(config.to_json()))
     if diffs and not allow_change:
         raise ValueError(
@@ -124,7 +123,8 @@ class Run:
     mesh: object  # jax.sharding.Mesh with one `data` axis over all devices
     train: tuple  # (images uint8, labels int32) on the devices, replicated
     test: tuple  # (images, labels, valid) on the device, padded
-    specs: dict  # leaf path -> projection spec
+    program: list  # every phase of the program (recipe.Phase), in order
+    specs: dict  # phase name -> {leaf path: projection spec}
     eval_step: object
     writer: report.MetricsWriter
     key: jax.Array
@@ -132,32 +132,35 @@ class Run:
 
 
 def compression(params, specs) -> dict:
-    """Compression rates (dense size / nonzeros) over all weights and the pruned leaves."""
+    """Compression rates (dense size / nonzeros) over all weights and the compressed leaves."""
     return {"all": projections.compression_rate(params),
             "pruned": projections.compression_rate(params, rules=specs) if specs else 1.0}
 
 
-def initial_state(run: Run, stage: str, tx, params, batch_stats, masks) -> TrainState:
-    """The state a stage starts from, given the previous stage's result."""
+def initial_state(run: Run, phase: Phase, tx, params, batch_stats, masks) -> TrainState:
+    """The state a phase starts from, given the previous phase's result: an admm phase
+    starts its Z, U (within the masks so far), a retrain phase projects onto its rules."""
     admm_state = admm_lib.empty()
-    if stage == "admm":
+    specs = run.specs[phase.name]
+    if phase.kind == "admm":
         if run.config.prune.masked_progressive:
-            masks = admm_lib.freeze_zeros(params, masks, run.specs)
-        admm_state = admm_lib.init(params, run.specs, run.config.admm.rho)
-    elif stage == "retrain":
-        params, masks = admm_lib.hard_project(params, run.specs)
+            masks = admm_lib.freeze_zeros(params, masks, specs)
+        admm_state = admm_lib.init(params, specs, run.config[phase.name].rho, masks)
+    elif phase.kind == "retrain":
+        params, masks = admm_lib.hard_project(params, specs, masks)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params), masks=masks, admm=admm_state,
-                       key=jax.random.fold_in(run.key, STAGES.index(stage)))
+                       key=jax.random.fold_in(run.key, phase.index))
     return parallel.replicate(state, run.mesh)
 
 
-def stage_optimizer(cfg, stage: str, steps_per_epoch: int):
-    """(tx, schedule) of a stage; non-finite updates are never applied (the policy on
+def stage_optimizer(cfg, phase: Phase, steps_per_epoch: int):
+    """(tx, schedule) of a phase; non-finite updates are never applied (the policy on
     how long to go on is enforced by the loop, so the wrapper never gives up)."""
-    period = cfg.admm.update_every_epochs if stage == "admm" else None
-    schedule = optim.make_schedule(cfg[stage], steps_per_epoch, period)
-    tx = optax.apply_if_finite(optim.make_optimizer(cfg[stage], schedule),
+    pcfg = cfg[phase.name]
+    period = pcfg.update_every_epochs if phase.kind == "admm" else None
+    schedule = optim.make_schedule(pcfg, steps_per_epoch, period)
+    tx = optax.apply_if_finite(optim.make_optimizer(pcfg, schedule),
                                max_consecutive_errors=2**30)
     return tx, schedule
 
@@ -194,21 +197,23 @@ def check_nonfinite(stage: str, history: list, streak: int, cfg, last_ckpt) -> i
     return trailing
 
 
-def run_stage(run: Run, stage: str, params, batch_stats, masks):
-    """Trains one stage, resuming from its newest checkpoint if there is one.
+def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
+    """Trains one phase, resuming from its newest checkpoint if there is one.
 
     Returns (state, result) where result is the final evaluation."""
     cfg = run.config
+    stage = phase.name
     scfg = cfg[stage]
+    specs = run.specs[stage]
     n_train = run.train[1].shape[0]
     spe = n_train // cfg.batch_size
     if spe == 0:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples")
     total = scfg.epochs * spe
-    tx, schedule = stage_optimizer(cfg, stage, spe)
-    state = initial_state(run, stage, tx, params, batch_stats, masks)
+    tx, schedule = stage_optimizer(cfg, phase, spe)
+    state = initial_state(run, phase, tx, params, batch_stats, masks)
     mngr = checkpoint.manager(run.workdir, stage, cfg.checkpoint.keep)
-    eval_key = jax.random.fold_in(run.key, 100 + STAGES.index(stage))
+    eval_key = jax.random.fold_in(run.key, 100 + phase.index)
     try:
         restored = checkpoint.restore_latest(mngr, state)
         last_ckpt = None
@@ -220,14 +225,18 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
             report.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
         # The records after the restored step are written again below; with no checkpoint
         # (a stage killed before its first one finished) that is all of the stage's.
-        run.writer.truncate_after(stage, last_ckpt or 0)
-        warmup = int(round(cfg.attack.warmup_epochs * spe)) if stage == "pretrain" else 0
+        run.writer.truncate_after(stage, last_ckpt or 0,
+                                  [p.name for p in run.program[phase.index + 1:]])
+        warmup = int(round(cfg.attack.warmup_epochs * spe)) if phase.index == 0 else 0
         train_step = make_train_step(
             run.model, tx, make_attack(cfg.attack, cfg.setting, warmup, cfg.objective),
             cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
-            cfg.objective, cfg.objective_beta)
-        admm_update = jax.jit(lambda p, s: admm_lib.update(
-            p, s, run.specs, cfg.admm.rho_growth, cfg.admm.rho_max))
+            cfg.objective, cfg.objective_beta,
+            constraints=specs if phase.kind == "retrain" else None)
+        admm_update = None
+        if phase.kind == "admm":
+            admm_update = jax.jit(lambda p, s, m: admm_lib.update(
+                p, s, specs, scfg.rho_growth, scfg.rho_max, m))
 
         start = int(state.step)
         progress = report.Progress(total, cfg.batch_size, start)
@@ -252,7 +261,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
                     f"{speed['img_per_s']:.0f} img/s ETA {report.fmt_duration(speed['eta_s'])}")
             if step % spe == 0:  # end of an epoch
-                if stage == "admm" and epoch % cfg.admm.update_every_epochs == 0:
+                if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
                     result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
@@ -282,7 +291,7 @@ def run_stage(run: Run, stage: str, params, batch_stats, masks):
 
 def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
     """The Z- and U-updates at the end of an ADMM interval, with residuals logged."""
-    new_admm, res = admm_update(state.params, state.admm)
+    new_admm, res = admm_update(state.params, state.admm, state.masks)
     res = {k: float(v) for k, v in jax.device_get(res).items()}
     run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
                      rho={k: float(v) for k, v in new_admm.rho.items()})
@@ -291,14 +300,19 @@ def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
     return state.replace(admm=new_admm)
 
 
-def stage_summary(run: Run, state, result) -> dict:
+def stage_summary(run: Run, phase: Phase, state, result) -> dict:
     host = jax.device_get(state.params)
+    specs = run.specs[phase.name]
     return {
+        "kind": phase.kind,
+        "rules": phase.rules,
         "nat_acc": result["nat_acc"],
         "adv_acc": result["adv_acc"],
         "adv_attack": eval_attack_label(run.config),
-        "compression_rate": compression(host, run.specs),
+        "compression_rate": compression(host, specs),
         "sparsity": projections.sparsity_report(host, jax.device_get(state.masks)),
+        # Stored at the bit widths of the phase's rules once they hold (retrain).
+        "size": projections.model_size(host, specs if phase.kind == "retrain" else {}),
     }
 
 
@@ -331,9 +345,8 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def previous_stage_result(workdir: str, stage: str, like):
-    """(params, batch_stats, masks) of the finished stage before `stage`."""
-    prev = STAGES[STAGES.index(stage) - 1]
+def previous_stage_result(workdir: str, stage: str, prev: str, like):
+    """(params, batch_stats, masks) of the finished phase `prev`, the one before `stage`."""
     mngr = checkpoint.manager(workdir, prev)
     try:
         restored = None
@@ -353,7 +366,7 @@ def previous_stage_result(workdir: str, stage: str, like):
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
     """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
-    stages = validate_config(config)
+    program, phases = validate_config(config)
     mesh = parallel.make_mesh()
     os.makedirs(workdir, exist_ok=True)
     check_workdir_config(workdir, config, allow_config_change)
@@ -368,37 +381,40 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     variables = model.init(jax.random.fold_in(key, 12345), jnp.zeros(input_shape, jnp.float32))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
-    try:
-        specs = projections.match_rules(params, prune_rules(config, input_shape,
-                                                            ds.num_classes))
-    except ValueError as e:
-        raise ValueError(f"prune.ratios={config.prune.ratios!r}: {e}") from None
+    specs = phase_specs(config, program, params, ds.num_classes, input_shape)
 
     eval_attack = make_eval_attack(config)
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {"stages": {}}
-    if os.path.exists(summary_path):  # keep the results of stages run earlier
+    if os.path.exists(summary_path):  # keep the results of phases run earlier
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
+    summary["program"] = [p.name for p in program]
 
     with sigterm_flag() as preempted:
         run = Run(config=config, workdir=workdir, model=model, mesh=mesh,
                   train=parallel.replicate((train.images, train.labels), mesh),
                   test=pad_to_multiple(test.images, test.labels, config.eval.batch_size, mesh),
-                  specs=specs, eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
-                                                        config.cpu_convolutions),
+                  program=program, specs=specs,
+                  eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
+                                           config.cpu_convolutions),
                   writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
-        if stages[0] != STAGES[0]:
-            prev = STAGES[STAGES.index(stages[0]) - 1]
+        if phases[0].index > 0:
+            prev = program[phases[0].index - 1]
             like = initial_state(run, prev, stage_optimizer(config, prev, 1)[0], params,
                                  batch_stats, masks)
-            params, batch_stats, masks = previous_stage_result(workdir, stages[0], like)
-        for stage in stages:
-            state, result = run_stage(run, stage, params, batch_stats, masks)
+            params, batch_stats, masks = previous_stage_result(workdir, phases[0].name,
+                                                               prev.name, like)
+        for phase in phases:
+            state, result = run_stage(run, phase, params, batch_stats, masks)
             params, batch_stats, masks = state.params, state.batch_stats, state.masks
-            summary["stages"][stage] = stage_summary(run, state, result)
+            summary["stages"][phase.name] = stage_summary(run, phase, state, result)
+            # In program order, whatever order earlier runs wrote them in.
+            summary["stages"] = {p.name: summary["stages"][p.name] for p in program
+                                 if p.name in summary["stages"]}
             report.write_json(summary_path, summary)
+    stages = [p.name for p in phases]
     run.writer.write(kind="done", stages=stages, wall_time_s=time.time() - t_start)
     report.log(report.summary_table(summary))
     report.log(f"done in {report.fmt_duration(time.time() - t_start)}; outputs in {workdir}")

@@ -2,9 +2,8 @@
 the field, the bad value and what is allowed."""
 import jax
 
-from robust_admm import compiler, data, objectives, optim, parallel
+from robust_admm import compiler, data, objectives, optim, parallel, recipe
 from robust_admm.attacks.core import LOSSES
-from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
 from robust_admm.step import PGD_LOOPS
 
@@ -13,54 +12,16 @@ ATTACK_LOSSES = tuple(LOSSES)  # what PGD ascends in training and evaluation
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def parse_stages(stages: str) -> list:
-    """'pretrain,admm,retrain' -> list, checked to be a non-empty ordered subset."""
-    names = [s.strip() for s in str(stages).split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"stages={stages!r} is empty; allowed: a comma-separated, ordered "
-                         f"subset of {','.join(STAGES)}")
-    for s in names:
-        if s not in STAGES:
-            raise ValueError(f"stages={stages!r}: unknown stage {s!r}; allowed: {STAGES}")
-    order = [STAGES.index(s) for s in names]
-    if order != sorted(set(order)):
-        raise ValueError(f"stages={stages!r} is out of order; allowed order: "
-                         f"{','.join(STAGES)} (each stage starts from the previous one)")
-    if order != list(range(order[0], order[0] + len(order))):
-        raise ValueError(f"stages={stages!r} must be consecutive in {','.join(STAGES)} "
-                         f"(each stage starts from the previous one)")
-    return names
-
-
-def parse_ratios(text: str) -> dict:
-    """'conv1=0.8,fc*=0.9' -> {'conv1': 0.8, 'fc*': 0.9}."""
-    out = {}
-    for item in str(text).split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"prune.ratios={text!r}: item {item!r} is not 'layer=ratio'") from None
-    if not out:
-        raise ValueError(f"prune.ratios={text!r} names no layer; e.g. 'conv1=0.5,fc*=0.9'")
-    for key, r in out.items():
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"prune.ratios={text!r}: ratio {r} for {key!r} is outside [0, 1)")
-    return out
-
-
 def _require(ok: bool, field: str, value, allowed: str):
     if not ok:
         raise ValueError(f"{field}={value!r} is not allowed: {allowed}")
 
 
 def validate_config(config, device_count: int | None = None):
-    """Raises ValueError (or NotImplementedError) on the first bad field."""
-    stages = parse_stages(config.stages)
+    """Raises ValueError (or NotImplementedError) on the first bad field; returns the
+    program's phases and those to run (robust_admm/recipe.py)."""
+    program = recipe.parse_program(config)
+    phases = recipe.phases_to_run(config, program)
     _require(config.setting in ("adversarial", "natural"), "setting", config.setting,
              "'adversarial' or 'natural'")
     _require(config.objective in objectives.OBJECTIVES, "objective", config.objective,
@@ -95,33 +56,31 @@ def validate_config(config, device_count: int | None = None):
     devices = jax.device_count() if device_count is None else device_count
     parallel.check_global_batch(config.batch_size, devices, "batch_size")
     parallel.check_global_batch(config.eval.batch_size, devices, "eval.batch_size")
-    if config.prune.kind == "quantize":
-        raise NotImplementedError("prune.kind='quantize': ADMM quantization with quantized "
-                                  "retraining is not implemented yet; allowed: "
-                                  f"{PRUNE_KINDS}")
     _require(config.prune.kind in PRUNE_KINDS, "prune.kind", config.prune.kind,
-             f"one of {PRUNE_KINDS}")
-    if not config.prune.to_width:
-        parse_ratios(config.prune.ratios)
-    for stage in STAGES:
-        s = config[stage]
-        _require(s.epochs >= 0, f"{stage}.epochs", s.epochs, "an integer >= 0")
+             f"one of {PRUNE_KINDS} (N:M and quantization: a phase's rules, e.g. "
+             f"--config.admm.rules='fc*=nm:2:4,conv2=quantize:4')")
+    for phase in program:
+        s = config[phase.name]
+        _require(s.epochs >= 0, f"{phase.name}.epochs", s.epochs, "an integer >= 0")
+        if phase.compresses:
+            recipe.parse_rules(phase.rules)  # the syntax; layers are matched at the start
+        if phase.kind == "admm":
+            _require(s.rho > 0, f"{phase.name}.rho", s.rho, "a number > 0")
+            _require(s.rho_growth >= 1, f"{phase.name}.rho_growth", s.rho_growth, ">= 1")
+            _require(s.update_every_epochs >= 1, f"{phase.name}.update_every_epochs",
+                     s.update_every_epochs, "an integer >= 1")
         try:
-            period = config.admm.update_every_epochs if stage == "admm" else None
+            period = s.update_every_epochs if phase.kind == "admm" else None
             optim.make_optimizer(s, optim.make_schedule(s, 1, period))
         except ValueError as e:
-            raise ValueError(f"{stage}: {e}") from None
-    _require(config.admm.rho > 0, "admm.rho", config.admm.rho, "a number > 0")
-    _require(config.admm.rho_growth >= 1, "admm.rho_growth", config.admm.rho_growth, ">= 1")
-    _require(config.admm.update_every_epochs >= 1, "admm.update_every_epochs",
-             config.admm.update_every_epochs, "an integer >= 1")
+            raise ValueError(f"{phase.name}: {e}") from None
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps",
              config.checkpoint.every_steps, "an integer >= 1")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, ">= 1")
     _require(config.nonfinite.policy in NONFINITE_POLICIES, "nonfinite.policy",
              config.nonfinite.policy, f"one of {NONFINITE_POLICIES}")
     _require(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, ">= 1")
-    return stages
+    return program, phases
 
 
 # Fields that may change between runs in one workdir without changing the results.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, run_cli, write_idx
-from robust_admm import checkpoint, projections, train, validation
+from robust_admm import checkpoint, projections, recipe, train, validation
 
 sys.path.insert(0, ROOT)
 from configs import digits as digits_config  # noqa: E402
@@ -47,7 +47,7 @@ def test_digits_pruned_model_is_robust_where_a_natural_one_is_not(digits_runs):
 def test_digits_final_sparsity_is_exact(digits_runs):
     adv, workdir, _ = digits_runs
     cfg = digits_config.get_config()
-    ratios = validation.parse_ratios(cfg.prune.ratios)
+    ratios = recipe.parse_ratios(cfg.prune.ratios)
     sparsity = adv["stages"]["retrain"]["sparsity"]
     params = checkpoint.load_final_state(workdir, "retrain")["params"]
     total = nnz = 0
@@ -114,35 +114,10 @@ def test_cli_refuses_an_unknown_config_field(tmp_path):
     assert r.returncode != 0 and "rhoo" in r.stderr
 
 
-@pytest.mark.parametrize("stages,match", [
-    ("", "empty"), ("pretrain,finetune", "unknown stage 'finetune'"),
-    ("admm,pretrain", "order"), ("pretrain,retrain", "consecutive"),
-])
-def test_bad_stage_lists_are_refused(stages, match):
-    with pytest.raises(ValueError, match=match):
-        validation.parse_stages(stages)
-
-
-@pytest.mark.parametrize("text,match", [("conv1", "not 'layer=ratio'"), ("", "names no layer"),
-                                        ("fc1=abc", "not 'layer=ratio'")])
-def test_bad_ratio_strings_are_refused(text, match):
-    with pytest.raises(ValueError, match=match):
-        validation.parse_ratios(text)
-
-
-def test_prune_to_width_keeps_the_weights_of_the_narrow_model():
-    """The paper's "w=16 pruned to 4": conv1 and fc2 shrink with w, conv2 and fc1 with w^2."""
-    cfg = mnist_config.get_config("paper")
-    rules = train.prune_rules(cfg, (1, 28, 28, 1), 10)
-    got = {k: v["ratio"] for k, v in rules.items()}
-    assert got == pytest.approx({"conv1": 0.75, "conv2": 1 - 1 / 16, "fc1": 1 - 1 / 16,
-                                 "fc2": 0.75})
-
-
 def test_presets_and_unknown_presets():
     for preset in ("paper", "cpu", "natural", "smoke"):
         cfg = mnist_config.get_config(preset)
-        validation.parse_stages(cfg.stages)
+        validation.validate_config(cfg, device_count=1)
         assert cfg.attack.epsilon == cfg.eval.epsilon == 0.3
     assert mnist_config.get_config("paper").attack.num_steps == 40
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
