@@ -5,9 +5,18 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
 - `cpu`: a budget recipe for 2 CPU cores, about 65 minutes for all three stages (w = 4,
   PGD-10 training, PGD-40 evaluation, 9.6x on the pruned layers).
 - `natural`: LeNet-5 (20-50-500-10) trained without attack (the paper's natural setting).
+- `progressive`: LeNet-5 without attack, pruned in three admm + retrain rounds of rising
+  rates (the progressive-compression paper's recipe), about 125x on the weights.
 - `smoke`: a few hundred images and a few steps, seconds; for tests.
 """
-from robust_admm.config_base import base_config
+from robust_admm.config_base import base_config, phase_config
+
+# The progressive preset's rounds: prune ratios per layer (irregular), rising.
+PROGRESSIVE_ROUNDS = (
+    "conv1=irregular:0.3,conv2=irregular:0.75,fc1=irregular:0.9,fc2=irregular:0.5",
+    "conv1=irregular:0.4,conv2=irregular:0.85,fc1=irregular:0.98,fc2=irregular:0.75",
+    "conv1=irregular:0.5,conv2=irregular:0.92,fc1=irregular:0.998,fc2=irregular:0.92",
+)
 
 
 def get_config(preset: str = "paper"):
@@ -57,6 +66,22 @@ def get_config(preset: str = "paper"):
             s.optimizer, s.epochs = "adam", 10
         c.pretrain.lr, c.admm.lr, c.retrain.lr = 1e-3, 5e-4, 5e-4
         c.admm.update_every_epochs, c.admm.rho, c.admm.rho_growth = 2, 0.1, 1.5
+    elif preset == "progressive":
+        c.setting = "natural"
+        c.model.name, c.model.width = "lenet5", 1
+        c.prune.to_width = 0
+        c.batch_size = 64
+        c.pretrain.optimizer, c.pretrain.epochs, c.pretrain.lr = "adam", 10, 1e-3
+        program = ["pretrain"]
+        for i, rules in enumerate(PROGRESSIVE_ROUNDS, start=1):
+            tag = "" if i == 1 else str(i)
+            admm = phase_config("admm", epochs=6, lr=5e-4, rules=rules, optimizer="adam",
+                                schedule="periodic")
+            admm.update_every_epochs, admm.rho, admm.rho_growth = 2, 0.1, 1.5
+            c[f"admm{tag}"] = admm
+            c[f"retrain{tag}"] = phase_config("retrain", epochs=6, lr=5e-4, optimizer="adam")
+            program += [f"admm{tag}", f"retrain{tag}"]
+        c.program = ",".join(program)
     elif preset == "smoke":
         c.model.width = 1
         c.prune.to_width = 0
@@ -70,5 +95,6 @@ def get_config(preset: str = "paper"):
             s.epochs, s.optimizer, s.lr = 2, "adam", 1e-3
         c.admm.update_every_epochs = 1
     else:
-        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, natural, smoke")
+        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, "
+                         f"natural, progressive, smoke")
     return c

@@ -124,13 +124,17 @@ def hard_project(params, specs: Specs, masks=None):
     return replace_by_path(params, new_w), replace_by_path(masks, new_m)
 
 
-def keep_constraints(params, masks, specs: Specs):
-    """What a retrain phase applies after every update: pruned weights back to zero, and
-    quantized leaves back onto their levels (the scale refit to the kept weights; the
-    support stays `masks`). Projection after the update rather than a straight-through
-    estimator: see the README's "Quantization" section."""
-    params = jax.tree_util.tree_map(lambda p, m: p * m, params, masks)
-    quant = {p: s for p, s in specs.items() if s["kind"] == "quantize"}
+QUANTIZE_UPDATES = ("project", "ste")
+
+
+def quantized_specs(specs: Specs) -> dict:
+    return {p: s for p, s in specs.items() if s["kind"] == "quantize"}
+
+
+def onto_levels(params, masks, specs: Specs):
+    """`params` with each quantized leaf of `specs` projected onto its levels, the scale
+    refit to the kept weights, the support `masks` (other leaves unchanged)."""
+    quant = quantized_specs(specs)
     if not quant:
         return params
     w, m = leaves_by_path(params), leaves_by_path(masks)
@@ -138,6 +142,23 @@ def keep_constraints(params, masks, specs: Specs):
                                           method=s.get("method", "auto"), mask=m[p])[0]
               for p, s in quant.items()}
     return replace_by_path(params, levels)
+
+
+def keep_constraints(params, masks, specs: Specs, quantize_update: str = "project"):
+    """What a retrain phase applies after every update: pruned weights back to zero and,
+    with quantize_update='project', quantized leaves back onto their levels. With 'ste'
+    the weights stay latent (full precision) and the model runs on `straight_through`."""
+    params = jax.tree_util.tree_map(lambda p, m: p * m, params, masks)
+    return onto_levels(params, masks, specs) if quantize_update == "project" else params
+
+
+def straight_through(params, masks, specs: Specs):
+    """The straight-through estimator: each quantized leaf's value is its levels
+    (`onto_levels`), its gradient passes to the latent weights unchanged."""
+    q = onto_levels(params, masks, specs)
+    # v + (w - w): exactly v forward (w - w is exactly 0), gradient 1 to w, none through v.
+    sg = jax.lax.stop_gradient
+    return jax.tree_util.tree_map(lambda w, v: sg(v) + (w - sg(w)), params, q)
 
 
 def freeze_zeros(params, masks, specs: Specs):

@@ -31,6 +31,11 @@ def phase_config(kind: str, epochs: int, lr: float, rules: str = "", **optim):
     c.kind = kind
     if kind != "dense":
         c.rules = rules
+    if kind == "retrain":
+        # How quantized layers stay on their levels while retraining: 'project' (project
+        # after every update, the scale refit) | 'ste' (latent full-precision weights, the
+        # model run on their levels, straight-through gradients). Speed-neutral; see README.
+        c.quantize_update = "project"
     if kind == "admm":
         c.rho = 0.001  # initial penalty rho
         c.rho_growth = 1.3  # rho <- growth * rho at each update (the paper's multi-rho)

@@ -143,8 +143,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                     batch_size: int, schedule: Callable | None = None,
                     mesh: Mesh | None = None, pgd_loop: str = "auto",
                     cpu_convolutions: str = "auto", objective: str = "pgd_at",
-                    beta: float = 6.0, constraints: admm_lib.Specs | None = None
-                    ) -> CompiledStep:
+                    beta: float = 6.0, constraints: admm_lib.Specs | None = None,
+                    quantize_update: str = "project") -> CompiledStep:
     """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
@@ -155,8 +155,20 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     is the loss at the attack's point; TRADES and MART also take a clean forward pass
     (BatchNorm statistics updated by the clean pass, then by the adversarial one).
     After each update the masks are applied, and `constraints` (a retrain phase's specs)
-    put quantized leaves back onto their levels (`admm.keep_constraints`).
+    keep quantized leaves on their levels: projected after each update ('project') or
+    latent weights with the model, attack included, run on their levels ('ste'); see
+    `admm.keep_constraints` and `admm.straight_through`.
     """
+    constraints = constraints or {}
+    if quantize_update not in admm_lib.QUANTIZE_UPDATES:
+        raise ValueError(f"quantize_update={quantize_update!r}; allowed: "
+                         f"{admm_lib.QUANTIZE_UPDATES}")
+    ste = quantize_update == "ste" and bool(admm_lib.quantized_specs(constraints))
+
+    def forward(params, masks):
+        """The weights the model runs on."""
+        return admm_lib.straight_through(params, masks, constraints) if ste else params
+
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
     data_key_tag, attack_key_tag = 0, 1
@@ -175,7 +187,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             return x, y, None
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
-        logits_fn = attack_logits_fn(model, state.params, state.batch_stats)
+        logits_fn = attack_logits_fn(model, forward(state.params, state.masks),
+                                     state.batch_stats)
         return x, y, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
                                           attack.scale(state.step)))
 
@@ -185,10 +198,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     def update(state: TrainState, attack_state, x, y):
         """The attack's result, the training pass on it and the optimizer update."""
         x_adv = x if attack_state is None else adv.finish(
-            attack_logits_fn(model, state.params, state.batch_stats), attack_state, x, y)
+            attack_logits_fn(model, forward(state.params, state.masks), state.batch_stats),
+            attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
 
         def loss_fn(params):
+            params = forward(params, state.masks)
             stats = state.batch_stats
             if two_passes:
                 clean_logits, stats = apply_model(model, params, stats, x, True)
@@ -207,7 +222,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                                            state.batch_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params = admm_lib.keep_constraints(params, state.masks, constraints or {})
+        params = admm_lib.keep_constraints(params, state.masks, constraints, quantize_update)
         metrics = {
             "loss": ce + pen,
             "ce": ce,
@@ -230,7 +245,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             x, y, attack_state = begin(state, images_u8, labels)
             if attack.num_steps:
                 attack_state = attacks.run_steps(
-                    adv, attack_logits_fn(model, state.params, state.batch_stats),
+                    adv, attack_logits_fn(model, forward(state.params, state.masks),
+                                          state.batch_stats),
                     attack_state, x, y)
             return update(state, attack_state, x, y)
 
@@ -240,14 +256,17 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     begin_c = jit(begin)
     attack_step_c = jit(attack_step, donate_argnums=(2,))
     update_c = jit(update, donate_argnums=(0,), **state_out)
+    forward_c = jit(forward)
 
     def host_train_step(state: TrainState, images_u8, labels):
         x, y, attack_state = begin_c(state, images_u8, labels)
+        params = forward_c(state.params, state.masks) if ste else state.params
         for _ in range(attack.num_steps):
-            attack_state = attack_step_c(state.params, state.batch_stats, attack_state, x, y)
+            attack_state = attack_step_c(params, state.batch_stats, attack_state, x, y)
         return update_c(state, attack_state, x, y)
 
-    return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c])
+    return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c]
+                        + ([forward_c] if ste else []))
 
 
 def _jit_with_options(cpu_convolutions: str) -> Callable:

@@ -232,7 +232,14 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             run.model, tx, make_attack(cfg.attack, cfg.setting, warmup, cfg.objective),
             cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
             cfg.objective, cfg.objective_beta,
-            constraints=specs if phase.kind == "retrain" else None)
+            constraints=specs if phase.kind == "retrain" else None,
+            quantize_update=scfg.get("quantize_update", "project"))
+        # The model a phase evaluates and ends with: its latent weights on their levels
+        # under the straight-through estimator, else the weights themselves.
+        ste = (phase.kind == "retrain" and scfg.quantize_update == "ste"
+               and admm_lib.quantized_specs(specs))
+        on_levels = jax.jit(lambda p, m: admm_lib.onto_levels(p, m, specs)) if ste else (
+            lambda p, m: p)
         admm_update = None
         if phase.kind == "admm":
             admm_update = jax.jit(lambda p, s, m: admm_lib.update(
@@ -264,7 +271,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
-                    result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
+                    result = evaluate(run.eval_step, on_levels(state.params, state.masks),
+                                      state.batch_stats, run.test,
                                       cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
                     run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
                                      adv_attack=eval_attack_label(cfg))
@@ -280,8 +288,10 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 last_ckpt = step
         if result is None:  # a stage with 0 epochs
-            result = evaluate(run.eval_step, state.params, state.batch_stats, run.test,
+            result = evaluate(run.eval_step, on_levels(state.params, state.masks),
+                              state.batch_stats, run.test,
                               cfg.eval.batch_size, jax.random.fold_in(eval_key, scfg.epochs))
+        state = state.replace(params=on_levels(state.params, state.masks))
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
         return state, result

@@ -2,6 +2,7 @@
 the field, the bad value and what is allowed."""
 import jax
 
+from robust_admm import admm as admm_lib
 from robust_admm import compiler, data, objectives, optim, parallel, recipe
 from robust_admm.attacks.core import LOSSES
 from robust_admm.models import get_model
@@ -64,6 +65,10 @@ def validate_config(config, device_count: int | None = None):
         _require(s.epochs >= 0, f"{phase.name}.epochs", s.epochs, "an integer >= 0")
         if phase.compresses:
             recipe.parse_rules(phase.rules)  # the syntax; layers are matched at the start
+        if phase.kind == "retrain":
+            _require(s.quantize_update in admm_lib.QUANTIZE_UPDATES,
+                     f"{phase.name}.quantize_update", s.quantize_update,
+                     f"one of {admm_lib.QUANTIZE_UPDATES}")
         if phase.kind == "admm":
             _require(s.rho > 0, f"{phase.name}.rho", s.rho, "a number > 0")
             _require(s.rho_growth >= 1, f"{phase.name}.rho_growth", s.rho_growth, ">= 1")

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from robust_admm import admm
 
@@ -109,3 +110,38 @@ def test_freeze_zeros_marks_zero_weights_of_compressed_leaves_only():
     assert np.asarray(out["fc1"]["bias"]).all()
     assert not bool(out["conv1"]["kernel"][0, 0, 0, 0])
     assert int(np.asarray(out["conv1"]["kernel"]).sum()) == 35
+
+
+def test_projection_within_a_mask_is_the_nearest_point_of_the_intersection():
+    """Brute force over every support of size k inside the mask (irregular, small)."""
+    import itertools
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(3, 3)).astype(np.float32)
+    mask = rng.random((3, 3)) < 0.6
+    for ratio in (0.5, 0.75):
+        got, kept = admm.project_within(jnp.asarray(w), {"kind": "irregular", "ratio": ratio},
+                                        jnp.asarray(mask))
+        k = min(int(np.floor((1 - ratio) * 9 + 0.5)), int(mask.sum()))
+        best = min(np.sum((w - np.where(np.isin(np.arange(9), s).reshape(3, 3), w, 0)) ** 2)
+                   for s in itertools.combinations(np.flatnonzero(mask), k))
+        assert np.sum((w - np.asarray(got)) ** 2) == pytest.approx(best, rel=1e-6)
+        assert not np.any(np.asarray(kept) & ~mask)
+
+
+def test_retraining_keeps_quantized_leaves_on_their_levels_both_ways():
+    params = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)),
+                                          jnp.float32)}}
+    masks = {"a": {"kernel": jnp.asarray(np.arange(32).reshape(8, 4) % 3 != 0)}}
+    specs = {"a/kernel": {"kind": "quantize", "bits": 2, "method": "auto"}}
+    q = admm.keep_constraints(params, masks, specs)["a"]["kernel"]
+    assert len(np.unique(np.abs(np.asarray(q)[np.asarray(q) != 0]))) == 1  # ternary
+    assert not np.any(np.asarray(q)[~np.asarray(masks["a"]["kernel"])])
+    # 'ste' leaves the latent weights (masked) and runs the model on the levels, exactly,
+    # with the gradient passed straight to the latent weights.
+    latent = admm.keep_constraints(params, masks, specs, "ste")["a"]["kernel"]
+    np.testing.assert_array_equal(latent, params["a"]["kernel"] * masks["a"]["kernel"])
+    st = admm.straight_through(params, masks, specs)["a"]["kernel"]
+    np.testing.assert_array_equal(st, q)
+    grad = jax.grad(lambda p: jnp.sum(
+        admm.straight_through(p, masks, specs)["a"]["kernel"] ** 2))(params)["a"]["kernel"]
+    np.testing.assert_allclose(grad, 2 * q, rtol=1e-6)

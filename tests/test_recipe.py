@@ -133,7 +133,8 @@ def assert_on_levels(w, bits, nonzero=None):
 
 def test_a_progressive_program_with_mixed_kinds_ends_each_phase_on_its_rules(tmp_path):
     """Two admm + retrain rounds, rising rates, every kind: each retrain's model satisfies
-    its rules exactly, and the second round keeps the first round's zeros."""
+    its rules exactly (retrain projecting after each update, retrain2 with the
+    straight-through estimator), and the second round keeps the first round's zeros."""
     cfg = mnist_config.get_config("smoke")
     cfg.data.source, cfg.data.dir = "files", write_idx(str(tmp_path / "idx"),
                                                        np.random.default_rng(3))
@@ -146,6 +147,7 @@ def test_a_progressive_program_with_mixed_kinds_ends_each_phase_on_its_rules(tmp
                                    "fc1=nm:1:4+quantize:4,fc2=irregular:0.5+quantize:1")
     cfg.admm2.update_every_epochs = 1
     cfg.retrain2 = phase_config("retrain", 2, 1e-3, optimizer="adam")
+    cfg.retrain2.quantize_update = "ste"  # retrain projects after each update
     cfg.program = "pretrain,admm,retrain,admm2,retrain2"
     workdir = str(tmp_path / "run")
     summary = train.train_and_evaluate(cfg, workdir)
