@@ -8,6 +8,8 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
 - `progressive`: LeNet-5 without attack, pruned in three admm + retrain rounds of rising
   rates (the progressive-compression paper's recipe), about 125x on the weights.
 - `smoke`: a few hundred images and a few steps, seconds; for tests.
+- `smoke_program`: `smoke` as a five-phase program (two admm + retrain rounds, filter,
+  irregular and quantized layers, the second retrain with the straight-through estimator).
 """
 from robust_admm.config_base import base_config, phase_config
 
@@ -82,7 +84,7 @@ def get_config(preset: str = "paper"):
             c[f"retrain{tag}"] = phase_config("retrain", epochs=6, lr=5e-4, optimizer="adam")
             program += [f"admm{tag}", f"retrain{tag}"]
         c.program = ",".join(program)
-    elif preset == "smoke":
+    elif preset in ("smoke", "smoke_program"):
         c.model.width = 1
         c.prune.to_width = 0
         c.prune.ratios = "conv2=0.5,fc1=0.75"
@@ -94,7 +96,16 @@ def get_config(preset: str = "paper"):
         for s in (c.pretrain, c.admm, c.retrain):
             s.epochs, s.optimizer, s.lr = 2, "adam", 1e-3
         c.admm.update_every_epochs = 1
+        if preset == "smoke_program":
+            c.admm.rules = "conv2=filter:0.5,fc1=irregular:0.75,fc2=quantize:4"
+            c.admm2 = phase_config("admm", epochs=2, lr=1e-3, optimizer="adam",
+                                   rules="conv2=filter:0.5,fc1=irregular:0.9+quantize:2,"
+                                         "fc2=quantize:4")
+            c.admm2.update_every_epochs = 1
+            c.retrain2 = phase_config("retrain", epochs=2, lr=1e-3, optimizer="adam")
+            c.retrain2.quantize_update = "ste"
+            c.program = "pretrain,admm,retrain,admm2,retrain2"
     else:
         raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, "
-                         f"natural, progressive, smoke")
+                         f"natural, progressive, smoke, smoke_program")
     return c

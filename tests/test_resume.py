@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent: kill/resume bit for bit, SIGTERM, corrupted checkpoints,
-non-finite losses, and every bad input refused before anything compiles."""
+non-finite losses, and every bad input refused before anything compiles. The kill/resume
+runs are the five-phase :smoke_program (every phase kind, quantized layers both ways)."""
 import json
 import os
 import random
@@ -20,7 +21,9 @@ from robust_admm import checkpoint, data, train, validation
 sys.path.insert(0, ROOT)
 from configs import mnist as mnist_config  # noqa: E402
 
-STAGES = ("pretrain", "admm", "retrain")
+PROGRAM = "configs/mnist.py:smoke_program"
+STAGES = ("pretrain", "admm", "retrain", "admm2", "retrain2")
+KILLED = ("pretrain", "admm2", "retrain2")  # a dense, an admm and an STE retrain phase
 # Log every step (so a test can act at a chosen step), checkpoint every 3 steps, and a
 # longer attack so that a step takes long enough for a signal to land inside its stage.
 RUN_FLAGS = ["--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
@@ -40,8 +43,8 @@ def files_flags(idx_dir):
 def reference(tmp_path_factory, idx_dir):
     """An uninterrupted :smoke run."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS, config=PROGRAM),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return workdir
 
@@ -57,7 +60,8 @@ def run_and_signal(workdir, flags, stage, step, sig, after_checkpoint=False):
     `after_checkpoint`, at the first logged step from `step` on at which a finished
     checkpoint of the stage is on disk (checkpoints are written asynchronously, so one
     may still be in flight at `step`), or at the stage's last step if none is."""
-    proc = subprocess.Popen(cli_command(workdir, *flags), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cli_command(workdir, *flags, config=PROGRAM), cwd=ROOT,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     out = []
     for line in proc.stdout:
@@ -91,25 +95,25 @@ def assert_same_results(workdir, reference_dir):
     assert records(workdir) == records(reference_dir)
 
 
-def test_sigkill_in_every_stage_then_resume_is_bitwise_identical(tmp_path, idx_dir, reference):
+def test_sigkill_in_three_kinds_of_phase_then_resume_is_bitwise_identical(tmp_path, idx_dir, reference):
     rng = random.Random(1234)
     workdir = str(tmp_path / "killed")
     flags = files_flags(idx_dir) + RUN_FLAGS
     outputs, saved = [], []
-    for stage in STAGES:
+    for stage in KILLED:
         step = rng.randint(5, 13)  # of 16 steps per stage; checkpoints every 3
         code, out = run_and_signal(workdir, flags, stage, step, signal.SIGKILL,
                                    after_checkpoint=True)
         assert code == -signal.SIGKILL, out[-3000:]
         outputs.append(out)
         saved.append(has_checkpoint(workdir, stage))
-    r = subprocess.run(cli_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cli_command(workdir, *flags, config=PROGRAM), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     outputs.append(r.stdout)
     # Each rerun resumed the killed stage from its checkpoint (the kill waits for a finished
     # one; a stage whose writes were all still in flight at its last step starts over).
-    for stage, out, had_checkpoint in zip(STAGES, outputs[1:], saved):
+    for stage, out, had_checkpoint in zip(KILLED, outputs[1:], saved):
         assert (f"[{stage}] resuming from step" in out) == had_checkpoint, out[-2000:]
     assert sum(saved) >= 2
     assert_same_results(workdir, reference)
@@ -121,11 +125,11 @@ def test_a_stage_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path
     restarts from step 0, and its earlier records are dropped, not duplicated."""
     workdir = str(tmp_path / "no_ckpt")
     shutil.copytree(reference, workdir)
-    shutil.rmtree(checkpoint.stage_dir(workdir, "retrain"))
-    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    shutil.rmtree(checkpoint.stage_dir(workdir, "retrain2"))
+    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS, config=PROGRAM),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "[retrain] resuming" not in r.stdout and "[admm] already complete" in r.stdout
+    assert "[retrain2] resuming" not in r.stdout and "[admm2] already complete" in r.stdout
     assert_same_results(workdir, reference)
 
 
@@ -138,8 +142,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path, idx_dir, referen
     assert "SIGTERM: saved a checkpoint at step" in out
     steps = [d for d in os.listdir(checkpoint.stage_dir(workdir, "admm")) if d.isdigit()]
     assert steps and all(0 < int(s) < 16 for s in steps)
-    r = subprocess.run(cli_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(cli_command(workdir, *flags, config=PROGRAM), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[admm] resuming from step {steps[0]}" in r.stdout
     assert_same_results(workdir, reference)
