@@ -65,6 +65,8 @@ def parse():
                    help="XLA:CPU convolution runtime, as the config field cpu_convolutions")
     p.add_argument("--all", action="store_true", help="run the five reference configs")
     p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
+    p.add_argument("--peak-n", type=int, default=4096,
+                   help="--all: matrix size of the matmul peak probe (smaller: faster, lower)")
     p.add_argument("--torch-python", default=None, help="--all: a python with torch")
     p.add_argument("--torch-peer", default=None, help="--all: path of torch_peer.py")
     p.add_argument("--torch-env", default="",
@@ -272,8 +274,8 @@ def run_all(args):
         if not configs:
             raise SystemExit(f"--only {args.only!r} matches none of "
                              f"{[f'{m}:{w}' for m, w, _, _ in CONFIGS]}")
-    print(f"mode {args.mode}; the float32 matmul peak (best of 5, n=4096, max of numpy and "
-          "XLA) is measured before and after each config's runs and the larger reading "
+    print(f"mode {args.mode}; the float32 matmul peak (best of 5, n={args.peak_n}, max of "
+          "numpy and XLA) is measured before and after each config's runs and the larger reading "
           "used: the machine's speed drifts", flush=True)
     me = [sys.executable, os.path.abspath(__file__), "--mode", args.mode, "--iters", str(args.iters),
           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
@@ -294,7 +296,7 @@ def run_all(args):
     for model, width, steps, batch in configs:
         flags = ["--model", model, "--width", str(width), "--steps", str(steps),
                  "--batch", str(batch)]
-        before = matmul_peak()
+        before = matmul_peak(args.peak_n)
         print(f"  {model} w={width}: matmul peak before {before:.1f} GFLOP/s", flush=True)
         ours, peer = [], []
         for _ in range(args.rounds):  # A B A B
@@ -304,7 +306,7 @@ def run_all(args):
                 peer.append(_result(peer_cmd + flags, torch_env))
                 print(f"  {model} w={width}: {peer[-1]['impl']} {peer[-1]['img/s']} img/s",
                       flush=True)
-        after = matmul_peak()
+        after = matmul_peak(args.peak_n)
         # The larger reading: one taken in a slow moment would overstate "% of peak"
         # (a VGG-16 eval row once read 108% of a peak measured low just before it).
         peak = max(before, after)

@@ -115,7 +115,10 @@ def upgrade_config_dict(d: dict) -> dict:
         return d
     d = dict(d, program=",".join(STAGES))
     for name, kind in DEFAULT_KINDS.items():
-        d[name] = dict(d[name], kind=kind, **({} if kind == "dense" else {"rules": ""}))
+        extra = {} if kind == "dense" else {"rules": ""}
+        if kind == "retrain":
+            extra["quantize_update"] = "project"
+        d[name] = dict(d[name], kind=kind, **extra)
     return d
 
 

@@ -23,3 +23,25 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers import PROGRAM, ROOT, RUN_FLAGS, cli_command, write_idx  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def program_run(tmp_path_factory):
+    """(workdir, idx folder) of one uninterrupted run of the five-phase :smoke_program on
+    small IDX files: the kill/resume tests' reference and the rules tests' subject (its
+    programs compile once for both)."""
+    idx_dir = write_idx(str(tmp_path_factory.mktemp("idx")), np.random.default_rng(0))
+    workdir = str(tmp_path_factory.mktemp("program_run"))
+    r = subprocess.run(cli_command(workdir, "--config.data.source=files",
+                                   f"--config.data.dir={idx_dir}", *RUN_FLAGS, config=PROGRAM),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir, idx_dir

@@ -10,6 +10,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The five-phase program the kill/resume tests and the rules tests share (conftest.py).
+PROGRAM = "configs/mnist.py:smoke_program"
+# Log every step (so a test can act at a chosen step), checkpoint every 3 steps, and a
+# longer attack so that a step takes long enough for a signal to land inside its phase.
+RUN_FLAGS = ["--config.log_every_steps=1", "--config.checkpoint.every_steps=3",
+             "--config.attack.num_steps=30"]
+
 
 def write_idx(folder, rng, n_train=160, n_test=48):
     """Small random MNIST-shaped IDX files (gzip), to run the pipeline without real data."""

@@ -35,7 +35,7 @@ def test_step_benchmark_times_the_step_and_counts_its_flops(mode, passes):
 def test_all_prints_a_table_against_the_larger_peak_reading():
     out = subprocess.run(
         [sys.executable, SCRIPT, "--all", "--only", "lenet_adv:1", "--rounds", "1",
-         "--iters", "1", "--repeats", "1", "--warmup", "0"],
+         "--iters", "1", "--repeats", "1", "--warmup", "0", "--peak-n", "512"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     readings = [float(v) for v in re.findall(r"matmul peak (?:before|after) ([\d.]+)", out.stdout)]

@@ -1,5 +1,7 @@
 """Programs of phases and per-layer rules: parsing, inheritance, errors, and a progressive
 program with mixed kinds whose every phase ends exactly on its rules."""
+import json
+import os
 import sys
 
 import jax
@@ -7,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, write_idx
-from robust_admm import checkpoint, projections, recipe, train
+from helpers import ROOT
+from robust_admm import checkpoint, projections, recipe
 from robust_admm.config_base import phase_config
 from robust_admm.models import get_model
 
@@ -131,32 +133,20 @@ def assert_on_levels(w, bits, nonzero=None):
         assert np.count_nonzero(w) == nonzero
 
 
-def test_a_progressive_program_with_mixed_kinds_ends_each_phase_on_its_rules(tmp_path):
-    """Two admm + retrain rounds, rising rates, every kind: each retrain's model satisfies
-    its rules exactly (retrain projecting after each update, retrain2 with the
-    straight-through estimator), and the second round keeps the first round's zeros."""
-    cfg = mnist_config.get_config("smoke")
-    cfg.data.source, cfg.data.dir = "files", write_idx(str(tmp_path / "idx"),
-                                                       np.random.default_rng(3))
-    cfg.attack.num_steps = 1
-    for name in ("pretrain", "admm", "retrain"):
-        cfg[name].epochs = 1
-    cfg.admm.rules = "conv1=filter:0.5,conv2=column:0.5,fc1=nm:2:4,fc2=quantize:2"
-    cfg.admm2 = phase_config("admm", 1, 1e-3, optimizer="adam", schedule="constant",
-                             rules="conv1=filter:0.5,conv2=column:0.75,"
-                                   "fc1=nm:1:4+quantize:4,fc2=irregular:0.5+quantize:1")
-    cfg.admm2.update_every_epochs = 1
-    cfg.retrain2 = phase_config("retrain", 2, 1e-3, optimizer="adam")
-    cfg.retrain2.quantize_update = "ste"  # retrain projects after each update
-    cfg.program = "pretrain,admm,retrain,admm2,retrain2"
-    workdir = str(tmp_path / "run")
-    summary = train.train_and_evaluate(cfg, workdir)
-    assert summary["program"] == list(summary["stages"]) == cfg.program.split(",")
-    assert [summary["stages"][s]["kind"] for s in summary["program"]] == [
+def test_a_progressive_program_with_mixed_kinds_ends_each_phase_on_its_rules(program_run):
+    """:smoke_program (conftest.py): two admm + retrain rounds, rising rates, every kind.
+    Each retrain's model satisfies its rules exactly (retrain projecting after each update,
+    retrain2 with the straight-through estimator), and round 2 keeps round 1's zeros."""
+    workdir, _ = program_run
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    program = mnist_config.get_config("smoke_program").program.split(",")
+    assert summary["program"] == list(summary["stages"]) == program
+    assert [summary["stages"][s]["kind"] for s in program] == [
         "dense", "admm", "retrain", "admm", "retrain"]
-
     size = summary["stages"]["retrain2"]["size"]["layers"]
     assert [size[n]["bits"] for n in ("conv1", "conv2", "fc1", "fc2")] == [32, 32, 4, 1]
+
     one = jax.device_get(checkpoint.load_final_state(workdir, "retrain")["params"])
     two = jax.device_get(checkpoint.load_final_state(workdir, "retrain2")["params"])
     k = {n: np.asarray(one[n]["kernel"]) for n in one}

@@ -115,7 +115,8 @@ def test_cli_refuses_an_unknown_config_field(tmp_path):
 
 
 def test_presets_and_unknown_presets():
-    for preset in ("paper", "cpu", "natural", "progressive", "smoke"):
+    for preset in ("paper", "cpu", "cpu_trades", "natural", "progressive", "smoke",
+                   "smoke_program"):
         cfg = mnist_config.get_config(preset)
         validation.validate_config(cfg, device_count=1)
         assert cfg.attack.epsilon == cfg.eval.epsilon == 0.3
