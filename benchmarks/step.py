@@ -231,7 +231,6 @@ def _eval_iteration(args, model, variables, images, labels, attack_setting):
     under attack; BatchNorm on running averages, no weight gradients), its count of
     compiled programs, and its cost in forward passes: (2k + 2)."""
     import jax
-    import numpy as np
 
     from robust_admm.attacks import Pgd
     from robust_admm.step import make_eval_step
