@@ -79,6 +79,7 @@ def get_config(preset: str = "paper"):
         c.prune.to_width = 0
         c.batch_size = 64
         c.pretrain.optimizer, c.pretrain.epochs, c.pretrain.lr = "adam", 10, 1e-3
+        c.eval.every_epochs = 100  # only at the end of each phase
         program = ["pretrain"]
         for i, rules in enumerate(PROGRESSIVE_ROUNDS, start=1):
             tag = "" if i == 1 else str(i)
