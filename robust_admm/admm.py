@@ -61,18 +61,14 @@ def project_within(w, spec: Mapping[str, Any], mask=None):
     return proj, kept & mask
 
 
-def _mask_of(masks, path):
-    return None if masks is None else masks[path]
-
-
 def init(params, specs: Specs, rho: float, masks=None) -> AdmmState:
     """Z = Proj(W), U = 0, rho = rho for every compressed leaf (projections within
     `masks` when given)."""
     if rho <= 0:
         raise ValueError(f"admm.rho={rho} must be > 0")
     w = leaves_by_path(params)
-    m = None if masks is None else leaves_by_path(masks)
-    z = {p: project_within(w[p], s, _mask_of(m, p))[0] for p, s in specs.items()}
+    m = {} if masks is None else leaves_by_path(masks)
+    z = {p: project_within(w[p], s, m.get(p))[0] for p, s in specs.items()}
     return AdmmState(
         z=z,
         u={p: jnp.zeros_like(v) for p, v in z.items()},
@@ -97,10 +93,10 @@ def update(params, state: AdmmState, specs: Specs, rho_growth: float = 1.0,
     weights still are from the constraint set) and dual ||Z - Z_prev|| / ||Z||.
     """
     w = leaves_by_path(params)
-    m = None if masks is None else leaves_by_path(masks)
+    m = {} if masks is None else leaves_by_path(masks)
     z, u, rho, metrics = {}, {}, {}, {}
     for p, spec in specs.items():
-        z[p] = project_within(w[p] + state.u[p], spec, _mask_of(m, p))[0]
+        z[p] = project_within(w[p] + state.u[p], spec, m.get(p))[0]
         rho[p] = jnp.minimum(state.rho[p] * rho_growth, rho_max)
         # U is the scaled dual (Y / rho): rescale it when rho changes (Boyd et al. 3.4.1).
         u[p] = (state.u[p] + w[p] - z[p]) * (state.rho[p] / rho[p])
@@ -152,13 +148,12 @@ def keep_constraints(params, masks, specs: Specs, quantize_update: str = "projec
     return onto_levels(params, masks, specs) if quantize_update == "project" else params
 
 
-def straight_through(params, masks, specs: Specs):
-    """The straight-through estimator: each quantized leaf's value is its levels
-    (`onto_levels`), its gradient passes to the latent weights unchanged."""
-    q = onto_levels(params, masks, specs)
+def straight_through(params, levels):
+    """The straight-through estimator: the value of `levels` (`onto_levels` of the latent
+    `params`, computed once per step by the caller), the gradient passed to `params`."""
     # v + (w - w): exactly v forward (w - w is exactly 0), gradient 1 to w, none through v.
     sg = jax.lax.stop_gradient
-    return jax.tree_util.tree_map(lambda w, v: sg(v) + (w - sg(w)), params, q)
+    return jax.tree_util.tree_map(lambda w, v: sg(v) + (w - sg(w)), params, levels)
 
 
 def freeze_zeros(params, masks, specs: Specs):

@@ -34,7 +34,7 @@ def phase_config(kind: str, epochs: int, lr: float, rules: str = "", **optim):
     if kind == "retrain":
         # How quantized layers stay on their levels while retraining: 'project' (project
         # after every update, the scale refit) | 'ste' (latent full-precision weights, the
-        # model run on their levels, straight-through gradients). Speed-neutral; see README.
+        # model run on their levels, straight-through gradients); measured in the README.
         c.quantize_update = "project"
     if kind == "admm":
         c.rho = 0.001  # initial penalty rho
@@ -122,7 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 500
     c.eval.every_epochs = 1  # evaluate every this many epochs (and always at a stage's end)
 
-    # What to compress, and how.
+    # What to compress, and how: the rules of the first admm/retrain phase whose `rules` is
+    # empty (a phase's own `rules`, e.g. "conv*=filter:0.5,fc*=irregular:0.9+quantize:4",
+    # mixes kinds per layer).
     c.prune = ml_collections.ConfigDict()
     c.prune.kind = "irregular"  # 'irregular' | 'filter' | 'column' | 'channel'
     # Per-layer prune ratios (fraction of units removed), keyed by layer name or glob over
@@ -132,8 +134,6 @@ def base_config() -> ml_collections.ConfigDict:
     # of the same model at width `to_width` (the paper's "pruned to w'").
     c.prune.to_width = 0
     c.prune.to_width_layers = "conv1,conv2,fc1,fc2"
-    # The rules of the first admm/retrain phase whose `rules` is empty; a phase's own
-    # `rules` (e.g. "conv*=filter:0.5,fc*=irregular:0.9+quantize:4") mixes kinds.
     # Masked-progressive: weights that are already zero when ADMM starts stay zero.
     c.prune.masked_progressive = False
 

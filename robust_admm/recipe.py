@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_admm import projections
-from robust_admm.config_base import STAGES
+from robust_admm.config_base import STAGES, phase_config
 from robust_admm.models import get_model
 
 PHASE_KINDS = ("dense", "admm", "retrain")
@@ -115,10 +115,8 @@ def upgrade_config_dict(d: dict) -> dict:
         return d
     d = dict(d, program=",".join(STAGES))
     for name, kind in DEFAULT_KINDS.items():
-        extra = {} if kind == "dense" else {"rules": ""}
-        if kind == "retrain":
-            extra["quantize_update"] = "project"
-        d[name] = dict(d[name], kind=kind, **extra)
+        # The fields phases gained since, at their defaults.
+        d[name] = {**phase_config(kind, epochs=0, lr=1.0).to_dict(), **d[name]}
     return d
 
 

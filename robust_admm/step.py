@@ -165,9 +165,13 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                          f"{admm_lib.QUANTIZE_UPDATES}")
     ste = quantize_update == "ste" and bool(admm_lib.quantized_specs(constraints))
 
-    def forward(params, masks):
-        """The weights the model runs on."""
-        return admm_lib.straight_through(params, masks, constraints) if ste else params
+    def levels(state: TrainState):
+        """Under STE the weights the model runs on, computed once per step (one projection
+        of each quantized leaf); None otherwise (the model runs on `state.params`)."""
+        return admm_lib.onto_levels(state.params, state.masks, constraints) if ste else None
+
+    def runs_on(state: TrainState, q):
+        return state.params if q is None else q
 
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
@@ -177,8 +181,9 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     jit = _jit_with_options(cpu_convolutions)
     state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
 
-    def begin(state: TrainState, images_u8, labels):
-        """The batch and the attack's initial state (None without an attack)."""
+    def begin(state: TrainState, images_u8, labels, q):
+        """The batch and the attack's initial state (None without an attack); `q` as
+        `levels` gives it."""
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
         x = shard(to_pixels(images_u8[idx]))
@@ -187,23 +192,22 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             return x, y, None
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
-        logits_fn = attack_logits_fn(model, forward(state.params, state.masks),
-                                     state.batch_stats)
+        logits_fn = attack_logits_fn(model, runs_on(state, q), state.batch_stats)
         return x, y, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
                                           attack.scale(state.step)))
 
     def attack_step(params, batch_stats, attack_state, x, y):
         return adv.step(attack_logits_fn(model, params, batch_stats), attack_state, x, y)
 
-    def update(state: TrainState, attack_state, x, y):
+    def update(state: TrainState, attack_state, x, y, q):
         """The attack's result, the training pass on it and the optimizer update."""
         x_adv = x if attack_state is None else adv.finish(
-            attack_logits_fn(model, forward(state.params, state.masks), state.batch_stats),
-            attack_state, x, y)
+            attack_logits_fn(model, runs_on(state, q), state.batch_stats), attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
 
         def loss_fn(params):
-            params = forward(params, state.masks)
+            if q is not None:
+                params = admm_lib.straight_through(params, q)
             stats = state.batch_stats
             if two_passes:
                 clean_logits, stats = apply_model(model, params, stats, x, True)
@@ -242,13 +246,13 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
 
     if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
         def train_step(state: TrainState, images_u8, labels):
-            x, y, attack_state = begin(state, images_u8, labels)
+            q = levels(state)
+            x, y, attack_state = begin(state, images_u8, labels, q)
             if attack.num_steps:
                 attack_state = attacks.run_steps(
-                    adv, attack_logits_fn(model, forward(state.params, state.masks),
-                                          state.batch_stats),
+                    adv, attack_logits_fn(model, runs_on(state, q), state.batch_stats),
                     attack_state, x, y)
-            return update(state, attack_state, x, y)
+            return update(state, attack_state, x, y, q)
 
         step = jit(train_step, donate_argnums=(0,), **state_out)
         return CompiledStep(step, [step])
@@ -256,17 +260,18 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     begin_c = jit(begin)
     attack_step_c = jit(attack_step, donate_argnums=(2,))
     update_c = jit(update, donate_argnums=(0,), **state_out)
-    forward_c = jit(forward)
+    levels_c = jit(levels)
 
     def host_train_step(state: TrainState, images_u8, labels):
-        x, y, attack_state = begin_c(state, images_u8, labels)
-        params = forward_c(state.params, state.masks) if ste else state.params
+        q = levels_c(state) if ste else None
+        x, y, attack_state = begin_c(state, images_u8, labels, q)
         for _ in range(attack.num_steps):
-            attack_state = attack_step_c(params, state.batch_stats, attack_state, x, y)
-        return update_c(state, attack_state, x, y)
+            attack_state = attack_step_c(runs_on(state, q), state.batch_stats, attack_state,
+                                         x, y)
+        return update_c(state, attack_state, x, y, q)
 
     return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c]
-                        + ([forward_c] if ste else []))
+                        + ([levels_c] if ste else []))
 
 
 def _jit_with_options(cpu_convolutions: str) -> Callable:
