@@ -6,6 +6,10 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
   PGD-10 training, PGD-40 evaluation, 9.6x on the pruned layers).
 - `cpu_trades`: `cpu` trained with TRADES (beta 6) instead of PGD-AT: 6 points more under
   AutoAttack at the same 9.6x (README, Results), about 10% more time per step.
+- `cpu_mart`: `cpu` trained with MART (beta 6) instead of PGD-AT.
+- `cpu_nm`, `cpu_ternary`, `cpu_prune_quantize`: `cpu` compressed another way: 2:4 sparsity
+  on conv2 and fc1; every layer ternary; 8x irregular, then 4-bit on the kept weights in a
+  second admm + retrain round.
 - `natural`: LeNet-5 (20-50-500-10) trained without attack (the paper's natural setting).
 - `progressive`: LeNet-5 without attack, pruned in three admm + retrain rounds of rising
   rates (the progressive-compression paper's recipe), about 125x on the weights.
@@ -15,6 +19,10 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
   with quantization), the second retrain with the straight-through estimator.
 """
 from robust_admm.config_base import base_config, phase_config
+
+# Irregular ratios for 8x on all of LeNet_adv w=4's weights (fc1 holds 97% of them).
+PRUNE_8X = "conv1=irregular:0.5,conv2=irregular:0.75,fc1=irregular:0.879,fc2=irregular:0.75"
+CPU_VARIANTS = ("cpu", "cpu_trades", "cpu_mart", "cpu_nm", "cpu_ternary", "cpu_prune_quantize")
 
 # The progressive preset's rounds: prune ratios per layer (irregular), rising.
 PROGRESSIVE_ROUNDS = (
@@ -39,7 +47,7 @@ def get_config(preset: str = "paper"):
         c.pretrain.optimizer = c.admm.optimizer = c.retrain.optimizer = "adam"
         c.pretrain.lr, c.admm.lr, c.retrain.lr = 1e-3, 1e-3, 5e-4
         c.admm.update_every_epochs = 4
-    elif preset in ("cpu", "cpu_trades"):
+    elif preset in CPU_VARIANTS:
         c.model.width = 4
         c.prune.to_width = 0
         # 9.6x on the pruned layers (conv1 is tiny: 200 weights, kept at half). At 15x
@@ -59,8 +67,19 @@ def get_config(preset: str = "paper"):
         c.admm.epochs, c.admm.lr, c.admm.update_every_epochs = 8, 5e-4, 1
         c.admm.rho, c.admm.rho_growth = 0.1, 1.5
         c.retrain.epochs, c.retrain.lr, c.retrain.schedule = 10, 5e-4, "cosine"
-        if preset == "cpu_trades":
-            c.objective = "trades"
+        if preset in ("cpu_trades", "cpu_mart"):
+            c.objective = preset[len("cpu_"):]
+        elif preset == "cpu_nm":
+            c.admm.rules = "conv2=nm:2:4,fc1=nm:2:4"
+        elif preset == "cpu_ternary":
+            c.admm.rules = "conv*=quantize:2,fc*=quantize:2"
+        elif preset == "cpu_prune_quantize":
+            c.admm.rules = PRUNE_8X
+            # The second round repeats the first's settings with 4-bit levels on top.
+            c.admm2 = c.admm.copy_and_resolve_references()
+            c.admm2.rules = PRUNE_8X.replace(",", "+quantize:4,") + "+quantize:4"
+            c.retrain2 = c.retrain.copy_and_resolve_references()
+            c.program = "pretrain,admm,retrain,admm2,retrain2"
     elif preset == "natural":
         # The natural setting of the paper: LeNet-5 (20-50-500-10), no attack in training;
         # evaluation still reports accuracy under PGD.
@@ -112,6 +131,6 @@ def get_config(preset: str = "paper"):
             c.retrain2.quantize_update = "ste"
             c.program = "pretrain,admm,retrain,admm2,retrain2"
     else:
-        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, cpu, "
-                         f"cpu_trades, natural, progressive, smoke, smoke_program")
+        raise ValueError(f"configs/mnist.py: unknown preset {preset!r}; allowed: paper, "
+                         f"{', '.join(CPU_VARIANTS)}, natural, progressive, smoke, smoke_program")
     return c

@@ -115,11 +115,16 @@ def test_cli_refuses_an_unknown_config_field(tmp_path):
 
 
 def test_presets_and_unknown_presets():
-    for preset in ("paper", "cpu", "cpu_trades", "natural", "progressive", "smoke",
+    for preset in ("paper", *mnist_config.CPU_VARIANTS, "natural", "progressive", "smoke",
                    "smoke_program"):
         cfg = mnist_config.get_config(preset)
         validation.validate_config(cfg, device_count=1)
         assert cfg.attack.epsilon == cfg.eval.epsilon == 0.3
+        # Every phase's rules resolve on the preset's model (N:M divisibility, patterns).
+        shapes = recipe._kernel_shapes(cfg.model.name, 10, cfg.model.width, (1, 28, 28, 1))
+        for phase in recipe.parse_program(cfg):
+            if phase.compresses:
+                assert recipe.resolve_rules(phase.rules, shapes, cfg.model, 10, (1, 28, 28, 1))
     assert mnist_config.get_config("paper").attack.num_steps == 40
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         mnist_config.get_config("fast")
