@@ -92,8 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "lenet_adv"  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18'
+    # | 'wrn28_4' | 'wrn34_10'
     c.model.width = 16  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
-    # vgg16 / resnet18: w times the standard channels)
+    # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
 
     # The training attack (inner maximisation). Pixels are in [0, 1].
     c.attack = ml_collections.ConfigDict()

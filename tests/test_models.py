@@ -1,4 +1,5 @@
 """The CIFAR models: shapes, PyTorch-equal parameter counts, layer names, BatchNorm, padding."""
+import functools
 import math
 
 import jax
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from helpers import library_fusions
 from robust_admm import compiler, projections
-from robust_admm.models import VGG, BasicBlock, ResNet, get_model, resnet18, vgg16
+from robust_admm.models import (VGG, BasicBlock, ResNet, WideBasicBlock, WideResNet, get_model,
+                                resnet18, vgg16, wrn28_4, wrn34_10)
 from robust_admm.models.layers import max_pool_2x2
 from robust_admm.models.vgg import VGG16_CFG
 
@@ -20,6 +22,12 @@ X = jnp.zeros((2, 32, 32, 3), jnp.float32)
 
 def _shapes(model, x=X):
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+
+@functools.cache
+def _zoo_shapes(name, width=1):
+    """`_shapes` of `get_model(name, width=width)`, traced once per session."""
+    return _shapes(get_model(name, width=width))
 
 
 def _count(tree) -> int:
@@ -56,6 +64,24 @@ def _resnet18_torch_count(num_classes=10):
     return total + cin * num_classes + num_classes
 
 
+def _wrn_torch_count(depth, k, num_classes=10):
+    """The TRADES code's WideResNet: bias-free convs, pre-activation BatchNorm (weight, bias)
+    on each block's input and after its conv1, a bias-free 1x1 shortcut conv (no BatchNorm)
+    where the channels or stride change, a final BatchNorm, Linear(64k, classes)."""
+    conv = lambda cin, cout, kk: kk * kk * cin * cout
+    bn = lambda c: 2 * c
+    n = (depth - 4) // 6
+    total, cin = conv(3, 16, 3), 16
+    for cout, stride in ((16 * k, 1), (32 * k, 2), (64 * k, 2)):
+        for i in range(n):
+            s = stride if i == 0 else 1
+            total += bn(cin) + conv(cin, cout, 3) + bn(cout) + conv(cout, cout, 3)
+            if s != 1 or cin != cout:
+                total += conv(cin, cout, 1)
+            cin = cout
+    return total + bn(cin) + cin * num_classes + num_classes
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet18"])
 def test_output_shape(name):
     model = get_model(name)
@@ -69,6 +95,15 @@ def test_parameter_counts_equal_pytorch():
     assert _resnet18_torch_count() == 11_173_962
     assert _count(_shapes(vgg16())["params"]) == _vgg16_bn_torch_count()
     assert _count(_shapes(resnet18())["params"]) == _resnet18_torch_count()
+
+
+def test_wrn_parameter_counts_equal_pytorch():
+    assert _wrn_torch_count(34, 10) == 46_160_474  # the TRADES / MART WRN-34-10
+    assert _wrn_torch_count(28, 10) == 36_479_194
+    assert _wrn_torch_count(28, 4) == 5_849_050
+    assert _count(_zoo_shapes("wrn34_10")["params"]) == _wrn_torch_count(34, 10)
+    assert _count(_shapes(WideResNet(depth=28, widen_factor=10))["params"]) == 36_479_194
+    assert _count(_zoo_shapes("wrn28_4")["params"]) == _wrn_torch_count(28, 4)
 
 
 def test_vgg_layer_names_and_width():
@@ -113,6 +148,82 @@ def test_resnet_names_can_be_globbed_by_prune_rules():
     assert ratios == {"layer4_block2/conv2": pytest.approx(0.75)}
 
 
+def test_wrn_layer_names_shortcuts_and_width():
+    v = _zoo_shapes("wrn34_10")
+    p, paths = v["params"], _paths(v["params"])
+    assert p["conv1"]["kernel"].shape == (3, 3, 3, 16) and "conv1/bias" not in paths
+    assert p["group1_block1"]["shortcut_conv"]["kernel"].shape == (1, 1, 16, 160)
+    assert p["group2_block1"]["shortcut_conv"]["kernel"].shape == (1, 1, 160, 320)
+    assert p["group2_block1"]["conv1"]["kernel"].shape == (3, 3, 160, 320)
+    assert p["group3_block5"]["conv2"]["kernel"].shape == (3, 3, 640, 640)
+    assert p["bn1"]["scale"].shape == (640,)  # the final BatchNorm, before the pool
+    assert p["fc"]["kernel"].shape == (640, 10) and p["fc"]["bias"].shape == (10,)
+    for g in (1, 2, 3):
+        for b in range(1, 6):
+            blk = f"group{g}_block{b}"
+            assert {f"{blk}/bn1/scale", f"{blk}/conv1/kernel", f"{blk}/bn2/bias",
+                    f"{blk}/conv2/kernel"} <= paths
+            assert (f"{blk}/shortcut_conv/kernel" in paths) == (b == 1)
+    assert "group3_block6/conv1/kernel" not in paths
+    assert not [q for q in paths if "shortcut_bn" in q or q.endswith("conv1/bias")]
+    assert "group1_block1/bn1/mean" in _paths(v["batch_stats"])
+    # width multiplies the widen factor: wrn28_4 at w = 2 is WRN-28-8, with the same stem
+    wide = _zoo_shapes("wrn28_4", width=2)["params"]
+    assert wide["conv1"]["kernel"].shape == (3, 3, 3, 16)
+    assert wide["group1_block1"]["conv1"]["kernel"].shape == (3, 3, 16, 128)
+    assert wide["fc"]["kernel"].shape == (512, 10)
+    assert _count(wide) == _wrn_torch_count(28, 8)
+
+
+def test_wrn_names_can_be_globbed_by_prune_rules():
+    spec = {"kind": "irregular", "ratio": 0.5}
+    rules = {"conv1": spec, "group*/conv*": spec, "group*/shortcut_conv": spec, "fc": spec}
+    for name, n in (("wrn34_10", 5), ("wrn28_4", 4)):
+        params = _zoo_shapes(name)["params"]
+        assert len(projections.match_rules(params, rules)) == 1 + 3 * 2 * n + 3 + 1
+        assert set(projections.match_rules(params, {"group2_*/conv*": spec})) == {
+            f"group2_block{i}/conv{c}/kernel" for i in range(1, n + 1) for c in (1, 2)}
+        assert list(projections.match_rules(params, {"group2_block1/conv1": spec})) == [
+            "group2_block1/conv1/kernel"]
+
+
+def _random_variables(module, x, seed=0):
+    """Variables of `module` on `x` drawn in NumPy (no initialiser to compile): normal
+    kernels, BatchNorm scales and variances in [0.5, 1.5], biases and means normal / 2."""
+    rng = np.random.default_rng(seed)
+
+    def draw(kp, s):
+        name = projections.leaf_path(kp).rsplit("/", 1)[-1]
+        v = (rng.uniform(0.5, 1.5, s.shape) if name in ("scale", "var")
+             else rng.standard_normal(s.shape) / (2 if name in ("bias", "mean") else 1))
+        return v.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, _shapes(module, x))
+
+
+def test_wrn_shortcut_takes_the_preactivated_input():
+    x = np.random.default_rng(2).standard_normal((1, 6, 6, 2)).astype(np.float32)
+    proj, same = WideBasicBlock(features=3, strides=2), WideBasicBlock(features=2)
+    vp, vs = _random_variables(proj, x), _random_variables(same, x, seed=1)
+    assert "shortcut_conv" not in vs["params"]  # equal channels, stride 1: the identity
+    run = jax.jit(lambda vp, vs, x: (proj.apply(vp, x, capture_intermediates=True),
+                                     same.apply(vs, x, capture_intermediates=True)))
+    (out, state), (out2, state2) = run(vp, vs, x)  # eval mode: the running statistics
+    inter, p = state["intermediates"], vp["params"]
+    bn1 = lambda h, v: ((h - v["batch_stats"]["bn1"]["mean"])
+                        / np.sqrt(v["batch_stats"]["bn1"]["var"] + 1e-5)
+                        * v["params"]["bn1"]["scale"] + v["params"]["bn1"]["bias"])
+    o = np.maximum(bn1(x.astype(np.float64), vp), 0)  # relu(bn1(x))
+    shortcut = inter["shortcut_conv"]["__call__"][0]
+    np.testing.assert_allclose(shortcut, _torch_conv_ref(o, p["shortcut_conv"]["kernel"], 2, 0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inter["conv1"]["__call__"][0],
+                               _torch_conv_ref(o, p["conv1"]["kernel"], 2, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, inter["conv2"]["__call__"][0] + shortcut, rtol=1e-6)
+    np.testing.assert_allclose(out2, state2["intermediates"]["conv2"]["__call__"][0] + x,
+                               rtol=1e-6)
+
+
 # Small instances of the same modules, for the tests that run them.
 SMALL = {
     "vgg": VGG(cfg=(4, "M", 8, "M"), num_classes=10),
@@ -128,15 +239,39 @@ def test_batch_stats_change_only_in_train_mode(which):
     assert variables["batch_stats"]
     out1 = model.apply(variables, x)  # train=False: running averages, nothing mutable
     out2 = model.apply(variables, x, train=False)
-    assert out1.shape == (2, 10)
+    assert out1.shape == (2, 10) and bool(jnp.all(jnp.isfinite(out1)))
     np.testing.assert_array_equal(out1, out2)
     logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    assert logits.shape == (2, 10)
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
                                      variables["batch_stats"], new["batch_stats"])
     assert all(jax.tree_util.tree_leaves(changed))
     with pytest.raises(ModifyScopeVariableError):  # train mode must be given a mutable batch_stats
         model.apply(variables, x, train=True)
+
+
+def test_wrn_forward_and_batch_stats_change_only_in_train_mode():
+    """The checks above on WRN-10-1 (both kinds of shortcut), without running its init or
+    running it op by op: under two busy cores that test compiled for 15-19 s here, nearly
+    all of it the initialisers and the per-op programs; this compiles one program."""
+    model = WideResNet(depth=10, widen_factor=1)
+    x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    variables = _random_variables(model, x)
+    assert "shortcut_conv" not in variables["params"]["group1_block1"]
+    assert "shortcut_conv" in variables["params"]["group2_block1"]
+    run = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, train=False),
+                                model.apply(v, x, train=True, mutable=["batch_stats"])))
+    out1, out2, (logits, new) = run(variables, x)
+    assert out1.shape == logits.shape == (2, 10)
+    assert bool(jnp.all(jnp.isfinite(out1))) and bool(jnp.all(jnp.isfinite(logits)))
+    np.testing.assert_array_equal(out1, out2)
+    assert not np.allclose(logits, out1)  # batch statistics
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                     variables["batch_stats"], new["batch_stats"])
+    assert len(jax.tree_util.tree_leaves(changed)) == 2 * (3 * 2 + 1)  # mean, var of 7 BNs
+    assert all(jax.tree_util.tree_leaves(changed))
+    with pytest.raises(ModifyScopeVariableError):  # train mode must be given a mutable batch_stats
+        jax.eval_shape(lambda v: model.apply(v, x, train=True), variables)
 
 
 def _torch_conv_ref(x, w, stride, pad):
@@ -178,6 +313,11 @@ def test_stride2_convs_match_pytorch_padding():
 def test_get_model_names_and_errors():
     assert isinstance(get_model("vgg16"), VGG)
     assert isinstance(get_model("resnet18", 100, 2), ResNet)
+    assert get_model("wrn34_10") == WideResNet(depth=34, widen_factor=10)
+    assert get_model("wrn28_4", 100, 2) == WideResNet(depth=28, widen_factor=8, num_classes=100)
+    for depth in (4, 27, 28.0):
+        with pytest.raises(ValueError, match="depth"):
+            WideResNet(depth=depth, widen_factor=1)
     with pytest.raises(ValueError, match="resnet18") as e:
         get_model("resnet50")
     assert "vgg16" in str(e.value) and "lenet_adv" in str(e.value)
@@ -186,6 +326,9 @@ def test_get_model_names_and_errors():
             get_model("vgg16", width=bad)
         with pytest.raises(ValueError, match="width"):
             resnet18(width=bad)
+        for builder in (wrn28_4, wrn34_10):
+            with pytest.raises(ValueError, match="width"):
+                builder(width=bad)
 
 
 def _pool_reference(x, g):

@@ -2,6 +2,7 @@
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet18
 from robust_admm.models.vgg import VGG, vgg16
+from robust_admm.models.wrn import WideBasicBlock, WideResNet, wrn28_4, wrn34_10
 
 _BUILDERS = {
     "lenet_adv": lenet_adv,
@@ -9,6 +10,8 @@ _BUILDERS = {
     "lenet_digits": lenet_digits,
     "vgg16": vgg16,
     "resnet18": resnet18,
+    "wrn28_4": wrn28_4,
+    "wrn34_10": wrn34_10,
 }
 
 
@@ -28,10 +31,14 @@ __all__ = [
     "BasicBlock",
     "LeNet",
     "ResNet",
+    "WideBasicBlock",
+    "WideResNet",
     "get_model",
     "lenet5",
     "lenet_adv",
     "lenet_digits",
     "resnet18",
     "vgg16",
+    "wrn28_4",
+    "wrn34_10",
 ]
