@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # files: folder of the original files; tfds: data_dir ('' = default)
     c.data.train_examples = 0  # use only the first n training examples (0 = all); for tests
     c.data.test_examples = 0  # evaluate on the first n test examples (0 = all)
+    # Training batches only: 'none' | 'crop_flip' (4-pixel zero-padded random crop and
+    # horizontal flip, CIFAR's standard), in the compiled step, keyed by (run key, step).
+    c.data.augment = "none"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "lenet_adv"  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18'

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from robust_admm import admm as admm_lib
-from robust_admm import attacks, compiler, objectives, parallel
+from robust_admm import attacks, augment, compiler, objectives, parallel
 
 
 @flax.struct.dataclass
@@ -144,7 +144,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                     mesh: Mesh | None = None, pgd_loop: str = "auto",
                     cpu_convolutions: str = "auto", objective: str = "pgd_at",
                     beta: float = 6.0, constraints: admm_lib.Specs | None = None,
-                    quantize_update: str = "project") -> CompiledStep:
+                    quantize_update: str = "project",
+                    augmentation: str = "none") -> CompiledStep:
     """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
 
     `images_u8`/`labels` are the whole training split on the device (replicated); the state
@@ -157,9 +158,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     After each update the masks are applied, and `constraints` (a retrain phase's specs)
     keep quantized leaves on their levels: projected after each update ('project') or
     latent weights with the model, attack included, run on their levels ('ste'); see
-    `admm.keep_constraints` and `admm.straight_through`.
+    `admm.keep_constraints` and `admm.straight_through`. `augmentation`
+    (`robust_admm.augment`) transforms each batch with a key of (state key, step).
     """
     constraints = constraints or {}
+    if augmentation not in augment.AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}")
     if quantize_update not in admm_lib.QUANTIZE_UPDATES:
         raise ValueError(f"quantize_update={quantize_update!r}; allowed: "
                          f"{admm_lib.QUANTIZE_UPDATES}")
@@ -175,7 +179,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
 
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
-    data_key_tag, attack_key_tag = 0, 1
+    data_key_tag, attack_key_tag, augment_key_tag = 0, 1, 2
     shard = _batch_constraint(mesh)
     adv = attack.attack
     jit = _jit_with_options(cpu_convolutions)
@@ -186,7 +190,11 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         `levels` gives it."""
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
-        x = shard(to_pixels(images_u8[idx]))
+        images = images_u8[idx]
+        if augmentation != "none":
+            images = augment.augment(augmentation, images, jax.random.fold_in(
+                jax.random.fold_in(state.key, augment_key_tag), state.step))
+        x = shard(to_pixels(images))
         y = shard(labels[idx])
         if attack.num_steps == 0:
             return x, y, None

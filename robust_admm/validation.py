@@ -3,7 +3,7 @@ the field, the bad value and what is allowed."""
 import jax
 
 from robust_admm import admm as admm_lib
-from robust_admm import compiler, data, objectives, optim, parallel, recipe
+from robust_admm import augment, compiler, data, objectives, optim, parallel, recipe
 from robust_admm.attacks.core import LOSSES
 from robust_admm.models import get_model
 from robust_admm.step import PGD_LOOPS
@@ -39,6 +39,8 @@ def validate_config(config, device_count: int | None = None):
              f"one of {list(data.DATASETS)}")
     _require(config.data.source in data.SOURCES, "data.source", config.data.source,
              f"one of {list(data.SOURCES)}")
+    _require(config.data.augment in augment.AUGMENTATIONS, "data.augment", config.data.augment,
+             f"one of {augment.AUGMENTATIONS}")
     get_model(config.model.name, 10, config.model.width)  # names the bad model / width
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
         _require(a.num_steps >= 0, f"{prefix}.num_steps", a.num_steps, "an integer >= 0")

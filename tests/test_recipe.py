@@ -190,3 +190,18 @@ def test_model_size_counts_bits_and_the_cheaper_format_by_hand():
     assert total["dense_bytes"] == 4 * (128 + 8 + 100 + 9)
     assert total["rate_by_bytes"] == pytest.approx(total["dense_bytes"] / total["bytes"])
     assert total["rate_by_nonzeros"] == pytest.approx(245 / (32 + 8 + 100 + 9))
+
+
+def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
+    """A workdir written before programs and augmentation resumes without a config change:
+    the fields added since are filled in at the values that mean what it ran."""
+    from robust_admm.validation import config_differences
+    new = mnist_config.get_config("cpu").to_dict()
+    old = json.loads(json.dumps(new))
+    del old["program"], old["data"]["augment"]
+    for name in ("admm", "retrain"):
+        for field in ("kind", "rules", "quantize_update"):
+            old[name].pop(field, None)
+    del old["pretrain"]["kind"]
+    assert config_differences(recipe.upgrade_config_dict(old), new) == []
+    assert config_differences(old, new)  # (the test would notice a no-op upgrade)

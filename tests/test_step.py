@@ -1,4 +1,6 @@
 """The compiled train step: data order, masking, no recompilation, learning."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 from robust_admm import admm as admm_lib
-from robust_admm import attacks
+from robust_admm import attacks, augment
 from robust_admm.models import VGG, get_model
 from robust_admm.step import (TrainState, batch_indices, make_attack, make_eval_step,
                               make_train_step, resolve_pgd_loop)
@@ -23,7 +25,8 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 
 
 def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=None,
-           channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto", objective="pgd_at"):
+           channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto", objective="pgd_at",
+           augmentation="none"):
     model = model or get_model("lenet_digits", 10, 4)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -44,8 +47,35 @@ def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=No
     images = rng.integers(0, 60, (n, 8, 8, channels)).astype(np.uint8)
     images[np.arange(n), labels % 8, labels // 8 * 4, 0] = 255
     step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop,
-                           cpu_convolutions=cpu_convolutions, objective=objective, beta=6.0)
+                           cpu_convolutions=cpu_convolutions, objective=objective, beta=6.0,
+                           augmentation=augmentation)
     return state, step, jnp.asarray(images), jnp.asarray(labels)
+
+
+def test_augmentation_transforms_each_batch_with_a_key_of_the_step():
+    """A crop_flip step equals a plain step on data whose batch was augmented beforehand
+    with the key fold_in(fold_in(state key, 2), step): what a resumed run relies on."""
+    state, aug_step, x, y = _setup("natural", augmentation="crop_flip")
+    _, plain_step, _, _ = _setup("natural")
+    copy = functools.partial(jax.tree_util.tree_map, jnp.copy)  # the steps donate the state
+    for _ in range(2):  # the second step's batch and key differ from the first's
+        idx = np.asarray(batch_indices(jax.random.fold_in(state.key, 0), state.step, 64, 16))
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+        batch = np.asarray(augment.augment("crop_flip", x[idx], key))
+        assert not np.array_equal(batch, np.asarray(x)[idx])
+        pre_augmented = np.asarray(x).copy()
+        pre_augmented[idx] = batch
+        a, _ = aug_step(copy(state), x, y)
+        b, _ = plain_step(copy(state), jnp.asarray(pre_augmented), y)
+        c, _ = plain_step(copy(state), x, y)
+        leaves = [[np.asarray(p) for p in jax.tree_util.tree_leaves(s.params)]
+                  for s in (a, b, c)]
+        for u, v in zip(leaves[0], leaves[1]):
+            np.testing.assert_array_equal(u, v)
+        assert not all(np.array_equal(u, w) for u, w in zip(leaves[0], leaves[2]))
+        state = a
+    with pytest.raises(ValueError, match="augmentation='mixup'"):
+        _setup("natural", augmentation="mixup")
 
 
 def test_masked_weights_stay_exactly_zero_and_the_rest_trains():
