@@ -104,6 +104,10 @@ def test_wrn_parameter_counts_equal_pytorch():
     assert _count(_zoo_shapes("wrn34_10")["params"]) == _wrn_torch_count(34, 10)
     assert _count(_shapes(WideResNet(depth=28, widen_factor=10))["params"]) == 36_479_194
     assert _count(_zoo_shapes("wrn28_4")["params"]) == _wrn_torch_count(28, 4)
+    # Any WRN by name, the width multiplying its widen factor.
+    assert _count(_zoo_shapes("wrn16_2", 2)["params"]) == _wrn_torch_count(16, 4)
+    with pytest.raises(ValueError, match="model.name='wrn11_1': WideResNet depth=11"):
+        get_model("wrn11_1")
 
 
 def test_vgg_layer_names_and_width():
