@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     # | 'wrn28_4' | 'wrn34_10'
     c.model.width = 16  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
+    # Compute precision: 'float32' | 'bfloat16' (for GPU and TPU; parameters, optimizer and
+    # ADMM state stay float32, logits are float32).
+    c.model.dtype = "float32"
 
     # The training attack (inner maximisation). Pixels are in [0, 1].
     c.attack = ml_collections.ConfigDict()

@@ -196,7 +196,8 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     count = min(n or len(test), len(test))
     x = test.images[:count].astype(np.float32) / 255.0
     y = test.labels[:count]
-    model = get_model(config.model.name, ds.num_classes, config.model.width)
+    model = get_model(config.model.name, ds.num_classes, config.model.width,
+                      config.model.dtype)
     mesh = parallel.make_mesh()
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)

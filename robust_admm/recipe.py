@@ -111,9 +111,12 @@ def parse_program(config) -> list:
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation; before programs, the default program."""
+    values that mean what it ran: no augmentation, float32; before programs, the default
+    program."""
     if "augment" not in d.get("data", {"augment": None}):
         d = dict(d, data=dict(d["data"], augment="none"))
+    if "dtype" not in d.get("model", {"dtype": None}):
+        d = dict(d, model=dict(d["model"], dtype="float32"))
     if "program" in d:
         return d
     d = dict(d, program=",".join(STAGES))

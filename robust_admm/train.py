@@ -386,7 +386,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     report.log(data.describe(ds))
     report.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
-    model = get_model(config.model.name, ds.num_classes, config.model.width)
+    model = get_model(config.model.name, ds.num_classes, config.model.width,
+                      config.model.dtype)
     input_shape = (1,) + train.images.shape[1:]
     key = jax.random.PRNGKey(config.seed)
     variables = model.init(jax.random.fold_in(key, 12345), jnp.zeros(input_shape, jnp.float32))

@@ -41,7 +41,8 @@ def validate_config(config, device_count: int | None = None):
              f"one of {list(data.SOURCES)}")
     _require(config.data.augment in augment.AUGMENTATIONS, "data.augment", config.data.augment,
              f"one of {augment.AUGMENTATIONS}")
-    get_model(config.model.name, 10, config.model.width)  # names the bad model / width
+    # Names a bad model, width or dtype.
+    get_model(config.model.name, 10, config.model.width, config.model.dtype)
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
         _require(a.num_steps >= 0, f"{prefix}.num_steps", a.num_steps, "an integer >= 0")
         _require(a.step_size > 0, f"{prefix}.step_size", a.step_size, "a number > 0")

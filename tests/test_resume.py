@@ -257,6 +257,7 @@ def test_skip_policy_goes_past_nonfinite_steps_without_applying_them(tmp_path, i
     ({"data.name": "svhn"}, "data.name='svhn' is not allowed"),
     ({"data.source": "http"}, "data.source='http' is not allowed"),
     ({"data.augment": "mixup"}, "data.augment='mixup' is not allowed.*crop_flip"),
+    ({"model.dtype": "float16"}, "model.dtype='float16' is not allowed.*bfloat16"),
     ({"program": ""}, "program='' is empty"),
     ({"program": "pretrain,attack"}, "'attack' is not a phase"),
     ({"program": "pretrain,admm,admm"}, "names phase 'admm' twice"),

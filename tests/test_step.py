@@ -11,8 +11,8 @@ import pytest
 from robust_admm import admm as admm_lib
 from robust_admm import attacks, augment
 from robust_admm.models import VGG, get_model
-from robust_admm.step import (TrainState, batch_indices, make_attack, make_eval_step,
-                              make_train_step, resolve_pgd_loop)
+from robust_admm.step import (TrainState, apply_model, batch_indices, make_attack,
+                              make_eval_step, make_train_step, resolve_pgd_loop)
 
 
 def test_each_epoch_visits_every_example_once_in_a_new_order():
@@ -177,3 +177,36 @@ def test_pgd_loop_resolves_by_backend():
     assert resolve_pgd_loop("fori", "cpu") == "fori"
     with pytest.raises(ValueError, match="attack.loop='while'.*allowed"):
         resolve_pgd_loop("while")
+
+
+@pytest.mark.parametrize("name,width,shape", [("lenet_digits", 4, (8, 8, 1)),
+                                              ("wrn10_1", 1, (16, 16, 3))])
+def test_bfloat16_compute_stays_close_to_float32_with_float32_parameters_and_gradients(
+        name, width, shape):
+    f32, bf16 = (get_model(name, 10, width, d) for d in ("float32", "bfloat16"))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 1, (16, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+    variables = jax.jit(f32.init)(jax.random.PRNGKey(0), x[:1])
+    assert jax.tree_util.tree_map(lambda v: (v.shape, v.dtype), variables) == \
+        jax.tree_util.tree_map(lambda v: (v.shape, v.dtype),
+                               jax.eval_shape(bf16.init, jax.random.PRNGKey(0), x[:1]))
+    params, stats = variables["params"], variables.get("batch_stats", {})
+
+    def loss(model, p):
+        logits, new_stats = apply_model(model, p, stats, x, train=True)
+        assert logits.dtype == jnp.float32
+        assert all(s.dtype == jnp.float32 for s in jax.tree_util.tree_leaves(new_stats))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    (l32, g32), (l16, g16) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                              for m in (f32, bf16))
+    assert abs(float(l16) - float(l32)) < 0.02 * float(l32)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(g16))
+
+    def cosine(a, b):
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    flat = [jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(t)]) for t in (g32, g16)]
+    assert cosine(*flat) > 0.98  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    assert min(map(cosine, jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16))) > 0.9

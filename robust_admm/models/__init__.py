@@ -1,6 +1,8 @@
 """Model zoo: flax.linen modules with stable layer names, built by name from a config."""
 import re
 
+import jax.numpy as jnp
+
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet18
 from robust_admm.models.vgg import VGG, vgg16
@@ -17,12 +19,24 @@ _BUILDERS = {
 }
 
 
+# model.dtype -> the modules' compute dtype. Parameters stay float32 (so do the optimizer
+# and ADMM state, and BatchNorm statistics); logits come out in float32.
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
 # Any WideResNet by name: 'wrn{depth}_{widen factor}', e.g. 'wrn16_2' (depth 6n + 4).
 _WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
-def get_model(name: str, num_classes: int = 10, width: int = 1):
-    """Builds the model `name`; `width` is the paper's width multiplier `w` where it applies."""
+def get_model(name: str, num_classes: int = 10, width: int = 1, dtype: str = "float32"):
+    """Builds the model `name`; `width` is the paper's width multiplier `w` where it applies;
+    `dtype` the compute precision (one of DTYPES; bfloat16 for GPU and TPU)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not allowed; allowed: {list(DTYPES)}")
+    model = _build(name, num_classes, width)
+    return model if DTYPES[dtype] is None else model.clone(dtype=DTYPES[dtype])
+
+
+def _build(name: str, num_classes: int, width: int):
     wrn = _WRN_NAME.fullmatch(str(name))
     if name not in _BUILDERS and not wrn:
         raise ValueError(
@@ -47,6 +61,7 @@ __all__ = [
     "ResNet",
     "WideBasicBlock",
     "WideResNet",
+    "DTYPES",
     "get_model",
     "lenet5",
     "lenet_adv",

@@ -4,11 +4,12 @@ Layer names are stable (`conv1`, `conv2`, `fc1`, `fc2`) so configs can name what
 Inputs are NHWC pixels in [0, 1]; no normalisation, so attacks act in pixel space.
 """
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import Conv, max_pool_2x2
+from robust_admm.models.layers import Conv, float32_logits, max_pool_2x2
 
 
 class LeNet(nn.Module):
@@ -19,17 +20,18 @@ class LeNet(nn.Module):
     num_classes: int = 10
     kernel_size: int = 5
     padding: str = "SAME"
+    dtype: Any = None  # compute dtype (None: float32); see models.get_model
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train  # no BatchNorm or dropout in this family
         k = (self.kernel_size, self.kernel_size)
         for i, f in enumerate(self.features, start=1):
-            x = Conv(f, k, padding=self.padding, name=f"conv{i}")(x)
+            x = Conv(f, k, padding=self.padding, dtype=self.dtype, name=f"conv{i}")(x)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
-        return nn.Dense(self.num_classes, name="fc2")(x)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x))
 
 
 def lenet_adv(num_classes: int = 10, width: int = 16) -> LeNet:

@@ -9,18 +9,20 @@ Padding is explicit (1 on every side of a 3x3 conv, 0 for the 1x1 shortcut) so s
 outputs equal PyTorch's `padding=1` exactly; Flax's 'SAME' pads (0, 1) there instead.
 """
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import Conv
+from robust_admm.models.layers import Conv, float32_logits
 
 _PAD1 = ((1, 1), (1, 1))
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
+def _bn(train: bool, name: str, dtype=None) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -32,19 +34,21 @@ class BasicBlock(nn.Module):
 
     features: int
     strides: int = 1
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         s = (self.strides, self.strides)
         h = Conv(self.features, (3, 3), strides=s, padding=_PAD1, use_bias=False,
-                 name="conv1")(x)
-        h = nn.relu(_bn(train, "bn1")(h))
-        h = Conv(self.features, (3, 3), padding=_PAD1, use_bias=False, name="conv2")(h)
-        h = _bn(train, "bn2")(h)
+                 dtype=self.dtype, name="conv1")(x)
+        h = nn.relu(_bn(train, "bn1", self.dtype)(h))
+        h = Conv(self.features, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+                 name="conv2")(h)
+        h = _bn(train, "bn2", self.dtype)(h)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = Conv(self.features, (1, 1), strides=s, padding="VALID", use_bias=False,
-                     name="shortcut_conv")(x)
-            x = _bn(train, "shortcut_bn")(x)
+                     dtype=self.dtype, name="shortcut_conv")(x)
+            x = _bn(train, "shortcut_bn", self.dtype)(x)
         return nn.relu(h + x)
 
 
@@ -58,17 +62,19 @@ class ResNet(nn.Module):
     stage_features: Sequence[int]  # channels per stage; stage 1 has stride 1, the rest 2
     stem_features: int = 64
     num_classes: int = 10
+    dtype: Any = None  # compute dtype (None: float32); see models.get_model
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = Conv(self.stem_features, (3, 3), padding=_PAD1, use_bias=False, name="conv1")(x)
-        x = nn.relu(_bn(train, "bn1")(x))
+        x = Conv(self.stem_features, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+                 name="conv1")(x)
+        x = nn.relu(_bn(train, "bn1", self.dtype)(x))
         for stage, (n, f) in enumerate(zip(self.stage_sizes, self.stage_features), start=1):
             for i in range(1, n + 1):
                 strides = 2 if stage > 1 and i == 1 else 1
-                x = BasicBlock(f, strides, name=f"layer{stage}_block{i}")(x, train)
+                x = BasicBlock(f, strides, self.dtype, name=f"layer{stage}_block{i}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
 
 
 def resnet18(num_classes: int = 10, width: int = 1) -> ResNet:

@@ -4,11 +4,12 @@ Layer names are stable (`conv1`..`convN`, `bn1`..`bnN`, `fc`) so configs can nam
 Inputs are NHWC pixels in [0, 1]; no normalisation layer, so attacks act in pixel space.
 """
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import Conv, max_pool_2x2
+from robust_admm.models.layers import Conv, float32_logits, max_pool_2x2
 
 # The CIFAR VGG-16 layer list: output channels of each 3x3 conv, "M" for a 2x2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -24,6 +25,7 @@ class VGG(nn.Module):
 
     cfg: Sequence[int | str]  # channels of each conv, or "M" for a 2x2 max-pool
     num_classes: int = 10
+    dtype: Any = None  # compute dtype (None: float32); see models.get_model
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -33,12 +35,13 @@ class VGG(nn.Module):
                 x = max_pool_2x2(x)
                 continue
             i += 1
-            x = Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), name=f"conv{i}")(x)
+            x = Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                     name=f"conv{i}")(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             name=f"bn{i}")(x)
+                             dtype=self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
         x = x.reshape(x.shape[0], -1)  # 1x1x512 on 32x32 inputs for VGG-16
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
 
 
 def vgg16(num_classes: int = 10, width: int = 1) -> VGG:

@@ -14,10 +14,12 @@ Inputs are NHWC pixels in [0, 1]; no normalisation layer, so attacks act in pixe
 PyTorch's `padding=1`; BatchNorm uses PyTorch's defaults (momentum 0.1 there, eps 1e-5).
 Initialisation is Flax's default, as for the other models here, not that code's He init.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import Conv
+from robust_admm.models.layers import Conv, float32_logits
 from robust_admm.models.resnet import _PAD1, _bn
 
 
@@ -32,19 +34,21 @@ class WideBasicBlock(nn.Module):
 
     features: int
     strides: int = 1
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         s = (self.strides, self.strides)
-        o = nn.relu(_bn(train, "bn1")(x))
+        o = nn.relu(_bn(train, "bn1", self.dtype)(x))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = Conv(self.features, (1, 1), strides=s, padding="VALID", use_bias=False,
-                            name="shortcut_conv")(o)
+                            dtype=self.dtype, name="shortcut_conv")(o)
         h = Conv(self.features, (3, 3), strides=s, padding=_PAD1, use_bias=False,
-                 name="conv1")(o)
-        h = nn.relu(_bn(train, "bn2")(h))
-        h = Conv(self.features, (3, 3), padding=_PAD1, use_bias=False, name="conv2")(h)
+                 dtype=self.dtype, name="conv1")(o)
+        h = nn.relu(_bn(train, "bn2", self.dtype)(h))
+        h = Conv(self.features, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+                 name="conv2")(h)
         return h + shortcut
 
 
@@ -58,6 +62,7 @@ class WideResNet(nn.Module):
     depth: int = 34
     widen_factor: int = 10
     num_classes: int = 10
+    dtype: Any = None  # compute dtype (None: float32); see models.get_model
 
     def __post_init__(self):
         if (not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6):
@@ -70,14 +75,14 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         n = (self.depth - 4) // 6
-        x = Conv(16, (3, 3), padding=_PAD1, use_bias=False, name="conv1")(x)
+        x = Conv(16, (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype, name="conv1")(x)
         for group, (f, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
             for i in range(1, n + 1):
-                x = WideBasicBlock(f * self.widen_factor, stride if i == 1 else 1,
+                x = WideBasicBlock(f * self.widen_factor, stride if i == 1 else 1, self.dtype,
                                    name=f"group{group}_block{i}")(x, train)
-        x = nn.relu(_bn(train, "bn1")(x))
+        x = nn.relu(_bn(train, "bn1", self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
 
 
 def _check_width(width) -> None:
