@@ -62,19 +62,31 @@ class MetricsWriter:
 
 
 class Progress:
-    """Images per second and ETA of a stage, measured between calls to `update`."""
+    """Images per second and ETA of a stage, measured between calls to `update`; the first
+    step, which compiles, is timed apart (`compiled`) so rates are the running speed."""
 
     def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
         self.total, self.batch = total_steps, batch_size
         self.t0 = self.t_last = time.perf_counter()
         self.step_last = start_step
+        self.compile_s = None
+        self.rates = []  # img/s of each interval since the first step
+
+    def compiled(self, step: int):
+        """The first step (`step`) has finished, compilation included."""
+        now = time.perf_counter()
+        self.compile_s, self.t_last, self.step_last = now - self.t0, now, step
 
     def update(self, step: int) -> dict:
         now = time.perf_counter()
         rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
         eta = (self.total - step) / rate if rate > 0 else float("inf")
+        self.rates.append(rate * self.batch)
         return {"img_per_s": rate * self.batch, "eta_s": eta}
+
+    def median_img_per_s(self) -> float | None:
+        return float(np.median(self.rates)) if self.rates else None
 
 
 def fmt_duration(seconds: float) -> str:
@@ -109,14 +121,16 @@ def summary_table(summary: dict) -> str:
     attack = next((r.get("adv_attack") for r in summary["stages"].values()), None)
     adv = f"adv_acc: {attack.split(' (')[0]}" if attack else "adv_acc"
     rows = [("stage", "nat_acc", adv, "compression (all)", "compression (pruned)",
-             "stored (vs float32)")]
+             "stored (vs float32)", "train img/s")]
     for stage, r in summary["stages"].items():
         c = r["compression_rate"]
         size = r.get("size", {}).get("total")
         stored = (f"{size['bytes'] / 1024:.1f} KiB ({size['rate_by_bytes']:.2f}x)" if size
                   else "")
+        rate = (r.get("speed") or {}).get("img_per_s")
         rows.append((stage, f"{100 * r['nat_acc']:.2f}%", f"{100 * r['adv_acc']:.2f}%",
-                     f"{c['all']:.2f}x", f"{c['pruned']:.2f}x", stored))
+                     f"{c['all']:.2f}x", f"{c['pruned']:.2f}x", stored,
+                     f"{rate:.0f}" if rate else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

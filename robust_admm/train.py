@@ -200,7 +200,8 @@ def check_nonfinite(stage: str, history: list, streak: int, cfg, last_ckpt) -> i
 def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
     """Trains one phase, resuming from its newest checkpoint if there is one.
 
-    Returns (state, result) where result is the final evaluation."""
+    Returns (state, result, speed): the final evaluation, and the training speed of this
+    process's part of the phase (None when the phase was already complete)."""
     cfg = run.config
     stage = phase.name
     scfg = cfg[stage]
@@ -221,7 +222,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             state, meta, last_ckpt = restored
             if meta.get("complete"):
                 report.log(f"[{stage}] already complete in {mngr.directory}")
-                return state, meta["result"]
+                return state, meta["result"], None
             report.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
         # The records after the restored step are written again below; with no checkpoint
         # (a stage killed before its first one finished) that is all of the stage's.
@@ -255,6 +256,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             epoch = -(-step // spe)
             state, metrics = train_step(state, *run.train)
             history.append(dict(metrics, step=step))
+            if step == start + 1:  # compiled: time the rest apart (one sync per phase)
+                jax.block_until_ready(state.step)
+                progress.compiled(step)
             if step % cfg.log_every_steps == 0 or step == total:
                 history = jax.device_get(history)
                 streak = check_nonfinite(stage, history, streak, cfg.nonfinite, last_ckpt)
@@ -268,6 +272,11 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
                     f"{speed['img_per_s']:.0f} img/s ETA {report.fmt_duration(speed['eta_s'])}")
+                if len(progress.rates) == 1 and step < total:
+                    report.log(f"[{stage}] projected: {report.fmt_duration(speed['eta_s'])} "
+                               f"for the {total - step} steps left at "
+                               f"{speed['img_per_s']:.0f} img/s (first step, compiling: "
+                               f"{progress.compile_s:.1f} s), evaluations not counted")
             if step % spe == 0:  # end of an epoch
                 if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
@@ -295,7 +304,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         state = state.replace(params=on_levels(state.params, state.masks))
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
-        return state, result
+        timing = {"img_per_s": progress.median_img_per_s(), "steps": total - start,
+                  "first_step_s": progress.compile_s}
+        return state, result, timing
     finally:
         mngr.close()
 
@@ -419,9 +430,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
             params, batch_stats, masks = previous_stage_result(workdir, phases[0].name,
                                                                prev.name, like)
         for phase in phases:
-            state, result = run_stage(run, phase, params, batch_stats, masks)
+            state, result, speed = run_stage(run, phase, params, batch_stats, masks)
             params, batch_stats, masks = state.params, state.batch_stats, state.masks
-            summary["stages"][phase.name] = stage_summary(run, phase, state, result)
+            earlier = summary["stages"].get(phase.name, {}).get("speed")
+            summary["stages"][phase.name] = dict(stage_summary(run, phase, state, result),
+                                                 speed=speed or earlier)
             # In program order, whatever order earlier runs wrote them in.
             summary["stages"] = {p.name: summary["stages"][p.name] for p in program
                                  if p.name in summary["stages"]}

@@ -94,6 +94,10 @@ def test_cli_smoke_on_idx_files_then_a_stage_subset(tmp_path):
         assert json.load(f)["admm"]["rho"] == 0.01
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert set(summary["stages"]) == {"pretrain", "admm", "retrain"}
+    # The speed of each phase, its first (compiling) step timed apart, and a projection.
+    for phase in summary["stages"].values():
+        assert phase["speed"]["img_per_s"] > 0 and phase["speed"]["first_step_s"] > 0
+    assert "[admm] projected: " in r.stdout
     # Rerun only the last stage from the admm checkpoint in the same workdir.
     r = run_cli(workdir, *files, "--config.admm.rho=0.01", "--config.stages=retrain")
     assert r.returncode == 0, r.stderr[-3000:]
