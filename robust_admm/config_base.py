@@ -84,9 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite.max_consecutive = 10
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "mnist"  # 'mnist' | 'digits' | 'cifar10'
-    c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR-10 binary files)
-    c.data.dir = ""  # files: folder of the original files; tfds: data_dir ('' = default)
+    c.data.name = "mnist"  # 'mnist' | 'digits' | 'cifar10' | 'cifar100'
+    c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR binary files)
+    c.data.dir = ""  # files: folder of the original files (CIFAR: or the .tar.gz);
+    # tfds: data_dir ('' = default)
     c.data.train_examples = 0  # use only the first n training examples (0 = all); for tests
     c.data.test_examples = 0  # evaluate on the first n test examples (0 = all)
     # Training batches only: 'none' | 'crop_flip' (4-pixel zero-padded random crop and

@@ -33,7 +33,24 @@ Datasets and sources
       (``data_batch_1.bin`` .. ``data_batch_5.bin``, ``test_batch.bin``; each
       record is 1 label byte + 3072 bytes of CHW pixels) in ``data_dir`` or in
       ``data_dir/cifar-10-batches-bin`` (the folder the official tarball
-      extracts to).  ``.gz`` versions are accepted too.
+      extracts to).  ``.gz`` versions are accepted too.  Or the official
+      ``cifar-10-binary.tar.gz`` itself: ``data_dir`` may be its path, or a
+      folder holding it (used when neither the batches nor
+      ``cifar-10-batches-bin`` are there).  Its members
+      ``cifar-10-batches-bin/<batch>`` are read from the archive in one pass
+      (nothing is extracted to disk) and must be regular files; other members
+      are ignored.
+      A batch, wherever it comes from, may hold at most the 10,000 records of
+      an official batch.
+``cifar100``
+    * ``source="tfds"``: as for mnist (the ``label`` key: 100 fine classes).
+    * ``source="files"``: the CIFAR-100 *binary* version (``train.bin``,
+      ``test.bin``; each record is a coarse label byte 0..19, a fine label byte
+      0..99 and 3072 bytes of CHW pixels; the fine label is the class, both are
+      range-checked) in ``data_dir`` or ``data_dir/cifar-100-binary``, plain or
+      ``.gz``; or the official ``cifar-100-binary.tar.gz`` (members
+      ``cifar-100-binary/train.bin`` and ``test.bin``) as for cifar10.  At most
+      50,000 train and 10,000 test records.
 
 Data files are treated as untrusted input: headers are validated and the size
 they claim is checked against the real payload *before* any large buffer is
@@ -49,6 +66,7 @@ import gzip
 import math
 import os
 import socket
+import tarfile
 import urllib.parse
 import zlib
 from typing import BinaryIO, Callable
@@ -141,9 +159,10 @@ def _find_file(data_dir: str, filename: str) -> str | None:
     return None
 
 
-def _check_dir(data_dir: str | None, name: str, expected: list[str]) -> str:
+def _check_dir(data_dir: str | None, name: str, expected: list[str],
+               alternative: str = "") -> str:
     hint = (f"expected the files {', '.join(expected)} (each plain or "
-            f"gzip-compressed with a '.gz' suffix)")
+            f"gzip-compressed with a '.gz' suffix){alternative}")
     if data_dir is None:
         raise DataError(
             f"source='files' for {name!r} needs a data directory "
@@ -156,7 +175,8 @@ def _check_dir(data_dir: str | None, name: str, expected: list[str]) -> str:
     return data_dir
 
 
-def _require_files(data_dir: str, name: str, expected: list[str]) -> dict[str, str]:
+def _require_files(data_dir: str, name: str, expected: list[str],
+                   alternative: str = "") -> dict[str, str]:
     found = {f: _find_file(data_dir, f) for f in expected}
     missing = [f for f, p in found.items() if p is None]
     if missing:
@@ -164,7 +184,7 @@ def _require_files(data_dir: str, name: str, expected: list[str]) -> dict[str, s
             f"{name}: missing file(s) in {data_dir!r}: "
             f"{', '.join(os.path.join(data_dir, f) for f in missing)}; expected "
             f"the files {', '.join(expected)} (each plain or gzip-compressed with "
-            f"a '.gz' suffix)")
+            f"a '.gz' suffix){alternative}")
     return found  # type: ignore[return-value]
 
 
@@ -189,6 +209,18 @@ def _read_exact(f: BinaryIO, path: str, n: int, what: str) -> bytes:
     return data
 
 
+def _readinto_full(f: BinaryIO, buf: bytearray) -> int:
+    """Fills ``buf`` from ``f`` until it is full or ``f`` ends; returns the count."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            break
+        got += k
+    return got
+
+
 def _read_payload(f: BinaryIO, path: str, nbytes: int, offset: int,
                   what: str) -> np.ndarray:
     """Reads exactly ``nbytes`` more bytes from ``f`` and checks that none follow.
@@ -211,13 +243,7 @@ def _read_payload(f: BinaryIO, path: str, nbytes: int, offset: int,
                 f"{path!r}: header claims {what} of {nbytes:,} bytes but the file "
                 f"holds {actual:,} bytes after the header (file {kind})")
         buf = bytearray(nbytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nbytes:
-            k = f.readinto(view[got:])  # type: ignore[attr-defined]
-            if not k:
-                break
-            got += k
+        got = _readinto_full(f, buf)
         if got != nbytes:
             raise DataError(f"{path!r}: file changed while reading (got {got:,} of "
                             f"{nbytes:,} payload bytes)")
@@ -287,16 +313,17 @@ _MNIST_FILES = {
 }
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+def _check_labels(labels: np.ndarray, num_classes: int, where: str,
+                  what: str = "label") -> None:
     if labels.size and int(labels.max()) >= num_classes:
         bad = int(np.argmax(labels >= num_classes))
         raise DataError(
-            f"{where}: label {int(labels[bad])} at index {bad} is out of range "
+            f"{where}: {what} {int(labels[bad])} at index {bad} is out of range "
             f"[0, {num_classes})")
     if labels.size and int(labels.min()) < 0:
         bad = int(np.argmax(labels < 0))
         raise DataError(
-            f"{where}: label {int(labels[bad])} at index {bad} is out of range "
+            f"{where}: {what} {int(labels[bad])} at index {bad} is out of range "
             f"[0, {num_classes})")
 
 
@@ -322,66 +349,254 @@ def _load_mnist_files(data_dir: str | None) -> Dataset:
 
 
 # -----------------------------------------------------------------------------
-# CIFAR-10 binary format.
+# CIFAR-10 / CIFAR-100 binary formats.
+#
+# A file is a sequence of records: the label byte(s), then 3072 pixel bytes
+# (the 1024 red, 1024 green and 1024 blue values of a row-major 32x32 image).
+# The files are read from a folder (plain or .gz) or straight from the official
+# .tar.gz archive (read front to back, nothing is extracted to disk); every route
+# hands its bytes to the same parser, _parse_cifar_records.
 
-_CIFAR10_TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
-_CIFAR10_TEST = ["test_batch.bin"]
-_CIFAR10_RECORD = 1 + 3 * 32 * 32
+_CIFAR_PIXELS = 3 * 32 * 32
+# After the end of its tar archive a .tar.gz may only hold zero padding (tar pads
+# an archive to a multiple of its record, 10 KiB by default), at most this much.
+# Anything else is a damaged archive whose rest tarfile would silently ignore.
+_TAR_TRAILING_LIMIT = 16 << 20
 
 
-def read_cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one CIFAR-10 binary batch; returns (uint8 NHWC images, int32 labels)."""
+@dataclasses.dataclass(frozen=True)
+class _CifarFormat:
+    name: str  # dataset name (as in DATASETS)
+    title: str  # for messages
+    label_bytes: tuple[tuple[str, int], ...]  # (what, number of values) per label byte
+    class_label: int  # index in label_bytes of the label used as the class
+    splits: dict[str, dict[str, int]]  # split -> {file name: records it holds}
+    folder: str  # folder the official archive unpacks to (its members' prefix)
+    archive: str  # file name of the official archive
+
+    @property
+    def record_size(self) -> int:
+        return len(self.label_bytes) + _CIFAR_PIXELS
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_bytes[self.class_label][1]
+
+    @property
+    def max_records(self) -> dict[str, int]:
+        return {f: n for files in self.splits.values() for f, n in files.items()}
+
+    @property
+    def record_layout(self) -> str:
+        if len(self.label_bytes) == 1:
+            return f"1 label byte + {_CIFAR_PIXELS} pixel bytes"
+        labels = ", ".join(f"{what} 0..{n - 1}" for what, n in self.label_bytes)
+        return (f"{len(self.label_bytes)} label bytes ({labels}) + {_CIFAR_PIXELS} "
+                f"pixel bytes")
+
+    def max_bytes(self, filename: str) -> int:
+        return min(self.max_records[filename] * self.record_size, MAX_PAYLOAD_BYTES)
+
+    def too_big(self, filename: str) -> str:
+        return (f"more than the {self.max_bytes(filename):,} bytes of "
+                f"{self.max_records[filename]:,} {self.title} records, the size of "
+                f"the official {filename}")
+
+
+_CIFAR10 = _CifarFormat(
+    name="cifar10", title="CIFAR-10", label_bytes=(("label", 10),), class_label=0,
+    splits={"train": {f"data_batch_{i}.bin": 10_000 for i in range(1, 6)},
+            "test": {"test_batch.bin": 10_000}},
+    folder="cifar-10-batches-bin", archive="cifar-10-binary.tar.gz")
+_CIFAR100 = _CifarFormat(
+    name="cifar100", title="CIFAR-100",
+    label_bytes=(("coarse label", 20), ("fine label", 100)), class_label=1,
+    splits={"train": {"train.bin": 50_000}, "test": {"test.bin": 10_000}},
+    folder="cifar-100-binary", archive="cifar-100-binary.tar.gz")
+
+
+def _parse_cifar_records(buf, where: str,
+                         fmt: _CifarFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Parses the bytes of one CIFAR file; returns (uint8 NHWC images, int32 labels).
+
+    ``where`` names the file (or archive member) in error messages.  Every label
+    byte is range-checked; the labels returned are those of ``fmt.class_label``.
+    """
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    record = fmt.record_size
+    if raw.size == 0 or raw.size % record:
+        raise DataError(
+            f"{where}: size {raw.size:,} bytes is not a positive multiple of the "
+            f"{fmt.title} record size {record} ({fmt.record_layout})")
+    records = raw.reshape(-1, record)
+    for i, (what, count) in enumerate(fmt.label_bytes):
+        _check_labels(records[:, i], count, f"{fmt.name} {where}", what=what)
+    labels = records[:, fmt.class_label].astype(np.int32)
+    images = records[:, len(fmt.label_bytes):].reshape(-1, 3, 32, 32)
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels
+
+
+def _read_cifar_file(path: str, fmt: _CifarFormat,
+                     filename: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the CIFAR file ``path`` (plain or ``.gz``), the dataset's ``filename``."""
     path = os.fspath(path)
+    max_bytes = fmt.max_bytes(filename)
     if path.endswith(".gz"):
-        # Decompressed size unknown: read everything present (bounded by the cap).
+        # Decompressed size unknown: read what is present, at most max_bytes + 1.
         with _open(path) as f:
             buf = bytearray()
             try:
-                while len(buf) <= MAX_PAYLOAD_BYTES:
-                    chunk = f.read(_READ_CHUNK)
+                while len(buf) <= max_bytes:
+                    chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - len(buf)))
                     if not chunk:
                         break
                     buf += chunk
             except (OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{path!r}: corrupt gzip stream: {e}") from e
-        if len(buf) > MAX_PAYLOAD_BYTES:
-            raise DataError(f"{path!r}: decompresses to more than "
-                            f"{MAX_PAYLOAD_BYTES:,} bytes; not a CIFAR-10 batch")
+        if len(buf) > max_bytes:
+            raise DataError(f"{path!r}: decompresses to {fmt.too_big(filename)}; "
+                            f"not a {fmt.title} file")
         raw = np.frombuffer(buf, dtype=np.uint8)
     else:
         size = os.path.getsize(path)
-        if size > MAX_PAYLOAD_BYTES:
-            raise DataError(f"{path!r}: {size:,} bytes is more than "
-                            f"{MAX_PAYLOAD_BYTES:,}; not a CIFAR-10 batch")
+        if size > max_bytes:
+            raise DataError(f"{path!r}: {size:,} bytes is {fmt.too_big(filename)}; "
+                            f"not a {fmt.title} file")
         with _open(path) as f:
-            raw = _read_payload(f, path, size, 0, what="CIFAR-10 records")
-    if raw.size == 0 or raw.size % _CIFAR10_RECORD:
+            raw = _read_payload(f, path, size, 0, what=f"{fmt.title} records")
+    return _parse_cifar_records(raw, repr(path), fmt)
+
+
+def read_cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one CIFAR-10 binary batch; returns (uint8 NHWC images, int32 labels).
+
+    The batch (plain or ``.gz``) may hold at most the 10,000 records of an
+    official batch.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path).removesuffix(".gz")
+    return _read_cifar_file(path, _CIFAR10,
+                            name if name in _CIFAR10.max_records else "test_batch.bin")
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"hard link to {member.linkname!r}"
+    for test, kind in ((member.isdir, "directory"), (member.ischr, "character device"),
+                       (member.isblk, "block device"), (member.isfifo, "FIFO"),
+                       (member.issparse, "sparse file")):
+        if test():
+            return kind
+    return f"member of tar type {member.type!r}"
+
+
+def _read_cifar_archive(archive: str, fmt: _CifarFormat
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Reads the dataset's files from its official ``.tar.gz`` without extracting it.
+
+    The archive is read once, front to back.  Only regular-file members named
+    exactly ``<fmt.folder>/<file>`` are read, each after checking its declared
+    size; other members are skipped.  The gzip stream is read to its end, so that its
+    CRC and length are checked and nothing but zero padding follows the tar
+    archive.  Returns {file name: (images, labels)}.
+    """
+    wanted = {f"{fmt.folder}/{f}": f for f in fmt.max_records}
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    seen: list[str] = []  # member names, for the message about missing ones
+    num_members = 0
+    try:
+        with gzip.open(archive, "rb") as gz:
+            # Plain (not "|" stream) mode: tarfile then reads exactly the blocks it
+            # parses, and only forwards, so the gzip stream is decompressed once.
+            with tarfile.open(fileobj=gz, mode="r:") as tar:
+                for member in tar:
+                    num_members += 1
+                    if len(seen) < 20:
+                        seen.append(member.name)
+                    filename = wanted.get(member.name)
+                    if filename is None:
+                        continue
+                    where = f"{archive!r} member {member.name!r}"
+                    if filename in parts:
+                        raise DataError(f"{where}: occurs more than once in the "
+                                        f"archive")
+                    if not member.isreg() or member.issparse():
+                        raise DataError(f"{where}: is a {_member_kind(member)}, not a "
+                                        f"regular file; refusing to read it")
+                    if member.size > fmt.max_bytes(filename):
+                        raise DataError(
+                            f"{where}: declared size {member.size:,} bytes is "
+                            f"{fmt.too_big(filename)}; refusing to read it")
+                    buf = bytearray(member.size)
+                    got = _readinto_full(tar.extractfile(member), buf)
+                    if got != member.size:
+                        raise DataError(f"{where}: archive ends after {got:,} of its "
+                                        f"{member.size:,} bytes (truncated)")
+                    parts[filename] = _parse_cifar_records(buf, where, fmt)
+            # Read the gzip stream to its end (this checks its CRC and length);
+            # tarfile stopped at the first zero block, and only zeros may follow.
+            trailing = 0
+            while chunk := gz.read(_READ_CHUNK):
+                trailing += len(chunk)
+                if chunk.count(0) != len(chunk):
+                    raise DataError(
+                        f"{archive!r}: non-zero data follows the end of the tar "
+                        f"archive (damaged tar stream, or a member header tarfile "
+                        f"could not parse)")
+                if trailing > _TAR_TRAILING_LIMIT:
+                    raise DataError(
+                        f"{archive!r}: more than {_TAR_TRAILING_LIMIT:,} bytes of "
+                        f"padding follow the end of the tar archive")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive!r}: not a readable .tar.gz archive (corrupt or "
+                        f"truncated gzip/tar stream): {type(e).__name__}: {e}") from e
+    missing = [m for m, f in wanted.items() if f not in parts]
+    if missing:
+        listed = ", ".join(seen) + (", ..." if num_members > len(seen) else "")
         raise DataError(
-            f"{path!r}: size {raw.size:,} bytes is not a positive multiple of the "
-            f"CIFAR-10 record size {_CIFAR10_RECORD} (1 label byte + 3072 pixel "
-            f"bytes)")
-    records = raw.reshape(-1, _CIFAR10_RECORD)
-    labels = records[:, 0].astype(np.int32)
-    _check_labels(labels, 10, f"cifar10 {path!r}")
-    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels
+            f"{fmt.name}: archive {archive!r} has no regular-file member(s) "
+            f"{', '.join(missing)}; it holds {num_members} member(s): "
+            f"{listed or '(none)'}; expected the official {fmt.archive} with "
+            f"{', '.join(wanted)}")
+    return parts
 
 
-def _load_cifar10_files(data_dir: str | None) -> Dataset:
-    expected = _CIFAR10_TRAIN + _CIFAR10_TEST
-    data_dir = _check_dir(data_dir, "cifar10", expected)
-    sub = os.path.join(data_dir, "cifar-10-batches-bin")
-    if _find_file(data_dir, _CIFAR10_TEST[0]) is None and os.path.isdir(sub):
-        data_dir = sub
-    paths = _require_files(data_dir, "cifar10", expected)
+def _load_cifar_files(fmt: _CifarFormat, data_dir: str | None) -> Dataset:
+    """CIFAR files from a folder, its ``fmt.folder`` subfolder, or the archive.
 
-    def load(names):
-        parts = [read_cifar10_batch(paths[n]) for n in names]
-        return Split(images=np.concatenate([p[0] for p in parts]),
-                     labels=np.concatenate([p[1] for p in parts]))
+    ``data_dir`` may be the archive itself.  For a folder: its ``fmt.folder``
+    subfolder when the folder lacks the test file and the subfolder exists;
+    else ``data_dir/fmt.archive`` when the folder holds none of the files and
+    that archive exists; else the folder itself (missing files are named).
+    """
+    names = list(fmt.max_records)
+    alternative = (f", or the official archive {fmt.archive} (its path, or a "
+                   f"folder holding it)")
+    parts = None
+    if data_dir is not None and os.path.isfile(os.fspath(data_dir)):
+        parts = _read_cifar_archive(os.fspath(data_dir), fmt)
+    else:
+        data_dir = _check_dir(data_dir, fmt.name, names, alternative)
+        sub = os.path.join(data_dir, fmt.folder)
+        archive = os.path.join(data_dir, fmt.archive)
+        test_file = next(iter(fmt.splits["test"]))
+        if _find_file(data_dir, test_file) is None and os.path.isdir(sub):
+            data_dir = sub
+        elif (not any(_find_file(data_dir, n) for n in names)
+              and os.path.isfile(archive)):
+            parts = _read_cifar_archive(archive, fmt)
+        if parts is None:
+            paths = _require_files(data_dir, fmt.name, names, alternative)
+            parts = {n: _read_cifar_file(paths[n], fmt, n) for n in names}
 
-    return Dataset(train=load(_CIFAR10_TRAIN), test=load(_CIFAR10_TEST),
-                   num_classes=10, name="cifar10")
+    def split(files):
+        return Split(images=np.concatenate([parts[f][0] for f in files]),
+                     labels=np.concatenate([parts[f][1] for f in files]))
+
+    return Dataset(train=split(fmt.splits["train"]), test=split(fmt.splits["test"]),
+                   num_classes=fmt.num_classes, name=fmt.name)
 
 
 # -----------------------------------------------------------------------------
@@ -414,10 +629,12 @@ def _load_digits() -> Dataset:
 
 # Host each TFDS builder downloads its raw files from (see the builders' URLs:
 # mnist -> https://storage.googleapis.com/cvdf-datasets/mnist/,
-# cifar10 -> https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz).
+# cifar10 -> https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz,
+# cifar100 -> https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz).
 _TFDS_DOWNLOAD_HOSTS = {
     "mnist": "storage.googleapis.com",
     "cifar10": "www.cs.toronto.edu",
+    "cifar100": "www.cs.toronto.edu",
 }
 NETWORK_PROBE_TIMEOUT_S = 3.0
 _TFDS_READ_BATCH = 4096
@@ -460,7 +677,10 @@ def _ensure_tfds_available(name: str, data_dir: str | None) -> None:
     files_hint = {
         "mnist": "/path/to/mnist-idx  (folder with the 4 MNIST IDX files, "
                  "plain or .gz)",
-        "cifar10": "/path/to/cifar-10-batches-bin  (CIFAR-10 binary version)",
+        "cifar10": "/path/to/cifar-10-batches-bin  (CIFAR-10 binary version; "
+                   "or the path of cifar-10-binary.tar.gz)",
+        "cifar100": "/path/to/cifar-100-binary  (CIFAR-100 binary version; "
+                    "or the path of cifar-100-binary.tar.gz)",
     }[name]
     raise DataError(
         f"TFDS dataset {name!r} is not prepared in {where!r} and the network is "
@@ -537,7 +757,9 @@ _SPECS: dict[str, _Spec] = {
                         "files": _load_mnist_files}),
     "digits": _Spec(10, {"*": lambda d: _load_digits()}),
     "cifar10": _Spec(10, {"tfds": lambda d: _load_tfds("cifar10", d),
-                          "files": _load_cifar10_files}),
+                          "files": lambda d: _load_cifar_files(_CIFAR10, d)}),
+    "cifar100": _Spec(100, {"tfds": lambda d: _load_tfds("cifar100", d),
+                            "files": lambda d: _load_cifar_files(_CIFAR100, d)}),
 }
 DATASETS = tuple(_SPECS)
 
@@ -547,11 +769,13 @@ def load_dataset(name: str, source: str = "tfds",
     """Loads dataset ``name`` into host memory.
 
     Args:
-      name: one of ``DATASETS`` (``mnist``, ``digits``, ``cifar10``).
+      name: one of ``DATASETS`` (``mnist``, ``digits``, ``cifar10``,
+        ``cifar100``).
       source: ``"tfds"`` (TensorFlow Datasets, may download) or ``"files"``
         (local raw files in ``data_dir``).  Ignored by ``digits`` (bundled with
         scikit-learn), but must still be one of ``SOURCES``.
-      data_dir: for ``files``, the folder holding the raw files; for ``tfds``,
+      data_dir: for ``files``, the folder holding the raw files (CIFAR: or the
+        path of the official ``.tar.gz`` archive); for ``tfds``,
         the TFDS data directory (None: ``$TFDS_DATA_DIR`` or
         ``~/tensorflow_datasets``).
 

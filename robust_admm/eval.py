@@ -27,7 +27,8 @@ from robust_admm.robustness import Evaluator, robust_accuracy
 
 # The field's standard radius per dataset and norm; other L-inf cases use the run's own.
 STANDARD_EPSILON = {("mnist", "linf"): 0.3, ("cifar10", "linf"): 8 / 255,
-                    ("cifar10", "l2"): 0.5}
+                    ("cifar10", "l2"): 0.5, ("cifar100", "linf"): 8 / 255,
+                    ("cifar100", "l2"): 0.5}
 # L2 has no FAB-T or Square here (NotImplementedError), so no standard ensemble.
 DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,apgd-ce,apgd-t"}
 # Gradient-masking checks: how much a weaker attack may beat a stronger one, the most

@@ -28,7 +28,8 @@ from robust_admm.models import LeNet, get_model
 FORMAT_VERSION = 1
 COLLECTIONS = ("params", "batch_stats")
 # dataset -> input (H, W, C) and number of classes (robust_admm.data loads these shapes)
-INPUTS = {"mnist": ((28, 28, 1), 10), "digits": ((8, 8, 1), 10), "cifar10": ((32, 32, 3), 10)}
+INPUTS = {"mnist": ((28, 28, 1), 10), "digits": ((8, 8, 1), 10), "cifar10": ((32, 32, 3), 10),
+          "cifar100": ((32, 32, 3), 100)}
 LAYOUTS = {
     "input": "NHWC float32 pixels in [0, 1]; normalisation (if any) is inside the model",
     "conv_kernel": "(kh, kw, in, out)",

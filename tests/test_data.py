@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
+import shutil
 import socket
 import struct
+import tarfile
 import time
 
 import numpy as np
@@ -246,12 +249,12 @@ def test_unknown_name():
         data.load_dataset("imagenet")
     msg = str(e.value)
     assert "'imagenet'" in msg
-    for name in ("mnist", "digits", "cifar10"):
+    for name in ("mnist", "digits", "cifar10", "cifar100"):
         assert name in msg
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize("name", ["mnist", "digits", "cifar10"])
+@pytest.mark.parametrize("name", ["mnist", "digits", "cifar10", "cifar100"])
 def test_unknown_source(name):
     with pytest.raises(DataError) as e:
         data.load_dataset(name, source="http")
@@ -357,6 +360,222 @@ def test_cifar10_bad_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 from the official .tar.gz archives (streamed).
+
+CIFAR10_NAMES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+
+
+def tar_entry(name, payload=b"", size=None, type_=tarfile.REGTYPE, linkname=""):
+    """One tar member as bytes; ``size`` may lie about the payload's length."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = type_, linkname
+    info.size = len(payload) if size is None else size
+    pad = -len(payload) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.GNU_FORMAT) + payload + b"\0" * pad
+
+
+def write_tar_gz(path, entries, end=True) -> str:
+    """gzip of the entries; ``end``: the end-of-archive blocks and tar's zero
+    padding to a multiple of its 10 KiB record."""
+    raw = b"".join(entries)
+    if end:
+        raw += b"\0" * (2 * tarfile.BLOCKSIZE)
+        raw += b"\0" * (-len(raw) % tarfile.RECORDSIZE)
+    with gzip.open(path, "wb") as f:
+        f.write(raw)
+    return os.fspath(path)
+
+
+def cifar10_tar_entries(folder, skip=()):
+    entries = [tar_entry("cifar-10-batches-bin", type_=tarfile.DIRTYPE),
+               tar_entry("cifar-10-batches-bin/batches.meta.txt", b"airplane\n")]
+    for name in CIFAR10_NAMES:
+        if name not in skip:
+            entries.append(tar_entry(f"cifar-10-batches-bin/{name}",
+                                     (folder / name).read_bytes()))
+    return entries + [tar_entry("cifar-10-batches-bin/readme.html", b"<html/>")]
+
+
+def assert_same_dataset(a, b):
+    assert (a.name, a.num_classes) == (b.name, b.num_classes)
+    for split in ("train", "test"):
+        x, y = getattr(a, split), getattr(b, split)
+        np.testing.assert_array_equal(x.images, y.images)
+        np.testing.assert_array_equal(x.labels, y.labels)
+        assert x.images.dtype == y.images.dtype and x.labels.dtype == y.labels.dtype
+
+
+def test_cifar10_tarball_equals_unpacked_folder(tmp_path):
+    folder = tmp_path / "unpacked" / "cifar-10-batches-bin"
+    make_cifar(folder, counts=(20,) * 5, n_test=20)
+    archive = write_tar_gz(tmp_path / "cifar-10-binary.tar.gz",
+                           cifar10_tar_entries(folder))
+    before = sorted(os.listdir(tmp_path))
+    ref = data.load_dataset("cifar10", "files", str(folder))
+    assert ref.train.images.shape == (100, 32, 32, 3)
+    assert_same_dataset(data.load_dataset("cifar10", "files", archive), ref)
+    # A folder holding the archive (and no batches, no cifar-10-batches-bin).
+    assert_same_dataset(data.load_dataset("cifar10", "files", tmp_path), ref)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing extracted
+
+
+def _bad_cifar10_archive(tmp_path, kind):
+    folder = tmp_path / "unpacked"
+    make_cifar(folder, counts=(2,) * 5, n_test=2)
+    entries = cifar10_tar_entries(folder)
+    path = tmp_path / "cifar-10-binary.tar.gz"
+    if kind == "symlink":  # replaces data_batch_3.bin
+        entries[4] = tar_entry("cifar-10-batches-bin/data_batch_3.bin",
+                               type_=tarfile.SYMTYPE, linkname="/etc/passwd")
+    elif kind == "oversized":  # header claims one byte more than 10,000 records
+        entries = entries[:3] + [tar_entry("cifar-10-batches-bin/data_batch_2.bin",
+                                           b"\1" * 3073, size=10_000 * 3073 + 1)]
+        return write_tar_gz(path, entries, end=False)
+    elif kind == "missing":
+        entries = cifar10_tar_entries(folder, skip=("test_batch.bin",))
+    elif kind == "duplicate":
+        entries.insert(3, entries[2])
+    elif kind == "data after end":  # a member after the end-of-archive blocks
+        entries += [b"\0" * (2 * tarfile.BLOCKSIZE),
+                    tar_entry("cifar-10-batches-bin/extra.bin", b"x")]
+    elif kind == "bad label":
+        raw = bytearray((folder / "data_batch_4.bin").read_bytes())
+        raw[3073] = 10  # label of record 1
+        entries[5] = tar_entry("cifar-10-batches-bin/data_batch_4.bin", bytes(raw))
+    write_tar_gz(path, entries)
+    if kind in ("truncated", "truncated trailer", "not gzip"):
+        raw = path.read_bytes()
+        path.write_bytes({"truncated": raw[:len(raw) // 2],
+                          "truncated trailer": raw[:-4],  # gzip CRC/length cut
+                          "not gzip": raw[10:]}[kind])
+    return os.fspath(path)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("symlink", ["'cifar-10-batches-bin/data_batch_3.bin'", "symbolic link",
+                 "/etc/passwd", "not a regular file"]),
+    ("oversized", ["'cifar-10-batches-bin/data_batch_2.bin'", "declared size",
+                   "30,730,001", "more than the 30,730,000 bytes"]),
+    ("missing", ["no regular-file member(s) cifar-10-batches-bin/test_batch.bin",
+                 "cifar-10-batches-bin/readme.html", "holds 8 member(s)"]),
+    ("duplicate", ["'cifar-10-batches-bin/data_batch_1.bin'", "more than once"]),
+    ("bad label", ["'cifar-10-batches-bin/data_batch_4.bin'", "label 10 at index 1"]),
+    ("data after end", ["non-zero data follows the end of the tar archive"]),
+    ("truncated", ["truncated"]),
+    ("truncated trailer", ["truncated", "EOFError"]),
+    ("not gzip", ["not a readable .tar.gz", "BadGzipFile"]),
+])
+def test_cifar10_bad_tarball(tmp_path, kind, expected):
+    archive = _bad_cifar10_archive(tmp_path, kind)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", "files", archive)
+    msg = str(e.value)
+    assert repr(archive) in msg or archive in msg
+    for part in expected:
+        assert part in msg
+
+
+def test_cifar10_folder_batch_larger_than_official_is_refused(tmp_path, monkeypatch):
+    # A batch holds at most 10,000 records (checked before reading); shrink the
+    # limit so that the test file stays small.
+    small = dataclasses.replace(data._CIFAR10, splits={
+        "train": {f"data_batch_{i}.bin": 3 for i in range(1, 6)},
+        "test": {"test_batch.bin": 3}})
+    monkeypatch.setattr(data, "_CIFAR10", small)
+    make_cifar(tmp_path, counts=(3, 3, 4, 3, 3), n_test=3)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", "files", str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "data_batch_3.bin") in msg
+    assert "12,292 bytes is more than the 9,219 bytes of 3 CIFAR-10 records" in msg
+
+
+def make_cifar100(folder, n_train=20, n_test=20, seed=0):
+    """Writes train.bin / test.bin; returns {file name: (n, 3074) uint8 records}."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for fname, n in (("train.bin", n_train), ("test.bin", n_test)):
+        records = rng.integers(0, 256, (n, 3074), dtype=np.uint8)
+        records[:, 0] = rng.integers(0, 20, n)
+        records[:, 1] = rng.integers(0, 100, n)
+        write(os.path.join(folder, fname), records.tobytes())
+        out[fname] = records
+    return out
+
+
+@pytest.mark.parametrize("where", ["folder", "subfolder", "tarball", "tarball folder"])
+def test_cifar100_files(tmp_path, where):
+    sub = tmp_path / "cifar-100-binary"
+    records = make_cifar100(tmp_path if where == "folder" else sub)
+    data_dir = tmp_path
+    if where.startswith("tarball"):
+        entries = [tar_entry("cifar-100-binary/meta.txt", b"apple\n")]
+        entries += [tar_entry(f"cifar-100-binary/{n}", (sub / n).read_bytes())
+                    for n in ("test.bin", "train.bin")]
+        shutil.rmtree(sub)
+        data_dir = write_tar_gz(tmp_path / "cifar-100-binary.tar.gz", entries)
+        if where == "tarball folder":
+            data_dir = tmp_path
+    ds = data.load_dataset("cifar100", "files", data_dir)
+    assert ds.name == "cifar100" and ds.num_classes == 100
+    for split, fname in (("train", "train.bin"), ("test", "test.bin")):
+        s, rec = getattr(ds, split), records[fname]
+        assert s.images.shape == (20, 32, 32, 3) and s.images.dtype == np.uint8
+        assert s.labels.dtype == np.int32 and s.images.flags["C_CONTIGUOUS"]
+        expected = rec[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        np.testing.assert_array_equal(s.images, expected)
+        np.testing.assert_array_equal(s.labels, rec[:, 1])  # the fine label
+
+
+@pytest.mark.parametrize("byte,value,message", [
+    (0, 20, "coarse label 20 at index 3 is out of range [0, 20)"),
+    (1, 100, "fine label 100 at index 3 is out of range [0, 100)"),
+])
+def test_cifar100_label_out_of_range(tmp_path, byte, value, message):
+    records = make_cifar100(tmp_path)["train.bin"].copy()
+    records[3, byte] = value
+    path = write(tmp_path / "train.bin", records.tobytes())
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar100", "files", str(tmp_path))
+    assert message in str(e.value) and path in str(e.value)
+
+
+def test_cifar100_bad_sizes(tmp_path, monkeypatch):
+    make_cifar100(tmp_path, n_test=3)
+    path = write(tmp_path / "test.bin",
+                 (tmp_path / "test.bin").read_bytes()[:-1])  # 3073-byte record
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar100", "files", str(tmp_path))
+    assert path in str(e.value) and "record size 3074" in str(e.value)
+    assert "coarse label 0..19, fine label 0..99" in str(e.value)
+
+    small = dataclasses.replace(data._CIFAR100, splits={"train": {"train.bin": 20},
+                                                        "test": {"test.bin": 2}})
+    monkeypatch.setattr(data, "_CIFAR100", small)
+    os.unlink(path)
+    make_cifar100(tmp_path, n_test=3)
+    for gz in (False, True):
+        path = os.fspath(tmp_path / "test.bin")
+        if gz:
+            raw = open(path, "rb").read()
+            os.unlink(path)
+            path = write(tmp_path / "test.bin", raw, gz=True)
+        with pytest.raises(DataError) as e:
+            data.load_dataset("cifar100", "files", str(tmp_path))
+        assert path in str(e.value)
+        assert "more than the 6,148 bytes of 2 CIFAR-100 records" in str(e.value)
+
+
+def test_cifar100_missing_files_hint_the_archive(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar100", "files", str(tmp_path))
+    msg = str(e.value)
+    assert "train.bin" in msg and "test.bin" in msg
+    assert "cifar-100-binary.tar.gz" in msg
+
+
+# ---------------------------------------------------------------------------
 # TFDS path (mocked; never touches the network).
 
 
@@ -377,9 +596,10 @@ def tfds_mock(monkeypatch):
     return tfds
 
 
-@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)),
-                                        ("cifar10", (32, 32, 3))])
-def test_tfds_mocked(tfds_mock, monkeypatch, tmp_path, name, shape):
+@pytest.mark.parametrize("name,shape,num_classes", [("mnist", (28, 28, 1), 10),
+                                                    ("cifar10", (32, 32, 3), 10),
+                                                    ("cifar100", (32, 32, 3), 100)])
+def test_tfds_mocked(tfds_mock, monkeypatch, tmp_path, name, shape, num_classes):
     tfds = tfds_mock
     # The mock redirects every builder to a non-existent data_dir, so the real
     # preparedness check would (correctly) say "not prepared" and the network
@@ -390,11 +610,11 @@ def test_tfds_mocked(tfds_mock, monkeypatch, tmp_path, name, shape):
     with tfds.testing.mock_data(num_examples=7,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
         ds = data.load_dataset(name, "tfds", data_dir=str(tmp_path))
-    assert ds.name == name and ds.num_classes == 10
+    assert ds.name == name and ds.num_classes == num_classes
     for s in (ds.train, ds.test):
         assert s.images.shape == (7,) + shape
         assert s.images.dtype == np.uint8 and s.labels.dtype == np.int32
-        assert s.labels.min() >= 0 and s.labels.max() < 10
+        assert s.labels.min() >= 0 and s.labels.max() < num_classes
 
 
 def test_tfds_read_batches(tfds_mock, monkeypatch, tmp_path):
@@ -434,6 +654,19 @@ def test_tfds_offline_fails_fast(monkeypatch):
     assert "data.source=files" in msg and "data.dir" in msg
     assert "not prepared" in msg and "unreachable" in msg
     assert "/some/tfds/dir" in msg and "TFDS_DATA_DIR" in msg
+
+
+def test_tfds_offline_hint_for_cifar100(monkeypatch):
+    probed = []
+    monkeypatch.setattr(data, "_tfds_is_prepared", lambda name, data_dir: False)
+    monkeypatch.setattr(data, "_network_reachable",
+                        lambda host, *a, **k: probed.append(host) or False)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar100", "tfds", data_dir="/some/tfds/dir")
+    assert probed == ["www.cs.toronto.edu"]
+    msg = str(e.value)
+    assert "'cifar100'" in msg and "cifar-100-binary" in msg
+    assert "data.source=files" in msg
 
 
 def test_tfds_real_preparedness_check_on_empty_dir(monkeypatch, tmp_path):
