@@ -35,6 +35,7 @@ DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,apgd-ce,a
 # accuracy allowed at epsilon = 1, how much accuracy may rise as epsilon grows.
 MARGIN, MAX_ACC_AT_EPS_1, RISE = 0.01, 0.02, 0.005
 WEAKER_STRONGER = (("fgsm", "pgd"), ("pgd", "apgd-ce"))
+BLACK_BOX = ("square",)  # attacks that use no gradients
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -90,6 +91,14 @@ def masking_warnings(result: dict, at_eps_1: dict | None = None,
             out.append(f"{a[0]} ({100 * a[1]:.2f}%) beats the stronger {b[0]} "
                        f"({100 * b[1]:.2f}%) by more than {100 * MARGIN:g} point: the stronger "
                        f"attack's gradients may be masked or its steps too small")
+    for label, r in result["attacks"].items():
+        after = list((r.get("after") or {}).items())
+        for (prev, before), (name, acc) in zip(after, after[1:]):
+            if name in BLACK_BOX and acc < before - MARGIN:
+                out.append(f"{label}: the black-box {name} lowers accuracy from "
+                           f"{100 * before:.2f}% (after {prev}) to {100 * acc:.2f}%, more than "
+                           f"{100 * MARGIN:g} point: the gradient attacks before it miss "
+                           f"points a search without gradients finds (masked gradients?)")
     if at_eps_1 is not None:
         for label, r in at_eps_1["attacks"].items():
             if r["robust_acc"] > MAX_ACC_AT_EPS_1:

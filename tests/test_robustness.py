@@ -103,6 +103,13 @@ def test_masking_warnings_name_the_numbers():
     assert "from 50.00% at epsilon 0.1 to 60.00% at 0.2" in w[2]
     result["attacks"]["fgsm"]["robust_acc"] = 0.5
     assert eval_lib.masking_warnings(result) == []
+    # The black-box Square finding more than a point beyond the gradient attacks.
+    result["attacks"]["aa-standard"]["after"].update({"fab-t": 0.3, "square": 0.25})
+    w = eval_lib.masking_warnings(result)
+    assert len(w) == 1 and "black-box square lowers accuracy from 30.00% (after fab-t) " \
+        "to 25.00%" in w[0]
+    result["attacks"]["aa-standard"]["after"]["square"] = 0.295
+    assert eval_lib.masking_warnings(result) == []
 
 
 @pytest.mark.parametrize("spec,match", [("pgd", "'pgd' is not known"),
