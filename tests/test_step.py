@@ -199,8 +199,10 @@ def test_bfloat16_compute_stays_close_to_float32_with_float32_parameters_and_gra
         assert all(s.dtype == jnp.float32 for s in jax.tree_util.tree_leaves(new_stats))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    (l32, g32), (l16, g16) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                              for m in (f32, bf16))
+    grad_fns = [jax.jit(jax.value_and_grad(functools.partial(loss, m))) for m in (f32, bf16)]
+    # The bfloat16 model does compute in bfloat16 (else the closeness below is trivial).
+    assert ["bf16" in f.lower(params).as_text() for f in grad_fns] == [False, True]
+    (l32, g32), (l16, g16) = (f(params) for f in grad_fns)
     assert abs(float(l16) - float(l32)) < 0.02 * float(l32)
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(g16))
 

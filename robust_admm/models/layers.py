@@ -10,8 +10,8 @@ from robust_admm.models import conv
 
 def float32_logits(logits: jnp.ndarray) -> jnp.ndarray:
     """Logits in float32 whatever the compute dtype, so losses and attacks read them at full
-    precision (the identity for float32 models: their programs are unchanged)."""
-    return logits if logits.dtype == jnp.float32 else logits.astype(jnp.float32)
+    precision (a no-op for float32 models: their programs are unchanged)."""
+    return logits.astype(jnp.float32)
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
