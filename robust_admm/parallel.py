@@ -220,13 +220,18 @@ def replicate(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def one(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
             return x  # already replicated over this mesh (e.g. the previous stage's result)
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             impl = jax.random.key_impl(x)
             return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=impl)
         if jax.process_count() == 1:
+            # Also for an array on one device that is equivalent on a one-device mesh: jit
+            # keys its cache on the sharding, so a state not placed as the step's outputs
+            # are would compile every program of the step again at its second call.
             return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree_util.tree_map(one, tree)

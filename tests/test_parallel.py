@@ -260,3 +260,20 @@ def test_single_process_helpers():
     assert r["a"].sharding == parallel.replicated(mesh)
     assert parallel.is_main_process()
     assert parallel.process_slice(7) == slice(0, 7)
+
+
+def test_a_replicated_state_keeps_a_step_compiled_once():
+    """A state made on one device (arrays not yet committed to a sharding) is placed as the
+    step's outputs are, so the step's second call hits jit's cache. Left as it was (it is
+    equivalent on a one-device mesh), every program of a phase's step compiled twice."""
+    import jax
+    import jax.numpy as jnp
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    made = {"w": jnp.zeros(3), "step": jnp.zeros((), jnp.int32), "key": jax.random.key(0)}
+    state = parallel.replicate(made, mesh)
+    assert all(x.sharding == parallel.replicated(mesh) for x in jax.tree.leaves(state))
+    step = jax.jit(lambda s: {"w": s["w"] + 1, "step": s["step"] + 1,
+                              "key": jax.random.fold_in(s["key"], 1)},
+                   out_shardings=parallel.replicated(mesh))
+    out = step(step(state))
+    assert int(out["step"]) == 2 and step._cache_size() == 1
