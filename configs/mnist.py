@@ -40,8 +40,12 @@ def get_config(preset: str = "paper"):
     c.model.name = "lenet_adv"
     c.model.width = 16
     c.batch_size = 50  # as Madry et al.'s MNIST challenge
+    c.attack.epsilon = c.eval.epsilon = 0.3
+    c.attack.step_size = c.eval.step_size = 0.01
     c.prune.kind = "irregular"
+    c.prune.ratios = "conv1=0.5,conv2=0.9375,fc1=0.9375,fc2=0.75"
     c.prune.to_width = 4  # "pruned to 4": each layer keeps as many weights as at w = 4
+    c.prune.to_width_layers = "conv1,conv2,fc1,fc2"
     preset = preset or "paper"
     if preset == "paper":
         for s in (c.pretrain, c.admm, c.retrain):

@@ -1,7 +1,10 @@
 """The fields every config has, with their meaning. Dataset configs (`configs/*.py`) start
-from `base_config()` and set what differs. Every field can be overridden from the command
+from `base_config()` and set what differs; what only a dataset can say (the dataset, the
+model, the attack radius and step, what to compress) is unset here, and a config that
+leaves it unset is refused naming the field. Every field can be overridden from the command
 line: `--config.admm.rho=0.01`; unknown fields are refused."""
 import ml_collections
+from ml_collections import config_dict
 
 STAGES = ("pretrain", "admm", "retrain")  # the default program's phases
 
@@ -84,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite.max_consecutive = 10
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "mnist"  # 'mnist' | 'digits' | 'cifar10' | 'cifar100'
+    c.data.name = ""  # 'mnist' | 'digits' | 'cifar10' | 'cifar100'
     c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR binary files)
     c.data.dir = ""  # files: folder of the original files (CIFAR: or the .tar.gz);
     # tfds: data_dir ('' = default)
@@ -95,9 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = "none"
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "lenet_adv"  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18'
-    # | 'wrn28_4' | 'wrn34_10'
-    c.model.width = 16  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
+    c.model.name = ""  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18'
+    # | 'wrn28_4' | 'wrn34_10' | any 'wrn<depth>_<widen factor>'
+    c.model.width = 1  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
     # Compute precision: 'float32' | 'bfloat16' (for GPU and TPU; parameters, optimizer and
     # ADMM state stay float32, logits are float32).
@@ -105,9 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # The training attack (inner maximisation). Pixels are in [0, 1].
     c.attack = ml_collections.ConfigDict()
-    c.attack.epsilon = 0.3  # L-inf radius
+    c.attack.epsilon = config_dict.placeholder(float)  # L-inf radius
     c.attack.num_steps = 40  # PGD steps
-    c.attack.step_size = 0.01  # per-step size
+    c.attack.step_size = config_dict.placeholder(float)  # per-step size
     c.attack.random_start = True  # uniform start in the eps-ball
     c.attack.loss = "ce"  # 'ce' | 'margin'
     # pretrain only: epsilon and step size ramp linearly from 0 over this many epochs.
@@ -121,9 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Evaluation during training: natural accuracy and accuracy under PGD, set apart from
     # the training attack (`attack.loop` and `attack.unroll`, speed only, apply to both).
     c.eval = ml_collections.ConfigDict()
-    c.eval.epsilon = 0.3  # L-inf radius
+    c.eval.epsilon = config_dict.placeholder(float)  # L-inf radius
     c.eval.num_steps = 40
-    c.eval.step_size = 0.01
+    c.eval.step_size = config_dict.placeholder(float)
     c.eval.restarts = 1
     c.eval.random_start = True
     c.eval.loss = "ce"  # 'ce' | 'margin'
@@ -137,11 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.prune.kind = "irregular"  # 'irregular' | 'filter' | 'column' | 'channel'
     # Per-layer prune ratios (fraction of units removed), keyed by layer name or glob over
     # the '/'-joined module path: "conv1=0.8,conv2=0.9,fc*=0.95".
-    c.prune.ratios = "conv1=0.5,conv2=0.9375,fc1=0.9375,fc2=0.75"
+    c.prune.ratios = ""
     # If > 0: ignore `ratios` and prune each layer listed in `to_width_layers` to the size
     # of the same model at width `to_width` (the paper's "pruned to w'").
     c.prune.to_width = 0
-    c.prune.to_width_layers = "conv1,conv2,fc1,fc2"
+    c.prune.to_width_layers = ""
     # Masked-progressive: weights that are already zero when ADMM starts stay zero.
     c.prune.masked_progressive = False
 

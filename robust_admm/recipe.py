@@ -102,6 +102,11 @@ def parse_program(config) -> list:
             if cfg.get("rules", ""):
                 rules, source = cfg.rules, name
             elif not rules:
+                if not (config.prune.to_width or _names(config.prune.ratios)):
+                    raise ValueError(
+                        f"phase {name!r} ({kind}) has no compression rules: set "
+                        f"{name}.rules (e.g. 'conv*=filter:0.5,fc*=irregular:0.9') or "
+                        f"prune.ratios")
                 rules, source = legacy_rules(config.prune), "prune"
         phases.append(Phase(name=name, kind=kind, index=i,
                             rules=rules if kind != "dense" else "",

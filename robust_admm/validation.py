@@ -13,6 +13,17 @@ ATTACK_LOSSES = tuple(LOSSES)  # what PGD ascends in training and evaluation
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+# Fields the base config leaves to the dataset config (robust_admm/config_base.py).
+DATASET_FIELDS = ("data.name", "model.name", "attack.epsilon", "attack.step_size",
+                  "eval.epsilon", "eval.step_size")
+
+
+def _field(config, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
 def _require(ok: bool, field: str, value, allowed: str):
     if not ok:
         raise ValueError(f"{field}={value!r} is not allowed: {allowed}")
@@ -21,6 +32,10 @@ def _require(ok: bool, field: str, value, allowed: str):
 def validate_config(config, device_count: int | None = None):
     """Raises ValueError (or NotImplementedError) on the first bad field; returns the
     program's phases and those to run (robust_admm/recipe.py)."""
+    unset = [f for f in DATASET_FIELDS if _field(config, f) in (None, "")]
+    if unset:
+        raise ValueError(f"{', '.join(unset)} not set: a dataset config (configs/*.py) sets "
+                         f"them, or the command line, e.g. --config.attack.epsilon=0.3")
     program = recipe.parse_program(config)
     phases = recipe.phases_to_run(config, program)
     _require(config.setting in ("adversarial", "natural"), "setting", config.setting,

@@ -152,6 +152,9 @@ def fake_workdir(path, kind="filter"):
     cfg = json.loads(base_config().to_json())
     cfg["model"].update(name="lenet_adv", width=1)
     cfg["data"]["name"], cfg["prune"]["kind"] = "mnist", kind
+    cfg["prune"]["ratios"] = "conv1=0.5,conv2=0.5,fc1=0.5"
+    for field in ("attack", "eval"):
+        cfg[field].update(epsilon=0.3, step_size=0.01)
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f)

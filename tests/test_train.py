@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, run_cli, write_idx
-from robust_admm import checkpoint, projections, recipe, train, validation
+from robust_admm import checkpoint, config_base, projections, recipe, train, validation
 
 sys.path.insert(0, ROOT)
 from configs import digits as digits_config  # noqa: E402
@@ -116,6 +116,24 @@ def test_cli_refuses_a_stage_subset_without_the_previous_checkpoint(tmp_path):
 def test_cli_refuses_an_unknown_config_field(tmp_path):
     r = run_cli(str(tmp_path / "w"), "--config.admm.rhoo=0.1")
     assert r.returncode != 0 and "rhoo" in r.stderr
+
+
+def test_the_base_config_is_refused_until_a_dataset_config_fills_it():
+    """The base config names no dataset, model, radius or rules: validation names each
+    unset field, and a compressing phase without rules is named too."""
+    cfg = config_base.base_config()
+    with pytest.raises(ValueError) as e:
+        validation.validate_config(cfg, device_count=1)
+    for field in validation.DATASET_FIELDS:
+        assert field in str(e.value)
+    cfg.data.name, cfg.model.name = "mnist", "lenet_adv"
+    cfg.attack.epsilon = cfg.eval.epsilon = 0.3
+    cfg.attack.step_size = cfg.eval.step_size = 0.01
+    with pytest.raises(ValueError, match="phase 'admm' .admm. has no compression rules"):
+        validation.validate_config(cfg, device_count=1)
+    cfg.admm.rules = "fc*=irregular:0.9"
+    assert [p.rules for p in validation.validate_config(cfg, device_count=1)[0]] == [
+        "", "fc*=irregular:0.9", "fc*=irregular:0.9"]
 
 
 def test_presets_and_unknown_presets():
