@@ -373,6 +373,9 @@ class _CifarFormat:
     splits: dict[str, dict[str, int]]  # split -> {file name: records it holds}
     folder: str  # folder the official archive unpacks to (its members' prefix)
     archive: str  # file name of the official archive
+    # Names of the python (pickle) version's archive, folder and files: never read
+    # (unpickling runs code from the file), but recognised, to point at the binary version.
+    python_version: tuple[str, ...] = ()
 
     @property
     def record_size(self) -> int:
@@ -407,12 +410,15 @@ _CIFAR10 = _CifarFormat(
     name="cifar10", title="CIFAR-10", label_bytes=(("label", 10),), class_label=0,
     splits={"train": {f"data_batch_{i}.bin": 10_000 for i in range(1, 6)},
             "test": {"test_batch.bin": 10_000}},
-    folder="cifar-10-batches-bin", archive="cifar-10-binary.tar.gz")
+    folder="cifar-10-batches-bin", archive="cifar-10-binary.tar.gz",
+    python_version=("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1",
+                    "test_batch"))
 _CIFAR100 = _CifarFormat(
     name="cifar100", title="CIFAR-100",
     label_bytes=(("coarse label", 20), ("fine label", 100)), class_label=1,
     splits={"train": {"train.bin": 50_000}, "test": {"test.bin": 10_000}},
-    folder="cifar-100-binary", archive="cifar-100-binary.tar.gz")
+    folder="cifar-100-binary", archive="cifar-100-binary.tar.gz",
+    python_version=("cifar-100-python.tar.gz", "cifar-100-python", "train", "test"))
 
 
 def _parse_cifar_records(buf, where: str,
@@ -563,6 +569,22 @@ def _read_cifar_archive(archive: str, fmt: _CifarFormat
     return parts
 
 
+def _python_version_note(data_dir: str | None, fmt: _CifarFormat) -> str:
+    """'this is the python (pickle) version ...' when `data_dir` is, or holds, one of the
+    names of that version; '' otherwise."""
+    if data_dir is None:
+        return ""
+    path = os.fspath(data_dir)
+    names = {os.path.basename(os.path.normpath(path))}
+    if os.path.isdir(path):
+        names |= set(os.listdir(path))
+    if not names & set(fmt.python_version):
+        return ""
+    return (f"this is the python (pickle) version of {fmt.title}, which is not read "
+            f"(unpickling a file can run any code in it): use the binary version, "
+            f"{fmt.archive}")
+
+
 def _load_cifar_files(fmt: _CifarFormat, data_dir: str | None) -> Dataset:
     """CIFAR files from a folder, its ``fmt.folder`` subfolder, or the archive.
 
@@ -574,8 +596,13 @@ def _load_cifar_files(fmt: _CifarFormat, data_dir: str | None) -> Dataset:
     names = list(fmt.max_records)
     alternative = (f", or the official archive {fmt.archive} (its path, or a "
                    f"folder holding it)")
+    pickled = _python_version_note(data_dir, fmt)
+    if pickled:
+        alternative += f"; {pickled}"
     parts = None
     if data_dir is not None and os.path.isfile(os.fspath(data_dir)):
+        if os.path.basename(os.fspath(data_dir)) in fmt.python_version:
+            raise DataError(f"{fmt.name}: {data_dir!r}: {pickled}")
         parts = _read_cifar_archive(os.fspath(data_dir), fmt)
     else:
         data_dir = _check_dir(data_dir, fmt.name, names, alternative)

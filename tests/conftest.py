@@ -45,3 +45,21 @@ def program_run(tmp_path_factory):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return workdir, idx_dir
+
+
+@pytest.fixture
+def tfds_mock(monkeypatch):
+    """tensorflow_datasets with its mock made usable for batched reads."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.testing import mocking
+
+    # tfds 4.9.10's mock assigns a plain functools.partial to the mocked
+    # ArrayRecordDataSource's `__getitems__`, so it is called without `self`
+    # and fails; `__getitem__` works.  Make the batched read usable: it only
+    # needs the generator (examples are returned unserialized).
+    def _getitems(record_keys, generator, serialized=False):
+        assert not serialized
+        return [generator[k] for k in record_keys]
+
+    monkeypatch.setattr(mocking, "_getitems", _getitems)
+    return tfds

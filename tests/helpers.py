@@ -1,12 +1,17 @@
-"""Shared test helpers: tiny MNIST-shaped IDX files, running the CLI, reading compiled HLO."""
+"""Shared test helpers: tiny MNIST- and CIFAR-shaped files, running the CLI, killing and
+resuming it, reading compiled HLO."""
 import gzip
+import json
 import os
 import re
 import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
+
+from robust_admm import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +36,34 @@ def write_idx(folder, rng, n_train=160, n_test=48):
     return folder
 
 
+def write(path, payload: bytes, gz: bool = False) -> str:
+    """`payload` to `path` (gzipped to `path`.gz with `gz`); the path written."""
+    path = os.fspath(path) + (".gz" if gz else "")
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        with open(path, "wb") as f:
+            f.write(payload)
+    return path
+
+
+def make_cifar(folder, counts=(3, 2, 4, 1, 2), n_test=3, seed=0, gz=False):
+    """CIFAR-10 binary-version files of random records (`counts` per training batch), as
+    {file name: (images NHWC, labels)}."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for fname, n in zip(names, list(counts) + [n_test]):
+        chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+        records = np.concatenate([labels[:, None], chw.reshape(n, -1)], axis=1)
+        write(os.path.join(folder, fname), records.tobytes(), gz=gz)
+        out[fname] = (chw.transpose(0, 2, 3, 1), labels)
+    return out
+
+
 def cli_command(workdir, *overrides, config="configs/mnist.py:smoke"):
     return [sys.executable, "-m", "robust_admm.train", f"--config={config}",
             f"--workdir={workdir}", *overrides]
@@ -39,6 +72,64 @@ def cli_command(workdir, *overrides, config="configs/mnist.py:smoke"):
 def run_cli(workdir, *overrides, config="configs/mnist.py:smoke"):
     return subprocess.run(cli_command(workdir, *overrides, config=config), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def has_checkpoint(workdir, stage) -> bool:
+    """A finished (renamed to its step number) checkpoint of `stage` is on disk."""
+    path = checkpoint.stage_dir(workdir, stage)
+    return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
+
+
+def run_and_signal(workdir, flags, stage, step, sig, after_checkpoint=False, config=PROGRAM):
+    """Runs the CLI and sends `sig` once it has logged `step` of `stage`; with
+    `after_checkpoint`, at the first logged step from `step` on at which a finished
+    checkpoint of the stage is on disk (checkpoints are written asynchronously, so one
+    may still be in flight at `step`), or at the stage's last step if none is."""
+    proc = subprocess.Popen(cli_command(workdir, *flags, config=config), cwd=ROOT,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        logged = re.match(rf"\[{stage}\] epoch \S+ step (\d+)/(\d+) ", line)
+        if logged and int(logged[1]) >= step and (
+                not after_checkpoint or has_checkpoint(workdir, stage)
+                or logged[1] == logged[2]):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    return proc.returncode, "".join(out) + rest
+
+
+def assert_same_results(workdir, reference_dir, phases=None):
+    """The final states, summary and metrics of `phases` (None: every phase the reference
+    ran) equal the reference's bit for bit (the whole summary file when all phases ran)."""
+    def summary(path):  # all but the measured speed
+        with open(os.path.join(path, "summary.json"), "rb") as f:
+            s = json.load(f)
+        for r in s["stages"].values():
+            r.pop("speed")
+        return s
+    a, b = summary(workdir), summary(reference_dir)
+    if phases is None:
+        phases = list(b["stages"])
+        assert a == b
+    else:
+        a, b = a["stages"], b["stages"]
+        assert list(a) == list(phases) and all(a[p] == b[p] for p in phases)
+    for stage in phases:
+        a = checkpoint.load_final_state(workdir, stage)
+        b = checkpoint.load_final_state(reference_dir, stage)
+        for part in ("params", "masks", "batch_stats", "opt_state", "admm", "key", "step"):
+            jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
+
+    def records(path):
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f]
+        keep = ("stage", "step", "kind", "loss", "nat_acc", "adv_acc", "rho")
+        return [{k: v for k, v in r.items() if k in keep or k.startswith("primal")}
+                for r in lines if r["kind"] != "done" and r["stage"] in phases]
+    assert records(workdir) == records(reference_dir)
 
 
 def library_fusions(hlo_text: str) -> list[set[str]]:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import make_cifar, write
 from robust_admm import data
 from robust_admm.data import DataError
 
@@ -39,17 +40,6 @@ def idx_bytes(array: np.ndarray, magic: int | None = None,
         dims = array.shape
     header = struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims)
     return header + array.tobytes() + extra
-
-
-def write(path, payload: bytes, gz: bool = False) -> str:
-    path = os.fspath(path) + (".gz" if gz else "")
-    if gz:
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        with open(path, "wb") as f:
-            f.write(payload)
-    return path
 
 
 def make_mnist(tmp_path, n_train=12, n_test=5, rows=28, cols=28, gz=False,
@@ -290,21 +280,7 @@ def test_digits():
 
 
 # ---------------------------------------------------------------------------
-# CIFAR-10 binary format.
-
-
-def make_cifar(folder, counts=(3, 2, 4, 1, 2), n_test=3, seed=0, gz=False):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = {}
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
-    for fname, n in zip(names, list(counts) + [n_test]):
-        chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, (n,), dtype=np.uint8)
-        records = np.concatenate([labels[:, None], chw.reshape(n, -1)], axis=1)
-        write(os.path.join(folder, fname), records.tobytes(), gz=gz)
-        out[fname] = (chw.transpose(0, 2, 3, 1), labels)
-    return out
+# CIFAR-10 binary format (helpers.make_cifar writes it).
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
@@ -575,25 +551,44 @@ def test_cifar100_missing_files_hint_the_archive(tmp_path):
     assert "cifar-100-binary.tar.gz" in msg
 
 
+class _RunsCode:
+    """Unpickling this calls touch(path): what a hostile pickle could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name,layout", [
+    ("cifar10", {"cifar-10-batches-py": ["data_batch_1", "test_batch", "batches.meta"]}),
+    ("cifar100", {"cifar-100-python": ["train", "test", "meta"]}),
+    ("cifar10", "cifar-10-python.tar.gz")])
+def test_the_pickle_version_is_named_and_never_unpickled(tmp_path, name, layout):
+    """A folder or archive of the python version (pickles, here ones whose loading would
+    write a file) is refused pointing at the binary version, and nothing is unpickled."""
+    import pickle
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps({"data": _RunsCode(str(marker)), "labels": [0]})
+    if isinstance(layout, str):
+        target = tmp_path / layout
+        target.write_bytes(gzip.compress(payload))
+    else:
+        ((folder, files),) = layout.items()
+        (tmp_path / folder).mkdir()
+        for f in files:
+            (tmp_path / folder / f).write_bytes(payload)
+        target = tmp_path
+    with pytest.raises(DataError) as e:
+        data.load_dataset(name, "files", str(target))
+    assert "python (pickle) version" in str(e.value)
+    assert f"{name.replace('cifar', 'cifar-')}-binary.tar.gz" in str(e.value)
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------
-# TFDS path (mocked; never touches the network).
-
-
-@pytest.fixture
-def tfds_mock(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from tensorflow_datasets.testing import mocking
-
-    # tfds 4.9.10's mock assigns a plain functools.partial to the mocked
-    # ArrayRecordDataSource's `__getitems__`, so it is called without `self`
-    # and fails; `__getitem__` works.  Make the batched read usable: it only
-    # needs the generator (examples are returned unserialized).
-    def _getitems(record_keys, generator, serialized=False):
-        assert not serialized
-        return [generator[k] for k in record_keys]
-
-    monkeypatch.setattr(mocking, "_getitems", _getitems)
-    return tfds
+# TFDS path (mocked, conftest.tfds_mock; never touches the network).
 
 
 @pytest.mark.parametrize("name,shape,num_classes", [("mnist", (28, 28, 1), 10),

@@ -1,10 +1,8 @@
 """Nothing lost, nothing silent: kill/resume bit for bit, SIGTERM, corrupted checkpoints,
 non-finite losses, and every bad input refused before anything compiles. The kill/resume
 runs are the five-phase :smoke_program (every phase kind, quantized layers both ways)."""
-import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -15,13 +13,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import PROGRAM, ROOT, RUN_FLAGS, cli_command
+from helpers import (PROGRAM, ROOT, RUN_FLAGS, assert_same_results, cli_command,
+                     has_checkpoint, run_and_signal)
 from robust_admm import checkpoint, data, train, validation
 
 sys.path.insert(0, ROOT)
 from configs import mnist as mnist_config  # noqa: E402
 
-STAGES = ("pretrain", "admm", "retrain", "admm2", "retrain2")
 KILLED = ("admm2", "retrain2")  # an admm phase after a retrain, an STE retrain phase
 
 
@@ -38,63 +36,6 @@ def files_flags(idx_dir):
 def reference(program_run):
     """An uninterrupted :smoke_program run (conftest.py)."""
     return program_run[0]
-
-
-def has_checkpoint(workdir, stage) -> bool:
-    """A finished (renamed to its step number) checkpoint of `stage` is on disk."""
-    path = checkpoint.stage_dir(workdir, stage)
-    return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
-
-
-def run_and_signal(workdir, flags, stage, step, sig, after_checkpoint=False):
-    """Runs the CLI and sends `sig` once it has logged `step` of `stage`; with
-    `after_checkpoint`, at the first logged step from `step` on at which a finished
-    checkpoint of the stage is on disk (checkpoints are written asynchronously, so one
-    may still be in flight at `step`), or at the stage's last step if none is."""
-    proc = subprocess.Popen(cli_command(workdir, *flags, config=PROGRAM), cwd=ROOT,
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        logged = re.match(rf"\[{stage}\] epoch \S+ step (\d+)/(\d+) ", line)
-        if logged and int(logged[1]) >= step and (
-                not after_checkpoint or has_checkpoint(workdir, stage)
-                or logged[1] == logged[2]):
-            proc.send_signal(sig)
-            break
-    rest, _ = proc.communicate(timeout=600)
-    return proc.returncode, "".join(out) + rest
-
-
-def assert_same_results(workdir, reference_dir, phases=STAGES):
-    """The final states, summary and metrics of `phases` equal the reference's bit for bit
-    (the whole summary file when all phases ran)."""
-    for stage in phases:
-        a = checkpoint.load_final_state(workdir, stage)
-        b = checkpoint.load_final_state(reference_dir, stage)
-        for part in ("params", "masks", "batch_stats", "opt_state", "admm", "key", "step"):
-            jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
-    def summary(path):  # all but the measured speed
-        with open(os.path.join(path, "summary.json"), "rb") as f:
-            s = json.load(f)
-        for r in s["stages"].values():
-            r.pop("speed")
-        return s
-    a, b = summary(workdir), summary(reference_dir)
-    if phases == STAGES:
-        assert a == b
-    else:
-        a, b = a["stages"], b["stages"]
-        assert list(a) == list(phases) and all(a[p] == b[p] for p in phases)
-
-    def records(path):
-        with open(os.path.join(path, "metrics.jsonl")) as f:
-            lines = [json.loads(line) for line in f]
-        keep = ("stage", "step", "kind", "loss", "nat_acc", "adv_acc", "rho")
-        return [{k: v for k, v in r.items() if k in keep or k.startswith("primal")}
-                for r in lines if r["kind"] != "done" and r["stage"] in phases]
-    assert records(workdir) == records(reference_dir)
 
 
 def test_sigkill_in_admm_and_ste_retrain_phases_then_resume_is_bitwise_identical(
