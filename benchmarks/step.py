@@ -6,14 +6,14 @@ prints
 
 One iteration = PGD with random start (k steps), CE + ADMM penalty on every conv kernel,
 gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIST
-(lenet_adv) or CIFAR-10 (vgg16, resnet18). BatchNorm uses batch statistics during the
+(lenet_adv) or CIFAR-10 (vgg16, resnet18, wrn28_4). BatchNorm uses batch statistics during the
 attack, as in the peer.
 
     python benchmarks/step.py --model lenet_adv --width 4 --steps 40 --batch 64 --iters 5
     python benchmarks/step.py --all --torch-python ~/torchvenv/bin/python \\
         --torch-peer ../shared/bench/torch_peer.py
 
-`--all` runs the five reference configs, each in a fresh process, and prints a table with
+`--all` runs the six reference configs, each in a fresh process, and prints a table with
 compile time, images/s and the achieved GFLOP/s against the float32 matmul peak measured
 in the same run (before and after each config, the larger reading); with
 `--torch-python`/`--torch-peer` the peer runs alternately with ours (A B A B) and the
@@ -34,10 +34,11 @@ import time
 
 CONFIGS = (  # (model, width, PGD steps, batch): the reference table of the speed issue
     ("lenet_adv", 1, 40, 64), ("lenet_adv", 4, 40, 64), ("lenet_adv", 16, 40, 64),
-    ("vgg16", 1, 10, 128), ("resnet18", 1, 10, 128),
+    ("vgg16", 1, 10, 128), ("resnet18", 1, 10, 128), ("wrn28_4", 1, 10, 128),
 )
-EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": (8 / 255, 2 / 255, 10, 128),
-       "resnet18": (8 / 255, 2 / 255, 10, 128)}  # epsilon, step size, default k and batch
+CIFAR_ATTACK = (8 / 255, 2 / 255, 10, 128)
+EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": CIFAR_ATTACK, "resnet18": CIFAR_ATTACK,
+       "wrn28_4": CIFAR_ATTACK}  # epsilon, step size, default k and batch
 
 
 def parse():
@@ -63,7 +64,7 @@ def parse():
                    help="host malloc mode, as `python -m robust_admm.train --host_malloc`")
     p.add_argument("--cpu-convolutions", default="auto", choices=["auto", "xla", "library"],
                    help="XLA:CPU convolution runtime, as the config field cpu_convolutions")
-    p.add_argument("--all", action="store_true", help="run the five reference configs")
+    p.add_argument("--all", action="store_true", help="run the six reference configs")
     p.add_argument("--rounds", type=int, default=2, help="--all: A B rounds per config")
     p.add_argument("--peak-n", type=int, default=4096,
                    help="--all: matrix size of the matmul peak probe (smaller: faster, lower)")

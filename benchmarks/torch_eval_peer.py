@@ -20,7 +20,7 @@ import time
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--torch-peer", required=True, help="path of the training peer (models, PGD)")
-    p.add_argument("--model", default="lenet_adv", choices=["lenet_adv", "vgg16", "resnet18"])
+    p.add_argument("--model", default="lenet_adv", choices=["lenet_adv", "vgg16", "resnet18", "wrn28_4"])
     p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 40 mnist / 10 cifar)")
     p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")

@@ -23,6 +23,7 @@ this; it is a few `mallopt` calls through ctypes.
 """
 import ctypes
 import ctypes.util
+import re
 
 # mallopt(3) parameter numbers (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -30,8 +31,10 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 MODES = ("auto", "reuse", "system")
-# Models whose programs allocate hundreds of MB per call at their usual batch sizes.
+# Models whose programs allocate hundreds of MB per call at their usual batch sizes: the
+# CIFAR models, WideResNets ('wrn<depth>_<k>') among them.
 LARGE_BUFFER_MODELS = ("vgg16", "resnet18")
+_WIDE_RESNET = re.compile(r"wrn\d+_\d+")
 SETTINGS = (  # (parameter, name, value): the 'reuse' mode
     (M_ARENA_MAX, "M_ARENA_MAX", 1),
     (M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", 2**31 - 1),  # largest int: mmap only past 2 GiB
@@ -58,7 +61,8 @@ def resolve(mode: str, model_name: str) -> str:
         raise ValueError(f"host malloc mode {mode!r}; allowed: {MODES}")
     if mode != "auto":
         return mode
-    return "reuse" if model_name in LARGE_BUFFER_MODELS else "system"
+    large = model_name in LARGE_BUFFER_MODELS or _WIDE_RESNET.fullmatch(model_name)
+    return "reuse" if large else "system"
 
 
 def configure(mode: str) -> str:

@@ -272,7 +272,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
                     f"{speed['img_per_s']:.0f} img/s ETA {report.fmt_duration(speed['eta_s'])}")
-                if len(progress.rates) == 1 and step < total:
+                # At the second interval: the first runs slower while buffers and caches
+                # warm up (up to 2x on LeNet-5; benchmarks/NOTES.md).
+                if len(progress.rates) == 2 and step < total:
                     report.log(f"[{stage}] projected: {report.fmt_duration(speed['eta_s'])} "
                                f"for the {total - step} steps left at "
                                f"{speed['img_per_s']:.0f} img/s (first step, compiling: "

@@ -58,5 +58,7 @@ def test_modes_are_checked_and_auto_picks_by_model():
         host_memory.resolve("fast", "vgg16")
     assert host_memory.resolve("auto", "vgg16") == "reuse"
     assert host_memory.resolve("auto", "resnet18") == "reuse"
+    assert host_memory.resolve("auto", "wrn28_4") == "reuse"
     assert host_memory.resolve("auto", "lenet_adv") == "system"
+    assert host_memory.resolve("auto", "wrn28_4x") == "system"
     assert host_memory.resolve("system", "vgg16") == "system"
