@@ -601,7 +601,7 @@ def _load_cifar_files(fmt: _CifarFormat, data_dir: str | None) -> Dataset:
         alternative += f"; {pickled}"
     parts = None
     if data_dir is not None and os.path.isfile(os.fspath(data_dir)):
-        if os.path.basename(os.fspath(data_dir)) in fmt.python_version:
+        if pickled:  # the file is the python version's archive
             raise DataError(f"{fmt.name}: {data_dir!r}: {pickled}")
         parts = _read_cifar_archive(os.fspath(data_dir), fmt)
     else:

@@ -34,6 +34,8 @@ MODES = ("auto", "reuse", "system")
 # Models whose programs allocate hundreds of MB per call at their usual batch sizes: the
 # CIFAR models, WideResNets ('wrn<depth>_<k>') among them.
 LARGE_BUFFER_MODELS = ("vgg16", "resnet18")
+# As models.get_model names them; not imported from there, since this module must run
+# before anything imports JAX.
 _WIDE_RESNET = re.compile(r"wrn\d+_\d+")
 SETTINGS = (  # (parameter, name, value): the 'reuse' mode
     (M_ARENA_MAX, "M_ARENA_MAX", 1),
