@@ -28,5 +28,6 @@ setup(
         # Plots of the evaluation (robust accuracy versus epsilon) and of reports.
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    # The suite runs on two workers (pytest.ini).
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]},
 )
