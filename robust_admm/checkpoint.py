@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from robust_admm import report
+from robust_admm import logs
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -28,7 +28,7 @@ def manager(workdir: str, stage: str, keep: int = 3) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict):
     """Starts writing `state` and `meta` at `step` (returns while it writes)."""
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(report.to_python(meta))),
+                                            meta=ocp.args.JsonSave(logs.to_python(meta))),
               force=True)
 
 
@@ -78,12 +78,12 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
             path = os.path.join(str(mngr.directory), str(step))
             aside = _move_aside(path, f"unreadable-{step}")
             where = f"moved to {aside}" if aside else "already moved aside by another process"
-            report.log(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}: "
-                       f"{text}); {where}")
+            logs.log(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}: "
+                     f"{text}); {where}")
             continue
         if failures:
             mngr.reload()
-            report.log(f"resuming from the previous good checkpoint, step {step}")
+            logs.log(f"resuming from the previous good checkpoint, step {step}")
         return r.state, r.meta, step
     if failures:
         mngr.reload()

@@ -106,6 +106,19 @@ def base_config() -> ml_collections.ConfigDict:
     # ADMM state stay float32, logits are float32).
     c.model.dtype = "float32"
 
+    # Initial weights (robust_admm/initialization.py). `scheme` draws every kernel (conv and
+    # dense; biases 0) with 'default' (flax's LeCun normal) | 'xavier_uniform' |
+    # 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal' | 'lecun_uniform' | 'orthogonal'.
+    c.init = ml_collections.ConfigDict()
+    c.init.scheme = "default"
+    # A finished run's workdir: start from the sparse model it pruned (same model.name and
+    # model.width; its masks stay fixed in every phase of this run) ...
+    c.init.inherit_from = ""
+    # ... with, at the kept positions, 'initial': that run's initial weights (the
+    # lottery-ticket test) | 'trained': its trained surviving weights (and BatchNorm stats).
+    c.init.inherit = "initial"
+    c.init.inherit_stage = ""  # the source run's phase to inherit ('' = its last)
+
     # The training attack (inner maximisation). Pixels are in [0, 1].
     c.attack = ml_collections.ConfigDict()
     c.attack.epsilon = config_dict.placeholder(float)  # L-inf radius

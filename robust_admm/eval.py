@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from robust_admm import checkpoint, data, parallel, projections, recipe, report
+from robust_admm import admm as admm_lib
+from robust_admm import checkpoint, data, logs, parallel, projections, recipe
 from robust_admm.attacks import suite
 from robust_admm.config_base import STAGES
 from robust_admm.models import get_model
@@ -117,10 +118,13 @@ def masking_warnings(result: dict, at_eps_1: dict | None = None,
 
 def model_sizes(params, masks, specs) -> dict:
     """Per-layer sparsity (by the masks), compression rate by nonzero values (as the
-    run's summary counts it) and the stored size at the bit widths of `specs`."""
+    run's summary counts it) and the stored size at the bit widths of `specs`; a kernel
+    pruned with no rule of the stage (an inherited sparse structure) is stored sparse."""
+    pruned = {p: {"kind": "irregular"} for p, m in admm_lib.leaves_by_path(masks or {}).items()
+              if not np.all(m)}
     return {"sparsity": projections.sparsity_report(params, masks),
             "compression_rate": projections.compression_rate(params),
-            "size": projections.model_size(params, specs)}
+            "size": projections.model_size(params, {**pruned, **specs})}
 
 
 def table(result: dict) -> str:
@@ -216,8 +220,8 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     step_ratio = config.eval.step_size / run_eps if run_eps and norm == "linf" else None
     key = jax.random.PRNGKey(seed)
     t0 = time.time()
-    report.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "
-               f"{norm} epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
+    logs.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "
+             f"{norm} epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
     correct = ev.correct(x, y)
     kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct,
               norm=norm)
@@ -240,8 +244,8 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
                                               for label, _ in items}}]
         curve += [robust_accuracy(ev, x, y, items, e, key, **kw) for e in curve_eps if e > 0]
         base = os.path.join(workdir, "eval", f"{stage}_epsilons")
-        report.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
-        if report.is_main_process():
+        logs.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
+        if logs.is_main_process():
             plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images",
                        norm)
         out["epsilon_curve"] = base + ".json"
@@ -252,12 +256,12 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
         out["export"] = export_lib.export_state(
             config.to_dict(), state, export, source={"workdir": os.path.abspath(workdir),
                                                      "stage": stage}, specs=specs)
-    report.write_json(os.path.join(workdir, "eval", f"{stage}.json"), out)
-    report.log(table(result))
+    logs.write_json(os.path.join(workdir, "eval", f"{stage}.json"), out)
+    logs.log(table(result))
     for w in out["warnings"]:
-        report.log(f"WARNING: {w}")
-    report.log(f"[eval] done in {report.fmt_duration(out['wall_time_s'])}; "
-               f"{os.path.join(workdir, 'eval', stage + '.json')}")
+        logs.log(f"WARNING: {w}")
+    logs.log(f"[eval] done in {logs.fmt_duration(out['wall_time_s'])}; "
+             f"{os.path.join(workdir, 'eval', stage + '.json')}")
     return out
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from robust_admm import checkpoint, projections, recipe, report
+from robust_admm import checkpoint, logs, projections, recipe
 from robust_admm.config_base import STAGES
 from robust_admm.models import LeNet, get_model
 
@@ -178,12 +178,12 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
                 "input": inp, "layouts": LAYOUTS,
                 "weights_file": os.path.basename(files["small_npz"]),
                 **describe(small_vars["params"]), "shrink": rep, "source": source or {}}
-            report.write_json(files["small_json"], small_side)
+            logs.write_json(files["small_json"], small_side)
             sidecar["small_model"] = {"written": True, "weights_file": os.path.basename(
                 files["small_npz"]), "sidecar": os.path.basename(files["small_json"]),
                 "param_count": rep["params_after"], "shrink": rep}
-    sidecar = report.to_python(sidecar)
-    report.write_json(files["json"], sidecar)
+    sidecar = logs.to_python(sidecar)
+    logs.write_json(files["json"], sidecar)
     return sidecar
 
 

@@ -1,4 +1,5 @@
-"""Logging and reports: JSONL metrics, progress with img/s and ETA, the final table."""
+"""What a run logs: JSONL metrics, progress with img/s and ETA, the final table.
+(Reports with plots: robust_admm/report.py.)"""
 import json
 import math
 import os
@@ -104,6 +105,17 @@ def is_main_process() -> bool:
 def log(msg: str):
     if is_main_process():
         print(msg, flush=True, file=sys.stdout)
+
+
+def exit_on_error(fn, *args, errors=()):
+    """`fn(*args)`; on bad input or a diverged run (and `errors`), the message alone (it
+    says what to do, no traceback) and exit status 2 (3: non-finite training)."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError,
+            *errors) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3 if isinstance(e, FloatingPointError) else 2)
 
 
 def write_json(path: str, obj, indent: int = 2):

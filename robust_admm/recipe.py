@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_admm import projections
-from robust_admm.config_base import STAGES, phase_config
+from robust_admm.config_base import STAGES, base_config, phase_config
 from robust_admm.models import get_model
 
 PHASE_KINDS = ("dense", "admm", "retrain")
@@ -116,8 +116,10 @@ def parse_program(config) -> list:
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation, float32; before programs, the default
-    program."""
+    values that mean what it ran: no augmentation, float32, the default initialisation;
+    before programs, the default program."""
+    if "init" not in d:
+        d = dict(d, init=base_config().init.to_dict())
     if "augment" not in d.get("data", {"augment": None}):
         d = dict(d, data=dict(d["data"], augment="none"))
     if "dtype" not in d.get("model", {"dtype": None}):

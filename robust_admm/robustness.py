@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from robust_admm import parallel, report
+from robust_admm import logs, parallel
 from robust_admm.attacks import core, suite
 from robust_admm.step import _batch_constraint, _jit_with_options, apply_model, resolve_pgd_loop
 
@@ -108,7 +108,7 @@ class Evaluator:
     mesh: Mesh | None = None
     loop: str = "auto"
     cpu_convolutions: str = "auto"
-    log: Callable = report.log
+    log: Callable = logs.log
 
     def __post_init__(self):
         if self.mesh is not None:
@@ -182,7 +182,7 @@ class Evaluator:
             left = len(idx) - int(fooled.sum())
             self.log(f"[eval] {label}: batch {i + 1}/{n_batches}, {left} points still robust "
                      f"after {done}/{len(idx)} attacked, {elapsed:.0f} s, ETA "
-                     f"{report.fmt_duration(elapsed / done * (len(idx) - done))}")
+                     f"{logs.fmt_duration(elapsed / done * (len(idx) - done))}")
         return fooled
 
 

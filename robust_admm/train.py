@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 
 import jax
@@ -23,8 +22,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robust_admm import admm as admm_lib
-from robust_admm import (attacks, checkpoint, data, host_memory, optim, parallel, projections,
-                         recipe, report)
+from robust_admm import (attacks, checkpoint, data, host_memory, initialization, logs, optim,
+                         parallel, projections, recipe)
 from robust_admm.models import get_model
 from robust_admm.recipe import Phase
 from robust_admm.step import TrainState, make_attack, make_eval_step, make_train_step
@@ -126,7 +125,7 @@ class Run:
     program: list  # every phase of the program (recipe.Phase), in order
     specs: dict  # phase name -> {leaf path: projection spec}
     eval_step: object
-    writer: report.MetricsWriter
+    writer: logs.MetricsWriter
     key: jax.Array
     preempted: list  # set to [signal number] by the SIGTERM handler
 
@@ -193,7 +192,7 @@ def check_nonfinite(stage: str, history: list, streak: int, cfg, last_ckpt) -> i
             f"row; nonfinite.max_consecutive={cfg.max_consecutive}); the update was not "
             f"applied and the run stops ({where}). Lower the learning rate or check the "
             f"data; nonfinite.policy='skip' goes on past isolated bad steps.")
-    report.log(f"[{stage}] WARNING: skipped {len(bad)} non-finite steps (first {bad[0]})")
+    logs.log(f"[{stage}] WARNING: skipped {len(bad)} non-finite steps (first {bad[0]})")
     return trailing
 
 
@@ -221,9 +220,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         if restored is not None:
             state, meta, last_ckpt = restored
             if meta.get("complete"):
-                report.log(f"[{stage}] already complete in {mngr.directory}")
+                logs.log(f"[{stage}] already complete in {mngr.directory}")
                 return state, meta["result"], None
-            report.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
+            logs.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
         # The records after the restored step are written again below; with no checkpoint
         # (a stage killed before its first one finished) that is all of the stage's.
         run.writer.truncate_after(stage, last_ckpt or 0,
@@ -248,8 +247,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 p, s, specs, scfg.rho_growth, scfg.rho_max, m))
 
         start = int(state.step)
-        progress = report.Progress(total, cfg.batch_size, start)
-        report.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
+        progress = logs.Progress(total, cfg.batch_size, start)
+        logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         for step in range(start + 1, total + 1):
@@ -262,23 +261,23 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             if step % cfg.log_every_steps == 0 or step == total:
                 history = jax.device_get(history)
                 streak = check_nonfinite(stage, history, streak, cfg.nonfinite, last_ckpt)
-                m = report.mean_metrics(history)
+                m = logs.mean_metrics(history)
                 m.pop("step")
                 history = []
                 speed = progress.update(step)
                 run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m, **speed,
                                  rho={k: float(v) for k, v in state.admm.rho.items()})
-                report.log(
+                logs.log(
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
-                    f"{speed['img_per_s']:.0f} img/s ETA {report.fmt_duration(speed['eta_s'])}")
+                    f"{speed['img_per_s']:.0f} img/s ETA {logs.fmt_duration(speed['eta_s'])}")
                 # At the second interval: the first runs slower while buffers and caches
                 # warm up (up to 2x on LeNet-5; benchmarks/NOTES.md).
                 if len(progress.rates) == 2 and step < total:
-                    report.log(f"[{stage}] projected: {report.fmt_duration(speed['eta_s'])} "
-                               f"for the {total - step} steps left at "
-                               f"{speed['img_per_s']:.0f} img/s (first step, compiling: "
-                               f"{progress.compile_s:.1f} s), evaluations not counted")
+                    logs.log(f"[{stage}] projected: {logs.fmt_duration(speed['eta_s'])} "
+                             f"for the {total - step} steps left at "
+                             f"{speed['img_per_s']:.0f} img/s (first step, compiling: "
+                             f"{progress.compile_s:.1f} s), evaluations not counted")
             if step % spe == 0:  # end of an epoch
                 if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
@@ -288,13 +287,13 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                                       cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
                     run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
                                      adv_attack=eval_attack_label(cfg))
-                    report.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
-                               f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
+                    logs.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
+                             f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
             if run.preempted and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 mngr.wait_until_finished()
-                report.log(f"[{stage}] SIGTERM: saved a checkpoint at step {step} in "
-                           f"{mngr.directory}; rerun the same command to resume")
+                logs.log(f"[{stage}] SIGTERM: saved a checkpoint at step {step} in "
+                         f"{mngr.directory}; rerun the same command to resume")
                 raise Preempted(PREEMPTED_EXIT_CODE)
             if step % cfg.checkpoint.every_steps == 0 and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
@@ -320,7 +319,7 @@ def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
     run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
                      rho={k: float(v) for k, v in new_admm.rho.items()})
     worst = max((v for k, v in res.items() if k.startswith("primal")), default=0.0)
-    report.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
+    logs.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
     return state.replace(admm=new_admm)
 
 
@@ -383,7 +382,7 @@ def previous_stage_result(workdir: str, stage: str, prev: str, like):
             f"stage {stage!r} needs the result of stage {prev!r}, but "
             f"{checkpoint.stage_dir(workdir, prev)} holds no finished {prev!r} stage: run "
             f"{prev!r} in this workdir first (e.g. --config.stages={prev},{stage})")
-    report.log(f"loaded the result of stage {prev!r} from {checkpoint.stage_dir(workdir, prev)}")
+    logs.log(f"loaded the result of stage {prev!r} from {checkpoint.stage_dir(workdir, prev)}")
     state = restored[0]
     return state.params, state.batch_stats, state.masks
 
@@ -396,20 +395,21 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     check_workdir_config(workdir, config, allow_config_change)
     t_start = time.time()
     ds, train, test = load_data(config)
-    report.log(data.describe(ds))
-    report.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    logs.log(data.describe(ds))
+    logs.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
     model = get_model(config.model.name, ds.num_classes, config.model.width,
                       config.model.dtype)
     input_shape = (1,) + train.images.shape[1:]
     key = jax.random.PRNGKey(config.seed)
-    variables = model.init(jax.random.fold_in(key, 12345), jnp.zeros(input_shape, jnp.float32))
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    params, batch_stats = initialization.initial_variables(config, model, input_shape)
     specs = phase_specs(config, program, params, ds.num_classes, input_shape)
 
     eval_attack = make_eval_attack(config)
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
+    if config.init.inherit_from and phases[0].index == 0:
+        params, batch_stats, masks = initialization.inherited(config, model, input_shape,
+                                                              params)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {"stages": {}}
     if os.path.exists(summary_path):  # keep the results of phases run earlier
@@ -424,7 +424,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
                   program=program, specs=specs,
                   eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
                                            config.cpu_convolutions),
-                  writer=report.MetricsWriter(workdir), key=key, preempted=preempted)
+                  writer=logs.MetricsWriter(workdir), key=key, preempted=preempted)
         if phases[0].index > 0:
             prev = program[phases[0].index - 1]
             like = initial_state(run, prev, stage_optimizer(config, prev, 1)[0], params,
@@ -440,11 +440,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
             # In program order, whatever order earlier runs wrote them in.
             summary["stages"] = {p.name: summary["stages"][p.name] for p in program
                                  if p.name in summary["stages"]}
-            report.write_json(summary_path, summary)
+            logs.write_json(summary_path, summary)
     stages = [p.name for p in phases]
     run.writer.write(kind="done", stages=stages, wall_time_s=time.time() - t_start)
-    report.log(report.summary_table(summary))
-    report.log(f"done in {report.fmt_duration(time.time() - t_start)}; outputs in {workdir}")
+    logs.log(logs.summary_table(summary))
+    logs.log(f"done in {logs.fmt_duration(time.time() - t_start)}; outputs in {workdir}")
     return summary
 
 
@@ -475,14 +475,9 @@ def main(argv):
     malloc_note = host_memory.configure(  # before any thread starts
         host_memory.resolve(FLAGS.host_malloc, FLAGS.config.model.name))
     parallel.initialize_distributed()  # multi-host runs (launch.sh tpu/slurm); before any JAX use
-    report.log(malloc_note)
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
-    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError,
-            checkpoint.CheckpointError) as e:
-        # Bad input or a diverged run: the message says what to do; no traceback needed.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if not isinstance(e, FloatingPointError) else 3)
+    logs.log(malloc_note)
+    logs.exit_on_error(train_and_evaluate, FLAGS.config, FLAGS.workdir,
+                       FLAGS.allow_config_change, errors=(checkpoint.CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ the field, the bad value and what is allowed."""
 import jax
 
 from robust_admm import admm as admm_lib
-from robust_admm import augment, compiler, data, objectives, optim, parallel, recipe
+from robust_admm import (augment, compiler, data, initialization, objectives, optim,
+                         parallel, recipe)
 from robust_admm.attacks.core import LOSSES
 from robust_admm.models import get_model
 from robust_admm.step import PGD_LOOPS
@@ -56,6 +57,7 @@ def validate_config(config, device_count: int | None = None):
              f"one of {list(data.SOURCES)}")
     _require(config.data.augment in augment.AUGMENTATIONS, "data.augment", config.data.augment,
              f"one of {augment.AUGMENTATIONS}")
+    initialization.check(config.init)
     # Names a bad model, width or dtype.
     get_model(config.model.name, 10, config.model.width, config.model.dtype)
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
