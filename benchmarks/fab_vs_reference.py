@@ -8,13 +8,15 @@ compute the same function). Two runs each:
 - standard: AutoAttack's FAB-T (9 target classes, one run of 100 iterations each,
   alpha_max 0.1, eta 1.05, beta 0.9) at --eps; per example: success within eps and the
   norm of the returned perturbation;
-- raw: one run at the second-largest class with eps = 1 (no cut): the minimal norm each
-  attack found for every point.
+- raw: one run at the second-largest class with no epsilon cut (L-inf 1, L2 28): the
+  minimal norm each attack found for every point.
+`--norm l2` runs both in L2 (the reference's `norm="L2"`, its `projection_l2`).
 Some labels are made wrong on purpose (every 10th point) to check that misclassified
 points are returned unchanged. Standard FAB-T has no randomness, so the results should
 agree up to float rounding (different reduction orders in XLA and PyTorch).
 
     python benchmarks/fab_vs_reference.py [--model conv|mlp] [--n 100] [--eps 0.03]
+        [--norm linf|l2]
         [--torch-python /work/torchenv/bin/python] [--autoattack /work/ref/auto-attack]
 
 The torch side runs as a subprocess of this script in the torch venv (`--torch-side IN
@@ -30,6 +32,7 @@ import time
 import numpy as np
 
 HW, CLASSES = 28, 10
+NO_CUT = {"linf": 1.0, "l2": float(HW)}  # radii holding every image of [0, 1]^(28 x 28)
 
 
 def parse(argv=None):
@@ -37,6 +40,7 @@ def parse(argv=None):
     p.add_argument("--model", default="conv", choices=["conv", "mlp"])
     p.add_argument("--n", type=int, default=100, help="examples")
     p.add_argument("--eps", type=float, default=0.03)
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--targets", type=int, default=9)
     p.add_argument("--seed", type=int, default=0)
@@ -106,8 +110,10 @@ def run_jax(args, weights, x, y):
     params = {"params": flax_params(args.model, weights)}
     logits_fn = lambda xx: module.apply(params, xx)
     x, y = jnp.asarray(x), jnp.asarray(y)
-    attacks = {"standard": FabT(args.eps, args.steps, args.targets, restarts=args.targets),
-               "raw": FabT(1.0, args.steps, n_target_classes=1, restarts=1)}
+    attacks = {"standard": FabT(args.eps, args.steps, args.targets, restarts=args.targets,
+                                norm=args.norm),
+               "raw": FabT(NO_CUT[args.norm], args.steps, n_target_classes=1, restarts=1,
+                           norm=args.norm)}
     out, seconds = {}, {}
     for name, attack in attacks.items():
         fn = jax.jit(lambda xx, yy, a=attack: core.run(a, logits_fn, xx, yy,
@@ -149,11 +155,12 @@ def torch_side(path_in: str, path_out: str):
     y = t("y").long()
     steps, targets = int(data["steps"]), int(data["targets"])
     # AutoAttack's standard FAB-T (autoattack.py: n_restarts=1, n_target_classes=9).
+    norm = str(data["norm"])
     runs = {"standard": dict(eps=float(data["eps"]), n_target_classes=targets),
-            "raw": dict(eps=1.0, n_target_classes=1)}
+            "raw": dict(eps=NO_CUT[norm], n_target_classes=1)}
     result = {"logits": predict(x).detach().numpy()}
     for name, kw in runs.items():
-        fab = FABAttack_PT(predict, norm="Linf", n_restarts=1, n_iter=steps, alpha_max=0.1,
+        fab = FABAttack_PT(predict, norm={"linf": "Linf", "l2": "L2"}[norm], n_restarts=1, n_iter=steps, alpha_max=0.1,
                            eta=1.05, beta=0.9, seed=0, targeted=True, device="cpu", **kw)
         t0 = time.perf_counter()
         adv = fab.perturb(x, y)
@@ -164,7 +171,8 @@ def torch_side(path_in: str, path_out: str):
 
 def run_torch(args, weights, x, y, folder):
     path_in, path_out = os.path.join(folder, "in.npz"), os.path.join(folder, "out.npz")
-    np.savez(path_in, x=x, y=y, eps=args.eps, steps=args.steps, targets=args.targets,
+    np.savez(path_in, x=x, y=y, eps=args.eps, norm=args.norm, steps=args.steps,
+             targets=args.targets,
              model=args.model, threads=args.threads, **weights)
     env = {**os.environ, "PYTHONPATH": args.autoattack}
     proc = subprocess.run([args.torch_python, os.path.abspath(__file__), "--torch-side",
@@ -176,14 +184,15 @@ def run_torch(args, weights, x, y, folder):
 
 # ----------------------------------------------------------------------------- comparison
 
-def linf(a, b):
-    return np.abs(a - b).reshape(a.shape[0], -1).max(1)
+def distance(a, b, norm):
+    d = (a - b).reshape(a.shape[0], -1).astype(np.float64)
+    return np.abs(d).max(1) if norm == "linf" else np.sqrt((d * d).sum(1))
 
 
-def compare(name, x, y, ours, ref, predict, eps):
+def compare(name, x, y, ours, ref, predict, eps, norm):
     """Agreement of success (fooled, within eps) and of the perturbation norms; the norm
     statistics are over the attacked points (those classified correctly at x)."""
-    norm_o, norm_r = linf(ours, x), linf(ref, x)
+    norm_o, norm_r = distance(ours, x, norm), distance(ref, x, norm)
     fooled_o = (predict(ours) != y) & (norm_o <= eps)
     fooled_r = (predict(ref) != y) & (norm_r <= eps)
     attacked = predict(x) == y
@@ -226,11 +235,13 @@ def main():
         y[::10] = (y[::10] + 1) % CLASSES
         ref = run_torch(args, weights, x, y, folder)
     ours, seconds, logits = run_jax(args, weights, x, y.astype(np.int32))
-    print(f"model={args.model} n={args.n} steps={args.steps} targets={args.targets}; clean "
+    print(f"model={args.model} norm={args.norm} n={args.n} steps={args.steps} "
+          f"targets={args.targets}; clean "
           f"logits max |ours - reference| {np.abs(logits - ref['logits']).max():.2e}; "
           f"clean accuracy {(logits.argmax(-1) == y).mean():.2%}")
-    compare("standard", x, y, ours["standard"], ref["standard"], predict, args.eps)
-    compare("raw target 2", x, y, ours["raw"], ref["raw"], predict, 1.0)
+    compare("standard", x, y, ours["standard"], ref["standard"], predict, args.eps, args.norm)
+    compare("raw target 2", x, y, ours["raw"], ref["raw"], predict, NO_CUT[args.norm],
+            args.norm)
     for name in ("standard", "raw"):
         print(f"time {name}: ours {seconds[name]:.2f} s (compiled), reference "
               f"{float(ref['seconds_' + name]):.2f} s")

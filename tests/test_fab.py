@@ -1,5 +1,6 @@
-"""FAB-T against analytic cases (linear models, whose minimal L-inf adversarial is known),
-its hyperplane projection against a linear program, and its two drivers against each other."""
+"""FAB-T against analytic cases (linear models, whose minimal L-inf and L2 adversarials are
+known), its hyperplane projections against a linear program and float64 re-derivations,
+and its two drivers against each other."""
 import dataclasses
 
 import jax
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 
 from robust_admm.attacks import core
-from robust_admm.attacks.fab import FabT, projection_linf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robust_admm.attacks.fab import FabT, projection_l2, projection_linf
 
 
 def linear_logits(w, bias):
@@ -28,10 +32,11 @@ def random_mlp(rng, dim, hidden=16, classes=10):
         rng.normal(size=(hidden, classes)), rng.normal(size=classes) * 0.1))
 
 
-def binary_linear_case(rng, distances, dim=16):
-    """A 2-class linear model and points near the middle of the box whose minimal L-inf
-    distance to the boundary is `distances`: |margin| / ||w_t - w_y||_1, as the box does
-    not bind (every coordinate stays over 0.2 from the faces)."""
+def binary_linear_case(rng, distances, dim=16, norm="linf"):
+    """A 2-class linear model and points near the middle of the box whose minimal
+    distance to the boundary is `distances`: |margin| / ||w_t - w_y||_1 in L-inf,
+    |margin| / ||w_t - w_y||_2 in L2, as the box does not bind (every coordinate stays over
+    0.2 from the faces)."""
     n = len(distances)
     w = rng.normal(size=(dim, 2))
     bias = -0.5 * w.sum(0)                        # logits 0 at the centre of the box
@@ -39,10 +44,12 @@ def binary_linear_case(rng, distances, dim=16):
     x = 0.5 + rng.uniform(-0.1, 0.1, (n, dim))
     v = (w[:, y] - w[:, 1 - y]).T                 # (n, dim): w_y - w_t per point
     margin = (v * x).sum(1) + bias[y] - bias[1 - y]
-    # Move each point along sign(v) to set its margin to distance * ||v||_1.
-    shift = (np.asarray(distances) * np.abs(v).sum(1) - margin) / np.abs(v).sum(1)
-    x = x + shift[:, None] * np.sign(v)
-    assert (np.abs(x - 0.5) < 0.3 - max(distances)).all()
+    # Move each point along sign(v) (L2: v) to set its margin to distance * ||v||_1 (_2).
+    direction = np.sign(v) if norm == "linf" else v / np.linalg.norm(v, axis=1)[:, None]
+    dual = (direction * v).sum(1)  # ||v||_1 or ||v||_2
+    x = x + ((np.asarray(distances) * dual - margin) / dual)[:, None] * direction
+    # The minimal adversarial x + distance * direction, and the way to it, stay in [0.2, 0.8].
+    assert (np.abs(x - 0.5) + np.asarray(distances)[:, None] * np.abs(direction) < 0.3).all()
     as32 = lambda a: jnp.asarray(a, jnp.float32)
     return as32(w), as32(bias), as32(x.reshape(n, 4, dim // 4, 1)), jnp.asarray(y, jnp.int32)
 
@@ -186,6 +193,8 @@ def test_fori_and_host_drivers_agree():
 
 
 def test_fab_t_is_a_hashable_frozen_attack_with_checked_arguments():
+    with pytest.raises(ValueError, match="norm"):
+        FabT(0.1, norm="l1")
     attack = FabT(0.03)
     assert (attack.num_steps, attack.n_target_classes, attack.restarts) == (100, 9, 9)
     assert (attack.alpha_max, attack.eta, attack.beta) == (0.1, 1.05, 0.9)
@@ -197,3 +206,87 @@ def test_fab_t_is_a_hashable_frozen_attack_with_checked_arguments():
         FabT(0.1, n_target_classes=3, restarts=4)
     with pytest.raises(ValueError):
         FabT(-0.1)
+
+
+def test_fab_t_l2_finds_the_analytic_minimal_perturbation_of_a_linear_model():
+    rng = np.random.default_rng(6)
+    eps = 0.1
+    distances = np.array([0.02, 0.05, 0.08, 0.095, 0.105, 0.12, 0.15])
+    w, bias, x, y = binary_linear_case(rng, distances, norm="l2")
+    fn = linear_logits(w, bias)
+    assert bool((fn(x).argmax(-1) == y).all())
+    attack = FabT(eps, num_steps=100, n_target_classes=1, restarts=1, norm="l2")
+    state = attack.init(fn, x, y, jax.random.PRNGKey(0))
+    state = jax.jit(lambda s: core.run_steps(attack, fn, s, x, y))(state)
+    # The iterates stay on the ray from x along v (the L2 projection onto the boundary
+    # of a linear model), so the closest one overshoots as in L-inf.
+    np.testing.assert_allclose(np.asarray(state["norm_best"]),
+                               distances * ray_overshoot(attack), rtol=1e-4)
+    x_adv = np.asarray(core.run(attack, fn, x, y, jax.random.PRNGKey(0)))
+    fooled = np.asarray(fn(jnp.asarray(x_adv)).argmax(-1) != y)
+    norms = np.linalg.norm((x_adv - np.asarray(x)).reshape(len(distances), -1), axis=1)
+    inside = distances * ray_overshoot(attack) <= eps
+    assert fooled[inside].all() and not fooled[~inside].any() and inside.any()
+    assert (norms[inside] <= eps * (1 + 1e-6)).all() and (norms[~inside] == 0).all()
+
+
+def independent_projection_l2(t, w, b):
+    """float64 re-derivation: d(alpha) = clip(-alpha w, -t, 1 - t) on the side of t
+    (coordinates with |w_i| < 1e-8 fixed), alpha found by bisection on the monotone
+    w.d(alpha); the full step to the box where the hyperplane is out of reach."""
+    side = 1.0 if w @ t - b >= 0 else -1.0
+    ws = np.where(np.abs(w) >= 1e-8, w * side, 0.0)
+    need = side * b - ws @ t                      # w.d must reach this (<= 0)
+    step = lambda alpha: np.clip(-alpha * ws, -t, 1 - t)
+    full = np.where(ws > 0, -t, np.where(ws < 0, 1 - t, 0.0))
+    if ws @ full > need:                          # out of reach
+        return full
+    lo, hi = 0.0, 1.0
+    while ws @ step(hi) > need:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ws @ step(mid) > need else (lo, mid)
+    return step(hi)
+
+
+def test_projection_l2_matches_a_float64_rederivation_and_is_the_closest_point():
+    rng = np.random.default_rng(7)
+    t, w, b = projection_cases(rng)
+    w[::7, 7] = 1e-9  # a weight under the threshold: that coordinate never moves
+    d = np.asarray(projection_l2(*(jnp.asarray(a, jnp.float32) for a in (t, w, b))),
+                   np.float64)
+    kinds = set()
+    for i in range(len(t)):
+        expected = independent_projection_l2(t[i], w[i], b[i])
+        np.testing.assert_allclose(d[i], expected, atol=2e-5, err_msg=f"row {i}")
+        assert (t[i] + d[i] >= -1e-6).all() and (t[i] + d[i] <= 1 + 1e-6).all()
+        if abs(w[i] @ (t[i] + d[i]) - b[i]) > 1e-4 * np.abs(w[i]).sum():
+            kinds.add("far")
+            continue
+        kinds.add("capped" if np.isclose(np.abs(d[i]), np.where(
+            d[i] < 0, t[i], 1 - t[i])).any() and np.abs(d[i]).max() > 0 else "near")
+        # No other point of the hyperplane in the box is closer: moving along any
+        # feasible direction within the plane (w.u = 0) and the box does not shorten d.
+        for _ in range(20):
+            u = rng.normal(size=t.shape[1])
+            u -= (u @ w[i]) / (w[i] @ w[i]) * w[i]
+            for step in (1e-3, 1e-2):
+                e = d[i] + step * u
+                if (t[i] + e >= 0).all() and (t[i] + e <= 1).all():
+                    assert np.linalg.norm(e) >= np.linalg.norm(d[i]) - 1e-6
+    assert kinds == {"near", "capped", "far"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.sampled_from([0.01, 0.3, 0.9, 2.0]))
+def test_projection_l2_on_random_small_problems(dim, seed, reach):
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0, 1, (3, dim))
+    t[0] = np.round(t[0])  # on the box's faces
+    w = rng.normal(size=(3, dim)) * rng.choice([0.0, 1.0], (3, dim), p=[0.2, 0.8])
+    b = (w * t).sum(1) + rng.choice([-1.0, 1.0], 3) * reach * np.abs(w).sum(1) / 2
+    d = np.asarray(projection_l2(*(jnp.asarray(a, jnp.float32) for a in (t, w, b))))
+    for i in range(3):
+        np.testing.assert_allclose(d[i], independent_projection_l2(t[i], w[i], b[i]),
+                                   atol=3e-5)

@@ -1,6 +1,7 @@
-"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-inf.
+"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-inf
+and L2.
 
-FAB looks for the adversarial point of minimal L-inf norm: each step linearises the
+FAB looks for the adversarial point of minimal norm: each step linearises the
 decision boundary between the true class y and a target class t at the current iterate,
 projects both the iterate and the clean point onto that hyperplane (within [0, 1]), and
 moves to a convex combination of the two projections, overshot by `eta`. An iterate that
@@ -10,7 +11,7 @@ epsilon.
 
 Follows AutoAttack's reference (`fab_base.py` attack_single_run / perturb, targeted
 branch; `fab_pt.py` get_diff_logits_grads_batch_targeted; `fab_projections.py`
-projection_linf) step for step, as the standard version runs it (n_iter=100,
+projection_linf, projection_l2) step for step, as the standard version runs it (n_iter=100,
 alpha_max=0.1, eta=1.05, beta=0.9, 9 target classes, one run each):
 - the target of run r is the clean logits' (r % n_target_classes + 2)-th largest class;
 - per step: f = z_t - z_y and its input gradient g (one forward and one backward pass);
@@ -25,7 +26,9 @@ alpha_max=0.1, eta=1.05, beta=0.9, 9 target classes, one run each):
   with norm > epsilon), else x itself: always inside the eps-ball and [0, 1].
 - no random start on a target's first run; runs r >= n_target_classes (the reference's
   restarts within a target class, `use_rand_start=(counter > 0)`) start at
-  x + eps/2 * u / max|u|, u uniform in [-1, 1]^d, clipped to [0, 1].
+  x + eps/2 * u / |u|, clipped to [0, 1]: L-inf u uniform in [-1, 1]^d, L2 u normal.
+- L2 (`norm='l2'`): the same steps with projection_l2, the L2 norm of d1 and d2 in
+  alpha, and the L2 norm of the closest adversarial.
 
 Deliberate differences, none changing a result in exact arithmetic:
 - fixed shapes: every point of the batch is iterated and masked (the reference gathers
@@ -97,6 +100,46 @@ def projection_linf(points, w, b):
 
 BISECTION_STEPS = 32  # [0, 1] halved 32 times: below float32's spacing near any p_i > 0
 
+NEGLIGIBLE_WEIGHT = 1e-8  # projection_l2: coordinates with |w_i| below it never move
+
+
+def projection_l2(points, w, b):
+    """Per row, the smallest-L2 step d with w.(points + d) = b and points + d in
+    [0, 1]^D; where the box cannot reach the hyperplane, the full step to the box corner
+    that gets closest to it. points, w: (N, D); b: (N,); returns d (N, D).
+
+    The reference's `projection_l2`, the same solution: orient the hyperplane so that
+    c = w.t - b >= 0; by the KKT conditions the step is d_i = clip(-alpha w_i, -t_i,
+    1 - t_i) for the alpha >= 0 at which w.d = -c, where the reduction
+    h(alpha) = sum |w_i| min(alpha |w_i|, p_i) (p_i: the distance to the face coordinate i
+    moves towards) is piecewise linear and increasing, with a breakpoint at each
+    r_i = p_i / |w_i|. The breakpoints are sorted (the alphas here are unbounded, so a
+    bisection by value as in projection_linf would need far more halvings), h is evaluated
+    at every one, and alpha is solved exactly on its piece."""
+    t = points
+    dtype = t.dtype
+    c = (w * t).sum(1) - b
+    sign = jnp.where(c >= 0, 1.0, -1.0).astype(dtype)
+    w, c = w * sign[:, None], c * sign
+    moves = jnp.abs(w) >= NEGLIGIBLE_WEIGHT
+    aw = jnp.where(moves, jnp.abs(w), 0.0)
+    p = jnp.where(w > 0, t, 1.0 - t)                  # room towards the face it moves to
+    d_box = jnp.where(moves, jnp.where(w > 0, -t, 1.0 - t), 0.0)  # the full step
+    feasible = c <= (aw * p).sum(1)                   # the box reaches the hyperplane
+    r = jnp.where(moves, p / jnp.where(moves, aw, 1.0), jnp.inf)
+    order = jnp.argsort(r, axis=1)
+    take = lambda v: jnp.take_along_axis(v, order, axis=1)
+    rs, capped_sum, w2_sum = take(r), jnp.cumsum(take(aw * p), 1), jnp.cumsum(take(aw * aw), 1)
+    w2_total = w2_sum[:, -1:]
+    # h at each breakpoint rs_k: the coordinates up to k capped, the rest at rs_k |w_i|.
+    h = capped_sum + jnp.where(jnp.isfinite(rs), rs, 0.0) * (w2_total - w2_sum)
+    k = (h < c[:, None]).sum(1, keepdims=True)        # alpha lies on the piece before rs_k
+    before = lambda v: jnp.where(k > 0, jnp.take_along_axis(v, jnp.maximum(k - 1, 0), 1), 0.0)
+    free = w2_total - before(w2_sum)
+    alpha = (c[:, None] - before(capped_sum)) / jnp.where(free > 0, free, 1.0)
+    d_piece = jnp.where(moves, jnp.clip(-alpha * w, -t, 1.0 - t), 0.0)
+    return jnp.where(feasible[:, None], d_piece, d_box)
+
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -131,7 +174,7 @@ def linf_norm(v):
 
 @dataclasses.dataclass(frozen=True)
 class FabT(core.Attack):
-    """Targeted FAB, L-inf. `restarts` counts every run: a multiple of
+    """Targeted FAB, L-inf or L2. `restarts` counts every run: a multiple of
     `n_target_classes`, the runs cycling through the target classes (AutoAttack's
     standard FAB-T: `FabT(eps)`, 9 targets, 100 iterations, one run per target)."""
 
@@ -144,10 +187,12 @@ class FabT(core.Attack):
     alpha_max: float = 0.1
     eta: float = 1.05
     beta: float = 0.9
+    norm: str = "linf"  # 'linf' | 'l2' (the projection, the step sizes, the best norm)
 
     def __post_init__(self):
         core.check_arguments("FAB-T", epsilon=self.epsilon, num_steps=self.num_steps,
                              restarts=self.restarts)
+        core.check_norm("FAB-T", self.norm)
         if self.n_target_classes < 1 or self.restarts % self.n_target_classes:
             raise ValueError(
                 f"FAB-T: n_target_classes={self.n_target_classes} must be >= 1 and divide "
@@ -162,9 +207,12 @@ class FabT(core.Attack):
         logits = logits_fn(x)
         x1 = x
         if restart >= self.n_target_classes:  # a later run of the same target
-            u = jax.random.uniform(jax.random.fold_in(key, restart), x.shape, x.dtype,
-                                   -1.0, 1.0)
-            x1 = jnp.clip(x + eps * u / core.per_example(linf_norm(u), u) * 0.5, 0.0, 1.0)
+            k = jax.random.fold_in(key, restart)
+            if self.norm == "linf":
+                u = jax.random.uniform(k, x.shape, x.dtype, -1.0, 1.0)
+            else:
+                u = jax.random.normal(k, x.shape, x.dtype)
+            x1 = jnp.clip(x + eps * u / core.per_example(self.size(u), u) * 0.5, 0.0, 1.0)
         return {
             "eps": eps,
             "target": target_class(logits, restart, self.n_target_classes),
@@ -174,6 +222,10 @@ class FabT(core.Attack):
             "norm_best": jnp.full((x.shape[0],), NO_ADVERSARIAL, x.dtype),
         }
 
+    def size(self, v):
+        """Per-example norm of the threat model: (batch, ...) -> (batch,)."""
+        return linf_norm(v) if self.norm == "linf" else core.l2_norm(v)
+
     def step(self, logits_fn, s, x, y):
         batch = x.shape[0]
         pe = lambda v: core.per_example(v, x)
@@ -182,16 +234,17 @@ class FabT(core.Attack):
         # The linearised boundary {z : w.z = b}; project x1 and x onto it.
         w = grad.reshape(batch, -1)
         b = -diff + (w * x1.reshape(batch, -1)).sum(1)
-        d = projection_linf(jnp.concatenate([x1.reshape(batch, -1), x.reshape(batch, -1)]),
-                            jnp.concatenate([w, w]), jnp.concatenate([b, b]))
-        size = jnp.maximum(jnp.abs(d).max(axis=1), MIN_STEP_NORM)
+        project = projection_linf if self.norm == "linf" else projection_l2
+        d = project(jnp.concatenate([x1.reshape(batch, -1), x.reshape(batch, -1)]),
+                    jnp.concatenate([w, w]), jnp.concatenate([b, b]))
+        size = jnp.maximum(self.size(d), MIN_STEP_NORM)
         alpha = jnp.clip(size[:batch] / (size[:batch] + size[batch:]), 0.0, self.alpha_max)
         d1, d2 = d[:batch].reshape(x.shape), d[batch:].reshape(x.shape)
         x1 = jnp.clip((x1 + self.eta * d1) * (1 - pe(alpha)) + (x + d2 * self.eta) * pe(alpha),
                       0.0, 1.0)
         # Record the closest fooling iterate; pull every fooling iterate back towards x.
         fooled = logits_fn(x1).argmax(-1) != y
-        norm = linf_norm(x1 - x)
+        norm = self.size(x1 - x)
         closer = fooled & (norm < s["norm_best"])
         return dict(
             s,

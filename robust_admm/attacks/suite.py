@@ -26,9 +26,10 @@ def make(name: str, epsilon: float, num_classes: int = 10,
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon!r} must be >= 0")
     core.check_norm(name, norm)
-    if norm != "linf" and name in ("fab-t", "square"):
+    if norm != "linf" and name == "square":
         raise NotImplementedError(f"{name} with norm={norm!r} is not implemented (only "
-                                  f"'linf'); L2 has fgsm, pgd<N>, apgd-ce, apgd-dlr, apgd-t")
+                                  f"'linf'); L2 has fgsm, pgd<N>, apgd-ce, apgd-dlr, apgd-t, "
+                                  f"fab-t")
     n_targets = min(9, num_classes - 1)
     m = re.fullmatch(r"pgd(\d+)", name)
     if m:
@@ -45,7 +46,7 @@ def make(name: str, epsilon: float, num_classes: int = 10,
                      restarts=n_targets, norm=norm)
     if name == "fab-t":
         return FabT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
-                    restarts=n_targets)
+                    restarts=n_targets, norm=norm)
     return Square(epsilon=epsilon, num_steps=5000)
 
 
