@@ -11,7 +11,8 @@ Presets:
   trained from the inherited initialisation. The `:cpu` MNIST recipe (PGD-10 training with
   an epsilon ramp, PGD-40 evaluation) with few epochs: 3 dense (every from-scratch and
   inherited cell), 2 admm + 2 retrain after the shared dense w = 8 model. Evaluated on the
-  first 500 test images (AutoAttack takes about 9 minutes per 1,000 on a w = 4 model).
+  first 250 test images: with these short recipes a cell's evaluation (AutoAttack
+  above all) takes longer than its training (benchmarks/NOTES.md).
 - `paper`: the paper's grid (needs a GPU): widths 1, 2, 4, 8 and 16 from scratch, w = 16
   pruned to the size of each smaller width, the paper's recipe (configs/mnist.py), 40
   epochs per phase, evaluated on the first 1,000 test images.
@@ -34,7 +35,7 @@ def get_config(preset: str = "cpu"):
             return c
         s.cells = width_grid(train_at, widths=(2, 4), large=8, layers=LAYERS,
                              epochs={"pretrain": 3, "admm": 2, "retrain": 2})
-        s.eval.n = 500
+        s.eval.n = 250
     elif preset == "paper":
         def train_at(width):
             c = train_config(__file__, "../mnist.py", "paper")
