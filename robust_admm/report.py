@@ -102,7 +102,8 @@ def plot_curves(records: list, path: str, title: str):
     attack = next((r.get("adv_attack") for r in records if r.get("adv_attack")), "")
     ax_acc.plot([], [], "o", color="tab:green", label="test natural")
     ax_acc.plot([], [], "s", color="tab:red", label=f"test {attack.split(' (')[0] or 'adv'}")
-    ax_loss.set_title("training loss")
+    ax_loss.set_title("training loss (with the ADMM penalty)")
+    ax_loss.set_yscale("log")  # the penalty's first steps dwarf the loss otherwise
     ax_acc.set_title("accuracy (%)")
     ax_acc.set_ylim(0, 100)
     for ax in (ax_loss, ax_acc):
