@@ -11,6 +11,7 @@ pinned to the same `--threads` cores (run one after the other). The reference qu
 only the points not yet fooled; ours evaluates the whole batch at every step.
 
     python benchmarks/square_vs_reference.py [--n 200] [--eps 0.1] [--queries 5000]
+        [--norm linf|l2]
         [--threads 1] [--drivers host,fori]
         [--torch-python /work/torchenv/bin/python] [--ref /work/ref/auto-attack]
 
@@ -37,6 +38,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="test images attacked")
     p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"],
+                   help="threat model of both sides (the reference's 'Linf' or 'L2')")
     p.add_argument("--queries", type=int, default=5000, help="the reference's n_queries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=400)
@@ -94,9 +97,11 @@ def torch_side(path_in, path_out, threads):
     x = t(d["x"].transpose(0, 3, 1, 2))
     y = t(d["y"]).long()
     eps, n_queries, seed = float(d["eps"]), int(d["queries"]), int(d["seed"])
+    norm = str(d["norm"])
     with torch.no_grad():
         logits = predict(x)
-    attack = SquareAttack(predict, norm="Linf", n_queries=n_queries, eps=eps, p_init=0.8,
+    attack = SquareAttack(predict, norm={"linf": "Linf", "l2": "L2"}[norm],
+                          n_queries=n_queries, eps=eps, p_init=0.8,
                           n_restarts=1, seed=seed, verbose=False, loss="margin",
                           resc_schedule=False)
     # `perturb` with one restart, unrolled to keep attack_single_run's query counts.
@@ -118,7 +123,8 @@ def torch_side(path_in, path_out, threads):
         robust = (predict(adv).argmax(1) == y).numpy()
     np.savez(path_out, logits=logits.numpy(), robust=robust, queries=queries,
              seconds=seconds, adv=adv.numpy().transpose(0, 2, 3, 1),
-             linf=float((adv - x).abs().max()))
+             dist=float(distance(adv.numpy().transpose(0, 2, 3, 1),
+                                 x.numpy().transpose(0, 2, 3, 1), norm).max()))
 
 
 # ----------------------------------------------------------------------------- JAX side
@@ -155,7 +161,13 @@ def train(model, x, y, steps, seed):
     return params
 
 
-def jax_square(model, params, x, y, eps, queries, seed, driver):
+def distance(a, b, norm):
+    """Per-example norm of a - b in the threat model (numpy, NHWC)."""
+    d = (a - b).reshape(a.shape[0], -1).astype(np.float64)
+    return np.abs(d).max(1) if norm == "linf" else np.sqrt((d * d).sum(1))
+
+
+def jax_square(model, params, x, y, eps, queries, seed, driver, norm="linf"):
     """Our Square on (x, y), one restart: (robust per point, queries per point, seconds,
     max |x_adv - x|). `host`: core.HostRunner's compiled init and step called from the
     host; `fori`: init, `lax.fori_loop` of steps and finish in one program (core.run's
@@ -166,7 +178,7 @@ def jax_square(model, params, x, y, eps, queries, seed, driver):
     from robust_admm.attacks import core
     from robust_admm.attacks.square import Square
 
-    attack = Square(eps, num_steps=queries)
+    attack = Square(eps, num_steps=queries, norm=norm)
     apply = lambda m, xx: model.apply(m, xx)
     x, y = jnp.asarray(x), jnp.asarray(y)
     key = jax.random.PRNGKey(seed)
@@ -194,7 +206,8 @@ def jax_square(model, params, x, y, eps, queries, seed, driver):
         x_adv = runner.finish_c(params, state, x, y).block_until_ready()
         seconds = time.perf_counter() - start
     robust = np.asarray(model.apply(params, x_adv).argmax(-1) == y)
-    return robust, np.asarray(n_queries), seconds, float(jnp.abs(x_adv - x).max())
+    return (robust, np.asarray(n_queries), seconds,
+            float(distance(np.asarray(x_adv), np.asarray(x), norm).max()))
 
 
 def robust_at(robust, queries, budgets):
@@ -228,8 +241,8 @@ def main():
         path_in, path_out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         flat = {k: np.asarray(v["kernel"]) for k, v in params["params"].items()}
         flat.update({k + "_b": np.asarray(v["bias"]) for k, v in params["params"].items()})
-        np.savez(path_in, x=x, y=y, eps=args.eps, queries=args.queries, seed=args.seed,
-                 **flat)
+        np.savez(path_in, x=x, y=y, eps=args.eps, norm=args.norm, queries=args.queries,
+                 seed=args.seed, **flat)
         env = dict(os.environ, PYTHONPATH=args.ref)
         out = subprocess.run([args.torch_python, os.path.abspath(__file__), "--torch-side",
                               path_in, path_out, "--threads", str(args.threads)], env=env,
@@ -242,15 +255,15 @@ def main():
     budgets = [q for q in BUDGETS if q <= args.queries + 1] + (
         [args.queries + 1] if args.queries + 1 not in BUDGETS else [])
     rows = [("reference (torch)", ref["robust"], ref["queries"], float(ref["seconds"]),
-             float(ref["linf"]))]
+             float(ref["dist"]))]
     for driver in args.drivers.split(","):
         robust, queries, seconds, linf = jax_square(model, params, x, y, args.eps,
-                                                       args.queries, args.seed, driver)
+                                                    args.queries, args.seed, driver, args.norm)
         rows.append((f"ours ({driver})", robust, queries, seconds, linf))
 
     print("robust accuracy after q queries per point:")
     print("| attack | " + " | ".join(f"q<={q}" for q in budgets) +
-          " | mean queries (fooled) | max |dx| | seconds |")
+          f" | mean queries (fooled) | max {args.norm} norm of dx | seconds |")
     print("|---" * (len(budgets) + 4) + "|")
     for name, robust, queries, seconds, linf in rows:
         accs = robust_at(robust, queries, budgets)
@@ -261,7 +274,8 @@ def main():
     ref_robust = rows[0][1]
     for name, robust, _, seconds, _ in rows[1:]:
         agree = float(np.mean(robust == ref_robust))
-        print(f"RESULT impl={name.split()[1].strip('()')} n={args.n} eps={args.eps} "
+        print(f"RESULT impl={name.split()[1].strip('()')} n={args.n} norm={args.norm} "
+              f"eps={args.eps} "
               f"queries={args.queries} robust={robust.mean():.3f} "
               f"ref_robust={ref_robust.mean():.3f} agree={agree:.3f} "
               f"seconds={seconds:.1f} ref_seconds={rows[0][3]:.1f}")

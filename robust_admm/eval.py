@@ -30,8 +30,7 @@ from robust_admm.robustness import Evaluator, robust_accuracy
 STANDARD_EPSILON = {("mnist", "linf"): 0.3, ("cifar10", "linf"): 8 / 255,
                     ("cifar10", "l2"): 0.5, ("cifar100", "linf"): 8 / 255,
                     ("cifar100", "l2"): 0.5}
-# L2 has no Square here (NotImplementedError), so no standard ensemble.
-DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,apgd-ce,apgd-t,fab-t"}
+DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,aa-standard"}
 # Gradient-masking checks: how much a weaker attack may beat a stronger one, the most
 # accuracy allowed at epsilon = 1, how much accuracy may rise as epsilon grows.
 MARGIN, MAX_ACC_AT_EPS_1, RISE = 0.01, 0.02, 0.005
@@ -276,7 +275,7 @@ def define_flags():
                         + ", " + ", ".join(suite.ENSEMBLES) + " (default: L-inf "
                         + DEFAULT_ATTACKS["linf"] + "; L2 " + DEFAULT_ATTACKS["l2"] + ")")
     flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model. L2 has fgsm, pgd<N>, "
-                      "apgd-ce, apgd-dlr, apgd-t and fab-t (Square is L-inf only).")
+                      "apgd-ce, apgd-dlr, apgd-t, fab-t, square and aa-standard, as L-inf.")
     flags.DEFINE_float("epsilon", None, "Radius in pixels of [0, 1] (default: L-inf MNIST "
                        "0.3, CIFAR-10 8/255, else the run's eval.epsilon; L2 CIFAR-10 0.5).")
     flags.DEFINE_string("epsilons", "", "Also a robust-accuracy-versus-epsilon curve at "

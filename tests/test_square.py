@@ -1,5 +1,6 @@
 """Square attack: the published schedule, the geometry of its points, its freezing and
-acceptance rules, linear models whose optimum is known, and the two drivers."""
+acceptance rules, linear models whose optimum is known, the two drivers, and in L2 the
+reference's patterns and steps re-derived in numpy."""
 import math
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from robust_admm.attacks import core
-from robust_admm.attacks.square import Square, p_selection, square_sides
+from robust_admm.attacks.square import (Square, l2_candidate, l2_pattern, p_selection,
+                                        square_sides)
 
 
 def linear_logits(w, b=None):
@@ -211,9 +213,111 @@ def test_epsilon_zero_is_the_identity():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
+# ----------------------------------------------------------------------------- L2
+
+def reference_eta_rectangles(x, y):
+    """numpy port of the reference's `eta_rectangles` (L2), its loop as written."""
+    delta = np.zeros((x, y))
+    x_c, y_c = x // 2 + 1, y // 2 + 1
+    c0, c1 = x_c - 1, y_c - 1
+    for counter in range(max(x_c, y_c)):
+        delta[max(c0, 0):min(c0 + 2 * counter + 1, x),
+              max(0, c1):min(c1 + 2 * counter + 1, y)] += 1.0 / (counter + 1) ** 2
+        c0, c1 = c0 - 1, c1 - 1
+    norm = np.sqrt((delta ** 2).sum())
+    return delta / norm if norm > 0 else delta
+
+
+def reference_eta(s, transpose):
+    delta = np.zeros((s, s))
+    delta[:s // 2] = reference_eta_rectangles(s // 2, s)
+    delta[s // 2:] = -1.0 * reference_eta_rectangles(s - s // 2, s)
+    delta /= np.sqrt((delta ** 2).sum())
+    return delta.T if transpose else delta
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_l2_patterns_are_the_references_placed_on_the_canvas(transpose):
+    for side in range(1, 30):
+        expected = reference_eta(side, transpose)
+        got = np.asarray(l2_pattern(side, transpose, side, side))
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"side {side}")
+        placed = np.asarray(l2_pattern(jnp.int32(side), jnp.bool_(transpose), 34, 31, 2, 1))
+        canvas = np.zeros((34, 31))
+        canvas[2:2 + side, 1:1 + side] = expected
+        np.testing.assert_allclose(placed, canvas, atol=1e-6, err_msg=f"side {side}")
+
+
+def test_l2_sides_are_odd_and_at_least_three():
+    table = square_sides(5000, 28, 28, 1, 0.8, False, "l2")
+    # sqrt(0.8 * 784) = 25.04 -> 25; later halvings 17.7 -> 18 -> 19, ..., 1.6 -> 2 -> 3.
+    assert table[0] == 25 and table[11] == 19 and table.min() == 3
+    assert all(v % 2 == 1 for v in set(table.tolist()))
+    assert square_sides(10, 2, 2, 1, 0.8, False, "l2").max() == 2  # capped by the image
+
+
+def test_one_l2_step_is_the_references_update():
+    """The step's candidate against a numpy re-derivation of the reference's L2 update
+    with the same windows, transpose and signs (read back from the candidate's draws)."""
+    rng = np.random.default_rng(8)
+    b, h, w, c, eps, side = 4, 9, 9, 2, 0.7, 5
+    x = rng.uniform(0.1, 0.9, (b, h, w, c)).astype(np.float32)
+    best = np.clip(x + rng.normal(size=x.shape).astype(np.float32) * 0.05, 0, 1)
+    key = jax.random.PRNGKey(9)
+    got = np.asarray(l2_candidate(key, side, jnp.asarray(x), jnp.asarray(best), eps))
+    k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+    corner = lambda k, size: int(jax.random.randint(k, (), 0, max(size - side, 1)))
+    t1, l1, t2, l2 = corner(k1, h), corner(k2, w), corner(k3, h), corner(k4, w)
+    transpose = bool(jax.random.bernoulli(k5, 0.5))
+    signs = np.asarray(jax.random.rademacher(k6, (b, 1, 1, c), jnp.float32))
+    # The reference, NCHW loops written out in NHWC.
+    delta = (best - x).astype(np.float64)
+    win = lambda v, t, l: v[:, t:t + side, l:l + side, :]
+    norm_w1 = np.sqrt((win(delta, t1, l1) ** 2).sum(axis=(1, 2), keepdims=True))
+    mask = np.zeros((h, w), bool)
+    mask[t1:t1 + side, l1:l1 + side] = mask[t2:t2 + side, l2:l2 + side] = True
+    norm_windows = np.sqrt(((delta * mask[None, :, :, None]) ** 2).sum(axis=(1, 2),
+                                                                       keepdims=True))
+    norm_image = np.sqrt((delta ** 2).sum(axis=(1, 2, 3), keepdims=True))
+    new = reference_eta(side, transpose)[None, :, :, None] * signs
+    new = new + win(delta, t1, l1) / (1e-12 + norm_w1)
+    new = new / (1e-12 + np.sqrt((new ** 2).sum(axis=(1, 2), keepdims=True))) * np.sqrt(
+        np.maximum(eps ** 2 - norm_image ** 2, 0) / c + norm_windows ** 2)
+    delta[:, t2:t2 + side, l2:l2 + side, :] = 0
+    delta[:, t1:t1 + side, l1:l1 + side, :] = new
+    norm = np.sqrt((delta ** 2).sum(axis=(1, 2, 3), keepdims=True))
+    expected = np.clip(x + eps * delta / (norm + 1e-12), 0, 1)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def test_l2_points_stay_in_the_ball_and_the_box_and_margins_never_rise():
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.uniform(0, 1, (10, 10, 10, 1)).astype(np.float32))
+    fn = tanh_model(rng, 100)
+    y = np.array(fn(x).argmax(-1))
+    y[:1] = (y[:1] + 1) % 10  # misclassified at x: not attacked
+    y = jnp.asarray(y)
+    eps = 1.0
+    attack = Square(eps, num_steps=60, norm="l2")
+    states = host_trajectory(attack, fn, x, y, jax.random.PRNGKey(11))
+    for prev, cur in zip(states, states[1:]):
+        frozen = prev["margin_min"] <= 0
+        np.testing.assert_array_equal(cur["x_best"][frozen], prev["x_best"][frozen])
+        assert np.all(cur["margin_min"] <= prev["margin_min"])
+    for st in states:
+        d = (st["x_best"] - np.asarray(x)).reshape(10, -1)
+        assert np.linalg.norm(d, axis=1).max() <= eps * (1 + 1e-5)
+        assert st["x_best"].min() >= 0 and st["x_best"].max() <= 1
+    np.testing.assert_array_equal(states[-1]["x_best"][0], np.asarray(x[0]))
+    # The start spends the budget: far from the box the perturbation has norm eps.
+    start = np.linalg.norm((states[0]["x_best"] - np.asarray(x)).reshape(10, -1), axis=1)
+    assert (start[1:] > 0.8 * eps).all()
+    assert states[-1]["margin_min"].min() < states[0]["margin_min"][1:].min()
+
+
 @pytest.mark.parametrize("bad", [dict(epsilon=-0.1), dict(epsilon=0.1, num_steps=-1),
                                  dict(epsilon=0.1, restarts=0), dict(epsilon=0.1, p_init=0.0),
-                                 dict(epsilon=0.1, loss="dlr")])
+                                 dict(epsilon=0.1, loss="dlr"), dict(epsilon=0.1, norm="l1")])
 def test_square_rejects_bad_arguments(bad):
     with pytest.raises(ValueError):
         Square(**bad)

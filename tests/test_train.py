@@ -214,9 +214,6 @@ def test_eval_command_measures_l2_robustness(digits_runs):
     with pytest.raises(ValueError, match="digits has no standard L2 radius here; give "
                                          "--epsilon"):
         eval_lib.evaluate_workdir(workdir, norm="l2")
-    with pytest.raises(NotImplementedError, match="square with norm='l2'"):
-        eval_lib.evaluate_workdir(workdir, attacks="aa-standard", norm="l2", epsilon=1.0,
-                                  n=8, checks=False)
     with pytest.raises(ValueError, match="--norm='l1'; allowed: linf, l2"):
         eval_lib.evaluate_workdir(workdir, norm="l1")
 

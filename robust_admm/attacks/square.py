@@ -1,4 +1,5 @@
-"""Square attack (Andriushchenko et al., ECCV 2020), L-inf: score-based random search.
+"""Square attack (Andriushchenko et al., ECCV 2020), L-inf and L2: score-based random
+search.
 
 Follows AutoAttack's `square.py` (`attack_single_run` for Linf, `p_selection`,
 `margin_and_loss`, `perturb`) as its standard version runs it: p_init = 0.8, 5,000
@@ -34,6 +35,14 @@ Deliberate differences (fixed shapes, JAX randomness):
 - AutoAttack's L-inf version does not re-draw a window whose new signs equal the current
   ones (the original Square repository does): nor do we, so such a step is a wasted query
   in both.
+
+L2 (`norm='l2'`), the reference's L2 branch: the start tiles the image with side-h//5
+squares, each the `eta` pattern (two halves of nested squares of opposite sign, unit
+norm, randomly transposed) times a random sign per example and channel, scaled to norm
+eps; each step moves the energy of a second window into the first and renews the first
+with a new pattern (`l2_candidate`); the side is at least 3 and odd. Acceptance,
+freezing and query counts as in L-inf. The patterns are computed from iota arithmetic
+(fixed shapes for a traced side).
 """
 import dataclasses
 import functools
@@ -61,14 +70,17 @@ def p_selection(it: int, p_init: float = 0.8, n_queries: int = 5000,
 
 @functools.lru_cache(maxsize=64)
 def square_sides(num_steps: int, h: int, w: int, c: int, p_init: float = 0.8,
-                 rescale: bool = False) -> np.ndarray:
+                 rescale: bool = False, norm: str = "linf") -> np.ndarray:
     """Side of the square at each iteration 0..num_steps-1 (int32, read-only), computed
-    with the reference's float expression and Python's round (half to even)."""
+    with the reference's float expression and Python's round (half to even); L2: at
+    least 3 and odd (then capped by the image)."""
     n_features = c * h * w
     sides = np.empty(max(num_steps, 1), np.int32)
     for i in range(len(sides)):
         p = p_selection(i, p_init, num_steps, rescale)
-        s = max(int(round(math.sqrt(p * n_features / c))), 1)
+        s = max(int(round(math.sqrt(p * n_features / c))), 1 if norm == "linf" else 3)
+        if norm == "l2" and s % 2 == 0:
+            s += 1
         sides[i] = min(s, min(h, w))
     sides.flags.writeable = False
     return sides
@@ -113,6 +125,91 @@ def square_delta(key, side, shape, eps, dtype):
     return jnp.where(mask[:, :, None], 2 * eps * signs, jnp.zeros((), dtype))
 
 
+# ----------------------------------------------------------------------------- L2
+
+def _centred_squares(rows, cols, n_rows, n_cols):
+    """The reference's `eta_rectangles(n_rows, n_cols)` at (rows, cols) (arrays, any
+    shape; valid where 0 <= rows < n_rows, 0 <= cols < n_cols), not yet normalised:
+    nested squares about the centre (n_rows // 2, n_cols // 2), the k-th (k = 0, 1, ...)
+    adding 1 / (k + 1)^2 within Chebyshev distance k, so a point at distance d holds
+    sum_{k = d}^{m - 1} 1 / (k + 1)^2, m = max(n_rows // 2 + 1, n_cols // 2 + 1)."""
+    d = jnp.maximum(jnp.abs(rows - n_rows // 2), jnp.abs(cols - n_cols // 2))
+    m = jnp.maximum(n_rows // 2 + 1, n_cols // 2 + 1)
+    # sum_{k=d}^{m-1} 1/(k+1)^2 = S(m) - S(d), S(j) = sum_{k<j} 1/(k+1)^2 (j <= MAX_SIDE).
+    prefix = jnp.concatenate([jnp.zeros(1), jnp.cumsum(1.0 / jnp.arange(1, MAX_SIDE + 1) ** 2)])
+    return prefix[jnp.minimum(m, MAX_SIDE)] - prefix[jnp.minimum(d, MAX_SIDE)]
+
+
+MAX_SIDE = 4096  # the largest square side the L2 patterns are tabulated for
+
+
+def l2_pattern(side, transpose, h: int, w: int, top=0, left=0):
+    """The reference's `eta(side)` placed with its corner at (top, left) on an (h, w)
+    canvas, 0 elsewhere: a side x side square of unit L2 norm, its upper side // 2 rows
+    the nested squares of eta_rectangles(side // 2, side) (each half normalised), the
+    lower rows their negative, the whole transposed where `transpose`. Traced sides and
+    corners, fixed shapes (iota arithmetic)."""
+    rows = jnp.arange(h)[:, None] - top
+    cols = jnp.arange(w)[None, :] - left
+    rows, cols = jnp.where(transpose, cols, rows), jnp.where(transpose, rows, cols)
+    inside = (rows >= 0) & (rows < side) & (cols >= 0) & (cols < side)
+    half = side // 2
+    upper = inside & (rows < half)
+    lower = inside & (rows >= half)
+    a = jnp.where(upper, _centred_squares(rows, cols, half, side), 0.0)
+    b = jnp.where(lower, _centred_squares(rows - half, cols, side - half, side), 0.0)
+    unit = lambda v: v / jnp.where((v * v).sum() > 0, jnp.sqrt((v * v).sum()), 1.0)
+    return unit(unit(a) - unit(b))
+
+
+def l2_start(key, x, eps):
+    """The reference's L2 start: the image tiled with side-s squares (s = h // 5, from
+    offset (h - 5 s) // 2), each an eta(s) pattern (its own random transpose) times a
+    random sign per example and channel; x_best = clip(x + eps * delta / ||delta||, 0, 1)."""
+    b, h, w, c = x.shape
+    s = h // 5
+    offset = (h - 5 * s) // 2
+    tops = [offset + s * i for i in range(h // s)]
+    lefts = [offset + s * j for j in range(w // s)]
+    k_t, k_s = jax.random.split(key)
+    flips = jax.random.bernoulli(k_t, 0.5, (len(tops), len(lefts)))
+    signs = jax.random.rademacher(k_s, (len(tops), len(lefts), b, 1, 1, c), x.dtype)
+    delta = jnp.zeros_like(x)
+    for i, top in enumerate(tops):
+        for j, left in enumerate(lefts):
+            pattern = l2_pattern(s, flips[i, j], h, w, top, left).astype(x.dtype)
+            delta = delta + pattern[None, :, :, None] * signs[i, j]
+    return jnp.clip(x + eps * core.l2_normalize(delta), 0.0, 1.0)
+
+
+def l2_candidate(key, side, x, x_best, eps):
+    """One L2 step of the reference: a side x side window W1 takes a new eta(side) pattern
+    (random transpose, one random sign per example and channel) plus its old content
+    (normalised), rescaled per example and channel so the budget left (eps^2 - ||delta||^2)
+    / c plus the energy of W1 and a second window W2 goes into W1; W2 is zeroed; then the
+    whole perturbation is scaled to norm eps and clipped to the box. Windows, transpose
+    and signs' distribution as the reference (windows shared by the batch)."""
+    b, h, w, c = x.shape
+    k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+    corner = lambda k, size: jax.random.randint(k, (), 0, jnp.maximum(size - side, 1))
+    top1, left1, top2, left2 = corner(k1, h), corner(k2, w), corner(k3, h), corner(k4, w)
+    w1 = window_mask(top1, left1, side, h, w)[None, :, :, None]
+    w2 = window_mask(top2, left2, side, h, w)[None, :, :, None]
+    delta = x_best - x
+    norm_of = lambda v: jnp.sqrt((v * v).sum(axis=(1, 2), keepdims=True))  # per (n, c)
+    norm_w1 = norm_of(jnp.where(w1, delta, 0.0))
+    norm_windows = norm_of(jnp.where(w1 | w2, delta, 0.0))
+    norm_image = core.per_example(core.l2_norm(delta), x)
+    pattern = l2_pattern(side, jax.random.bernoulli(k5, 0.5), h, w, top1, left1)
+    signs = jax.random.rademacher(k6, (b, 1, 1, c), x.dtype)
+    new = pattern[None, :, :, None].astype(x.dtype) * signs
+    new = new + jnp.where(w1, delta, 0.0) / (1e-12 + norm_w1)
+    scale = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
+    new = new / (1e-12 + norm_of(new)) * scale
+    delta = jnp.where(w1, new, jnp.where(w2, 0.0, delta))
+    return jnp.clip(x + eps * core.l2_normalize(delta), 0.0, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Square(core.Attack):
     """L-inf Square attack, as AutoAttack's standard version (module docstring).
@@ -126,10 +223,12 @@ class Square(core.Attack):
     restarts: int = 1
     loss: str = "margin"
     rescale_schedule: bool = False
+    norm: str = "linf"  # 'linf' | 'l2' (the reference's L2 start and windows)
 
     def __post_init__(self):
         if self.loss not in ("margin", "ce"):
             raise ValueError(f"Square loss={self.loss!r}; allowed: 'margin', 'ce'")
+        core.check_norm("Square", self.norm)
         core.check_arguments("Square", epsilon=self.epsilon, num_steps=self.num_steps,
                              restarts=self.restarts)
         if not 0 < self.p_init <= 1:
@@ -153,7 +252,7 @@ class Square(core.Attack):
         clean_logits = logits_fn(x)
         clean_margin, clean_loss = self.margin_and_loss(clean_logits, y)
         clean_ok = clean_logits.argmax(-1) == y
-        x_start = stripes_start(k_start, x, eps)
+        x_start = (stripes_start if self.norm == "linf" else l2_start)(k_start, x, eps)
         margin, loss = self.margin_and_loss(logits_fn(x_start), y)
         # Points misclassified at x keep x, frozen (margin <= 0), as `perturb` skips them.
         return {
@@ -170,10 +269,14 @@ class Square(core.Attack):
         i, eps = s["i"], s["eps"]
         _, h, w, c = x.shape
         sides = jnp.asarray(square_sides(self.num_steps, h, w, c, self.p_init,
-                                         self.rescale_schedule))
+                                         self.rescale_schedule, self.norm))
         side = sides[jnp.minimum(i, sides.shape[0] - 1)]
-        delta = square_delta(jax.random.fold_in(s["key"], i), side, (h, w, c), eps, x.dtype)
-        x_new = core.project_linf(s["x_best"] + delta, x, eps)
+        key = jax.random.fold_in(s["key"], i)
+        if self.norm == "linf":
+            delta = square_delta(key, side, (h, w, c), eps, x.dtype)
+            x_new = core.project_linf(s["x_best"] + delta, x, eps)
+        else:
+            x_new = l2_candidate(key, side, x, s["x_best"], eps)
         margin, loss = self.margin_and_loss(logits_fn(x_new), y)
         active = s["margin_min"] > 0
         improved = active & (loss < s["loss_min"])

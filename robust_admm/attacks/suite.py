@@ -26,10 +26,6 @@ def make(name: str, epsilon: float, num_classes: int = 10,
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon!r} must be >= 0")
     core.check_norm(name, norm)
-    if norm != "linf" and name == "square":
-        raise NotImplementedError(f"{name} with norm={norm!r} is not implemented (only "
-                                  f"'linf'); L2 has fgsm, pgd<N>, apgd-ce, apgd-dlr, apgd-t, "
-                                  f"fab-t")
     n_targets = min(9, num_classes - 1)
     m = re.fullmatch(r"pgd(\d+)", name)
     if m:
@@ -47,7 +43,7 @@ def make(name: str, epsilon: float, num_classes: int = 10,
     if name == "fab-t":
         return FabT(epsilon=epsilon, num_steps=100, n_target_classes=n_targets,
                     restarts=n_targets, norm=norm)
-    return Square(epsilon=epsilon, num_steps=5000)
+    return Square(epsilon=epsilon, num_steps=5000, norm=norm)
 
 
 def check_name(name: str):
