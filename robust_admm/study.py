@@ -25,7 +25,9 @@ import time
 import jax
 import ml_collections
 
-from robust_admm import checkpoint, claims, logs, recipe
+from robust_admm import checkpoint, claims, logs, recipe, report
+from robust_admm.report import read_json
+from robust_admm.study_config import CELL_INITS
 from robust_admm.validation import config_differences, validate_config
 
 # What a cell's shared first phase depends on: configs of a cell and its `start_from` must
@@ -47,9 +49,6 @@ def is_done(workdir: str, name: str) -> bool:
     return os.path.exists(cell_result_path(workdir, name))
 
 
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- config
@@ -103,9 +102,9 @@ def validate_study(study, workdir: str) -> list:
             if dep and dep not in names:
                 raise ValueError(f"cells.{name}.{field}={dep!r} is not a cell of the study; "
                                  f"cells: {', '.join(names)}")
-        if c.labels.get("init", "scratch") not in ("scratch", "pruned", "inherited"):
+        if c.labels.get("init", "scratch") not in CELL_INITS:
             raise ValueError(f"cells.{name}.labels.init={c.labels.init!r}; allowed: "
-                             f"scratch, pruned, inherited")
+                             f"{', '.join(CELL_INITS)}")
         try:
             program, phases = validate_config(cell_train_config(study, name, workdir))
         except ValueError as e:
@@ -137,7 +136,7 @@ def check_shared_phase(study, name: str, program: list):
         raise ValueError(f"cell {name!r} starts from cell {src_name!r} but its program "
                          f"{program[0].name!r} has nothing after the shared phase")
     src = study.cells[src_name].train
-    if phase not in [p.name for p in recipe.parse_program(src)][:1]:
+    if recipe.parse_program(src)[0].name != phase:
         raise ValueError(f"cell {name!r} shares its first phase {phase!r} with cell "
                          f"{src_name!r}, whose program does not start with it")
     a, b = json.loads(src.to_json()), json.loads(study.cells[name].train.to_json())
@@ -270,7 +269,6 @@ def run_study(study, workdir: str, allow_config_change: bool = False, wait: bool
         time.sleep(study.poll_s)
     logs.log(f"[study] all {len(order)} cells done")
     if write_report and logs.is_main_process():
-        from robust_admm import report
         logs.log(f"[study] report: {report.write_report(workdir)}")
     return ran
 
