@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 
 import jax
@@ -93,6 +94,9 @@ def validate_study(study, workdir: str) -> list:
     names = cell_names(study)
     if not names:
         raise ValueError("the study has no cells (config.cells is empty)")
+    for field in ("poll_s", "clock_every_s"):
+        if not study[field] > 0:
+            raise ValueError(f"{field}={study[field]!r}: must be a number of seconds > 0")
     for name in names:
         if not CELL_NAME.fullmatch(name):
             raise ValueError(f"cell name {name!r}: use letters, digits, '_', '-', '.'")
@@ -152,7 +156,7 @@ def check_study_file(workdir: str, study, allow_change: bool):
     if os.path.exists(path):
         diffs = config_differences(read_json(path), json.loads(study.to_json()))
         # Where the data are read from may change between machines and reruns.
-        diffs = [d for d in diffs if not d.startswith(("data.", "poll_s"))]
+        diffs = [d for d in diffs if not d.startswith(("data.", "poll_s", "clock_every_s"))]
         if diffs and not allow_change:
             raise ValueError(f"{workdir} holds a study with a different config:\n  "
                              + "\n  ".join(diffs) + "\nUse another --workdir, or pass "
@@ -175,11 +179,59 @@ def copy_shared_phase(workdir: str, study, name: str):
     os.replace(tmp, dst)
 
 
+class CellClock:
+    """A cell's wall time summed over every process that worked on it, so that a resumed
+    cell reports all of its cost. Each process appends its attempt to
+    DIR/cells/<cell>/time.json and saves its seconds every `every_s` from a daemon thread:
+    a killed process's time counts up to its last save."""
+
+    def __init__(self, cdir: str, every_s: float):
+        self.path = os.path.join(cdir, "time.json")
+        self.attempts = read_json(self.path)["attempts"] if os.path.exists(self.path) else []
+        self.start = time.time()
+        self.attempts.append({"pid": os.getpid(), "start": self.start, "seconds": 0.0})
+        self.every_s = every_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.save()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self.thread.join()
+        self.save()
+
+    def _tick(self):
+        while not self.stopped.wait(self.every_s):
+            self.save()
+
+    def save(self):
+        self.attempts[-1]["seconds"] = time.time() - self.start
+        logs.write_json(self.path, {"attempts": self.attempts})
+
+    def total_s(self) -> float:
+        return sum(a["seconds"] for a in self.attempts[:-1]) + time.time() - self.start
+
+
 def run_cell(workdir: str, study, name: str) -> dict:
     """Trains (or resumes) and evaluates cell `name`; writes and returns its cell.json."""
+    cdir = cell_dir(workdir, name)
+    with CellClock(cdir, study.clock_every_s) as clock:
+        result = train_and_evaluate_cell(workdir, study, name)
+        result.update(wall_time_s=clock.total_s(), processes=len(clock.attempts),
+                      this_process_s=time.time() - clock.start, ran_by=claims.owner())
+    logs.write_json(cell_result_path(workdir, name), result)
+    return result
+
+
+def train_and_evaluate_cell(workdir: str, study, name: str) -> dict:
+    """Cell `name`'s results (without its times): its final model evaluated."""
     from robust_admm import eval as eval_lib
     from robust_admm import train
-    t0 = time.time()
     cdir = cell_dir(workdir, name)
     cfg = cell_train_config(study, name, workdir)
     if study.cells[name].start_from:
@@ -190,7 +242,7 @@ def run_cell(workdir: str, study, name: str) -> dict:
     ev = eval_lib.evaluate_workdir(cdir, stage=stage, attacks=e.attacks, n=e.n, batch=e.batch,
                                    seed=e.seed, data_dir=cfg.data.dir)
     trained = summary["stages"][stage]
-    result = {
+    return {
         "cell": name,
         "labels": study.cells[name].labels.to_dict(),
         "stage": stage,
@@ -202,11 +254,7 @@ def run_cell(workdir: str, study, name: str) -> dict:
         "compression_rate": ev["compression_rate"],
         "size": ev["size"]["total"],
         "warnings": ev["warnings"],
-        "wall_time_s": time.time() - t0,
-        "ran_by": claims.owner(),
     }
-    logs.write_json(cell_result_path(workdir, name), result)
-    return result
 
 
 def progress_line(workdir: str, order: list, name: str, t_start: float) -> str:

@@ -30,6 +30,9 @@ def study_base() -> ml_collections.ConfigDict:
     s.eval = ml_collections.ConfigDict({"attacks": "pgd40,aa-standard", "n": 1000,
                                         "batch": 500, "seed": 0})
     s.poll_s = 30.0  # how often a process with nothing to claim looks again
+    # How often a cell's time record is saved: a killed process's time is counted up to its
+    # last save (robust_admm/study.py, CellClock).
+    s.clock_every_s = 10.0
     s.cells = ml_collections.ConfigDict()
     return s
 

@@ -102,6 +102,7 @@ def test_a_study_that_cannot_run_is_refused_naming_the_cell(tmp_path):
             assert w in str(e.value), str(e.value)
 
     refused(lambda s: setattr(s.cells.w4_to_w2, "start_from", "w9"), "w4_to_w2", "'w9'")
+    refused(lambda s: setattr(s, "clock_every_s", 0.0), "clock_every_s=0.0", "> 0")
     refused(lambda s: setattr(s.cells.w4, "inherit_from", "w2_inherited"), "cycle")
     refused(lambda s: setattr(s.cells.w4_to_w2.train.model, "width", 3), "w4_to_w2",
             "model.width")
@@ -154,6 +155,19 @@ def test_a_killed_study_resumes_without_redoing_a_finished_cell(shared_study):
     log = next(out for out in outs if "w4" in started(out))
     w4_log = log.split("[study] cell w4 ")[1]
     assert "[pretrain] resuming from step" in w4_log or "already complete" in w4_log, log
+    # Its time counts both processes: the killed one up to its last save (every 0.5 s).
+    result = study.read_json(study.cell_result_path(workdir, "w4"))
+    attempts = study.read_json(os.path.join(study.cell_dir(workdir, "w4"), "time.json"))
+    attempts = attempts["attempts"]
+    assert [a["pid"] for a in attempts] == [first_pid, result["ran_by"]["pid"]]
+    assert result["processes"] == 2 and attempts[0]["seconds"] > 0.5
+    assert result["wall_time_s"] == pytest.approx(sum(a["seconds"] for a in attempts),
+                                                  abs=0.1)
+    assert result["wall_time_s"] > result["this_process_s"]
+    for name in CELLS[2:]:  # cells run by one process
+        r = study.read_json(study.cell_result_path(workdir, name))
+        assert r["processes"] == 1 and r["wall_time_s"] == pytest.approx(r["this_process_s"],
+                                                                         abs=0.1)
 
 
 def test_two_processes_sharing_a_study_never_run_the_same_cell(shared_study):
@@ -206,6 +220,7 @@ def test_the_report_of_a_study_and_of_a_run(shared_study):
         for a in r["attacks"].values():
             assert f"| {100 * a['robust_acc']:.2f} |" in row
     assert all(f"{label} %" in text for label in results[0]["attacks"])
+    assert "run by more than one: w4 (2)." in text
     pngs = ["accuracy_vs_compression.png", "width_heatmap.png"] + [
         os.path.join("cells", n, p) for n in CELLS for p in ("curves.png",
                                                                "accuracy_vs_compression.png")]

@@ -33,5 +33,5 @@ def get_config(preset: str = ""):
                          epochs=epochs)
     s.eval.attacks, s.eval.n = ("pgd5", 64) if smoke else ("pgd20,aa-standard", 300)
     if smoke:
-        s.poll_s = 0.5
+        s.poll_s = s.clock_every_s = 0.5
     return s
