@@ -116,21 +116,28 @@ def plot_curves(records: list, path: str, title: str):
 
 
 def plot_accuracy_vs_compression(points: list, path: str, title: str, robust_label: str):
-    """points: dicts with kind, compression, natural, robust; a line per kind."""
+    """points: dicts with kind, compression, natural, robust (and optionally init); a line
+    per kind, or per kind and init where a kind was obtained more than one way."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, sharex=True)
-    kinds = []
+    inits_of = {}
     for p in points:
-        if p["kind"] not in kinds:
-            kinds.append(p["kind"])
-    for kind in kinds:
-        mine = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["compression"])
+        inits_of.setdefault(p["kind"], set()).add(p.get("init"))
+    series = {}
+    for p in points:
+        label = (f"{p['kind']} ({p['init']})" if len(inits_of[p["kind"]]) > 1
+                 else p["kind"])
+        series.setdefault(label, []).append(p)
+    for label, mine in series.items():
+        mine = sorted(mine, key=lambda p: p["compression"])
         xs = [p["compression"] for p in mine]
+        # No line through points at one rate (dense models: 1x, give or take an exact 0).
+        style = "o" if max(xs) < 1.01 * min(xs) else "o-"
         for ax, key in zip(axes, ("natural", "robust")):
             ys = [100 * p[key] if p[key] is not None else math.nan for p in mine]
-            ax.plot(xs, ys, "o-", label=kind)
+            ax.plot(xs, ys, style, label=label)
     axes[0].set_title("natural accuracy (%)")
-    axes[1].set_title(f"robust accuracy (%): {robust_label}")
+    axes[1].set_title(f"robust accuracy (%)\n{robust_label}")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("compression rate (all weights, x)")
@@ -208,11 +215,17 @@ def study_report(workdir: str) -> str:
              f"the first {', '.join(str(v) for v in sorted(n, key=str))} test images, every "
              f"attack at epsilon {', '.join(f'{e:g}' for e in sorted(eps))} "
              f"(L-inf); each cell's final model.", "", md_table(header, rows), ""]
+    resumed = [f"{c['cell']} ({c['processes']})" for c in cells if c.get("processes", 1) > 1]
+    if resumed:
+        lines += ["A cell's time is summed over the processes that worked on it (a killed "
+                  "one up to its last record); run by more than one: " + ", ".join(resumed)
+                  + ".", ""]
     for c in cells:
         c["robust"] = lowest_robust(c["attacks"])
     robust_label = "lowest of " + ", ".join(attack_labels) if attack_labels else ""
-    points = [{"kind": c["labels"].get("kind", "?"), "compression": c["compression_rate"],
-               "natural": c["natural_acc"], "robust": c["robust"]} for c in cells]
+    points = [{"kind": c["labels"].get("kind", "?"), "init": c["labels"].get("init"),
+               "compression": c["compression_rate"], "natural": c["natural_acc"],
+               "robust": c["robust"]} for c in cells]
     plots = []
     if points:
         plot_accuracy_vs_compression(points, os.path.join(workdir, "accuracy_vs_compression.png"),
