@@ -29,5 +29,10 @@ setup(
         "matplotlib>=3.7",
     ],
     # The suite runs on two workers (pytest.ini).
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        # ONNX export (robust_admm/onnx_export.py). jax2onnx 0.17 requires
+        # orbax-checkpoint < 0.11.37, so this extra installs orbax-checkpoint 0.11.36.
+        "onnx": ["jax2onnx>=0.17", "onnxruntime>=1.24"],
+    },
 )

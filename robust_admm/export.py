@@ -8,8 +8,11 @@ Files, for an output path `PATH` (or `PATH.npz`):
   PATH.json         the sidecar: model constructor, input, layouts, per-layer sparsity, bits
   PATH.small.npz    (filter / channel pruning, LeNets) the shrunk dense model, and
   PATH.small.json   its sidecar, with the shrink report
+  PATH.onnx         with --onnx (the optional extra, robust_admm/onnx_export.py): the
+  PATH.small.onnx   model (and the shrunk one) as ONNX, checked with onnxruntime
 
-    python -m robust_admm.export --workdir runs/digits --stage retrain --out runs/digits/model
+    python -m robust_admm.export --workdir runs/digits --stage retrain --out runs/digits/model \
+        [--onnx]
 """
 import argparse
 import json
@@ -138,14 +141,29 @@ def _input_spec(dataset: str) -> dict:
             "dataset": dataset}
 
 
+def _write_onnx(model, variables: dict, input_shape, npz_path: str) -> dict:
+    """The ONNX file beside `npz_path`; a graph onnxruntime refuses or computes differently
+    is reported (sidecar: written False and why), the other files stand."""
+    from robust_admm import onnx_export
+    try:
+        return {"written": True, **onnx_export.write_onnx(
+            model, variables, input_shape, npz_path[:-len(".npz")] + ".onnx")}
+    except ValueError as e:
+        return {"written": False, "reason": str(e)}
+
+
 def export_state(config: dict, state: dict, path: str, source: dict | None = None,
-                 specs: dict | None = None) -> dict:
+                 specs: dict | None = None, onnx: bool = False) -> dict:
     """Writes the model in `state` (a finished stage: params, batch_stats, masks) described
     by the run `config` (config.json as a dict) to `path`, the bit widths from `specs` (the
     phase's `recipe.finished_phase_specs`); returns the sidecar. With filter
     or channel pruning of a LeNet it also writes the shrunk model (`shrink`); for models
-    `shrink` does not handle, the sidecar says why none was written."""
+    `shrink` does not handle, the sidecar says why none was written. With `onnx`, also
+    PATH.onnx (and PATH.small.onnx) through the optional extra."""
     files = output_paths(path)
+    if onnx:
+        from robust_admm import onnx_export
+        onnx_export.check_installed()  # before any file is written
     model_cfg, prune = config["model"], config.get("prune", {})
     dataset = config["data"]["name"]
     inp = _input_spec(dataset)
@@ -171,6 +189,8 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
             sidecar["small_model"] = {"written": False, "reason": str(e)}
         else:
             export_npz(small_vars["params"], {}, files["small_npz"])
+            small_onnx = (_write_onnx(small, small_vars, inp["shape"], files["small_npz"])
+                          if onnx else None)
             small_side = {
                 "format_version": FORMAT_VERSION,
                 "model": {"class": "robust_admm.models.LeNet", "args": lenet_args(small),
@@ -178,16 +198,23 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
                 "input": inp, "layouts": LAYOUTS,
                 "weights_file": os.path.basename(files["small_npz"]),
                 **describe(small_vars["params"]), "shrink": rep, "source": source or {}}
+            if small_onnx:
+                small_side["onnx"] = small_onnx
             logs.write_json(files["small_json"], small_side)
             sidecar["small_model"] = {"written": True, "weights_file": os.path.basename(
                 files["small_npz"]), "sidecar": os.path.basename(files["small_json"]),
                 "param_count": rep["params_after"], "shrink": rep}
+            if small_onnx:
+                sidecar["small_model"]["onnx"] = small_onnx
+    if onnx:
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        sidecar["onnx"] = _write_onnx(model, variables, inp["shape"], files["npz"])
     sidecar = logs.to_python(sidecar)
     logs.write_json(files["json"], sidecar)
     return sidecar
 
 
-def write_export(workdir: str, stage: str, path: str) -> dict:
+def write_export(workdir: str, stage: str, path: str, onnx: bool = False) -> dict:
     """Exports the final state of the finished `stage` in `workdir` (see `export_state`)."""
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -204,7 +231,8 @@ def write_export(workdir: str, stage: str, path: str) -> dict:
     specs = recipe.finished_phase_specs(ml_collections.ConfigDict(config), stage,
                                         state["params"], num_classes, (1, *shape))
     return export_state(config, state, path,
-                        source={"workdir": os.path.abspath(workdir), "stage": stage}, specs=specs)
+                        source={"workdir": os.path.abspath(workdir), "stage": stage}, specs=specs,
+                        onnx=onnx)
 
 
 def _shapes(variables) -> dict:
@@ -355,10 +383,12 @@ def main(argv=None):
     ap.add_argument("--stage", default="retrain", help="a phase of the run's program, e.g. "
                     f"{', '.join(STAGES)}")
     ap.add_argument("--out", required=True, help="output path (stem or .npz)")
+    ap.add_argument("--onnx", action="store_true", help="also write PATH.onnx, checked with "
+                    "onnxruntime (optional extra: pip install -e '.[onnx]')")
     args = ap.parse_args(argv)
     try:
-        side = write_export(args.workdir, args.stage, args.out)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        side = write_export(args.workdir, args.stage, args.out, onnx=args.onnx)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files = output_paths(args.out)
@@ -370,6 +400,12 @@ def main(argv=None):
               "parameters")
     elif small:
         print(f"no shrunk model: {small['reason']}")
+    for label, entry in (("", side.get("onnx")), ("shrunk model's ", (small or {}).get("onnx"))):
+        if entry and entry["written"]:
+            print(f"wrote the {label}ONNX file {entry['file']}: onnxruntime's logits within "
+                  f"{entry['max_abs_logit_diff']:.2g} of JAX's")
+        elif entry:
+            print(f"no {label}ONNX file: {entry['reason']}")
     return 0
 
 

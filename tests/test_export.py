@@ -2,6 +2,7 @@
 shrunk LeNet (pruned units physically removed) equal to the masked model."""
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -234,3 +235,49 @@ def test_bad_input_is_refused_clearly(tmp_path):
         json.dump(side, f)
     with pytest.raises(ValueError, match="does not fit"):
         export.rebuild(out + ".npz", out + ".json")
+
+
+# ----------------------------------------------------------------------------- ONNX (extra)
+
+def test_onnx_without_the_extra_is_refused_before_any_file(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    fake_workdir(workdir)
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'.*jax2onnx"):
+        export.write_export(workdir, "retrain", str(tmp_path / "out" / "m"), onnx=True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_models_logits(tmp_path):
+    """Needs the optional extra (`.[onnx]`); skipped where it is not installed."""
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    workdir = str(tmp_path / "run")
+    model, params, _ = fake_workdir(workdir)
+    side = export.write_export(workdir, "retrain", str(tmp_path / "m"), onnx=True)
+    assert side["onnx"]["written"] and side["small_model"]["onnx"]["written"]
+    x = np.asarray(jax.random.uniform(jax.random.PRNGKey(8), (5, 28, 28, 1)))
+    small, small_vars = export.rebuild(str(tmp_path / "m.small.npz"),
+                                       str(tmp_path / "m.small.json"))
+    for path, want in ((tmp_path / "m.onnx", logits(model, params, x)),
+                       (tmp_path / "m.small.onnx", logits(small, small_vars["params"], x))):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_onnx_file_onnxruntime_cannot_run_is_reported_and_removed(tmp_path, monkeypatch):
+    """Needs the optional extra (`.[onnx]`); skipped where it is not installed."""
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Incompatible dimensions")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    model = get_model("lenet_adv", 10, 1)
+    variables = {"params": init(model, MNIST)}
+    entry = export._write_onnx(model, variables, (1, *MNIST), str(tmp_path / "m.npz"))
+    assert not entry["written"] and "onnxruntime cannot run" in entry["reason"]
+    assert "Incompatible dimensions" in entry["reason"]
+    assert os.listdir(tmp_path) == []
