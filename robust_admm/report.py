@@ -138,8 +138,12 @@ def plot_accuracy_vs_compression(points: list, path: str, title: str, robust_lab
             ax.plot(xs, ys, style, label=label)
     axes[0].set_title("natural accuracy (%)")
     axes[1].set_title(f"robust accuracy (%)\n{robust_label}")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2 and 4, not 2 x 10^0
     for ax in axes:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("compression rate (all weights, x)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
