@@ -197,15 +197,13 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
                           "shrunk_from": sidecar["model"]},
                 "input": inp, "layouts": LAYOUTS,
                 "weights_file": os.path.basename(files["small_npz"]),
-                **describe(small_vars["params"]), "shrink": rep, "source": source or {}}
-            if small_onnx:
-                small_side["onnx"] = small_onnx
+                **describe(small_vars["params"]), "shrink": rep, "source": source or {},
+                **({"onnx": small_onnx} if small_onnx else {})}
             logs.write_json(files["small_json"], small_side)
             sidecar["small_model"] = {"written": True, "weights_file": os.path.basename(
                 files["small_npz"]), "sidecar": os.path.basename(files["small_json"]),
-                "param_count": rep["params_after"], "shrink": rep}
-            if small_onnx:
-                sidecar["small_model"]["onnx"] = small_onnx
+                "param_count": rep["params_after"], "shrink": rep,
+                **({"onnx": small_onnx} if small_onnx else {})}
     if onnx:
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
         sidecar["onnx"] = _write_onnx(model, variables, inp["shape"], files["npz"])

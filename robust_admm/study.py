@@ -213,17 +213,16 @@ class CellClock:
         self.attempts[-1]["seconds"] = time.time() - self.start
         logs.write_json(self.path, {"attempts": self.attempts})
 
-    def total_s(self) -> float:
-        return sum(a["seconds"] for a in self.attempts[:-1]) + time.time() - self.start
-
 
 def run_cell(workdir: str, study, name: str) -> dict:
     """Trains (or resumes) and evaluates cell `name`; writes and returns its cell.json."""
     cdir = cell_dir(workdir, name)
     with CellClock(cdir, study.clock_every_s) as clock:
         result = train_and_evaluate_cell(workdir, study, name)
-        result.update(wall_time_s=clock.total_s(), processes=len(clock.attempts),
-                      this_process_s=time.time() - clock.start, ran_by=claims.owner())
+    # The clock's final record: cell.json and time.json agree exactly.
+    result.update(wall_time_s=sum(a["seconds"] for a in clock.attempts),
+                  processes=len(clock.attempts), this_process_s=clock.attempts[-1]["seconds"],
+                  ran_by=claims.owner())
     logs.write_json(cell_result_path(workdir, name), result)
     return result
 
