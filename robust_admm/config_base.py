@@ -32,6 +32,10 @@ def phase_config(kind: str, epochs: int, lr: float, rules: str = "", **optim):
     closest earlier admm/retrain phase, or `prune.*` for the first)."""
     c = stage_config(epochs, lr, **optim)
     c.kind = kind
+    # This phase's training attack where it differs from `attack.*` (None = attack.*'s):
+    # e.g. a finer attack while compressing, where the pruned model's robustness is made.
+    c.attack_steps = config_dict.placeholder(int)
+    c.attack_step_size = config_dict.placeholder(float)
     if kind != "dense":
         c.rules = rules
     if kind == "retrain":

@@ -116,8 +116,8 @@ def parse_program(config) -> list:
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation, float32, the default initialisation;
-    before programs, the default program."""
+    values that mean what it ran: no augmentation, float32, the default initialisation,
+    every phase on `attack.*`; before programs, the default program."""
     if "init" not in d:
         d = dict(d, init=base_config().init.to_dict())
     if "augment" not in d.get("data", {"augment": None}):
@@ -125,6 +125,9 @@ def upgrade_config_dict(d: dict) -> dict:
     if "dtype" not in d.get("model", {"dtype": None}):
         d = dict(d, model=dict(d["model"], dtype="float32"))
     if "program" in d:
+        for name in _names(d["program"]):  # phase fields added since programs
+            if name in d and "attack_steps" not in d[name]:
+                d = dict(d, **{name: dict(d[name], attack_steps=None, attack_step_size=None)})
         return d
     d = dict(d, program=",".join(STAGES))
     for name, kind in DEFAULT_KINDS.items():

@@ -228,9 +228,10 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         run.writer.truncate_after(stage, last_ckpt or 0,
                                   [p.name for p in run.program[phase.index + 1:]])
         warmup = int(round(cfg.attack.warmup_epochs * spe)) if phase.index == 0 else 0
+        attack = make_attack(cfg.attack, cfg.setting, warmup, cfg.objective, scfg)
+        logs.log(f"[{stage}] training attack: {attack.describe()}")
         train_step = make_train_step(
-            run.model, tx, make_attack(cfg.attack, cfg.setting, warmup, cfg.objective),
-            cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
+            run.model, tx, attack, cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
             cfg.objective, cfg.objective_beta,
             constraints=specs if phase.kind == "retrain" else None,
             quantize_update=scfg.get("quantize_update", "project"),

@@ -83,6 +83,11 @@ def validate_config(config, device_count: int | None = None):
     for phase in program:
         s = config[phase.name]
         _require(s.epochs >= 0, f"{phase.name}.epochs", s.epochs, "an integer >= 0")
+        steps, size = s.get("attack_steps"), s.get("attack_step_size")
+        _require(steps is None or steps >= 0, f"{phase.name}.attack_steps", steps,
+                 "an integer >= 0, or None for attack.num_steps")
+        _require(size is None or size > 0, f"{phase.name}.attack_step_size", size,
+                 "a number > 0, or None for attack.step_size")
         if phase.compresses:
             recipe.parse_rules(phase.rules)  # the syntax; layers are matched at the start
         if phase.kind == "retrain":

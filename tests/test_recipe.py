@@ -205,3 +205,9 @@ def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
     del old["pretrain"]["kind"]
     assert config_differences(recipe.upgrade_config_dict(old), new) == []
     assert config_differences(old, new)  # (the test would notice a no-op upgrade)
+    # Written with programs, before phases had their own training attack.
+    old = json.loads(json.dumps(new))
+    for name in ("pretrain", "admm", "retrain"):
+        del old[name]["attack_steps"], old[name]["attack_step_size"]
+    assert config_differences(old, new)
+    assert config_differences(recipe.upgrade_config_dict(old), new) == []

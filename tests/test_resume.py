@@ -216,6 +216,8 @@ def test_skip_policy_goes_past_nonfinite_steps_without_applying_them(tmp_path, i
     ({"admm.rules": "fc1=irregular:x"}, "ratio='x' is not a number"),
     ({"admm.rules": "fc1"}, "not 'layer=set'"),
     ({"admm.update_every_epochs": 0}, "admm.update_every_epochs=0 is not allowed"),
+    ({"admm.attack_steps": -2}, "admm.attack_steps=-2 is not allowed.*None for attack"),
+    ({"retrain.attack_step_size": 0.0}, "retrain.attack_step_size=0.0 is not allowed"),
     ({"stages": "pretrain,finetune"}, "unknown stage 'finetune'"),
     ({"stages": "retrain,pretrain"}, "out of order"),
     ({"pretrain.lr": 0.0}, "pretrain: lr=0.0 must be > 0"),

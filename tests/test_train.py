@@ -87,9 +87,15 @@ def test_cli_smoke_on_idx_files_then_a_stage_subset(tmp_path):
     write_idx(data_dir, np.random.default_rng(0))
     files = ["--config.data.source=files", f"--config.data.dir={data_dir}"]
     workdir = str(tmp_path / "run")
+    # A phase's own training attack (:smoke's is PGD-3 at step 0.1) replaces attack.*'s.
+    files += ["--config.admm.attack_steps=2", "--config.retrain.attack_step_size=0.07"]
     r = run_cli(workdir, *files, "--config.admm.rho=0.01")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compression (pruned)" in r.stdout and "img/s" in r.stdout and "ETA" in r.stdout
+    for line in ("[pretrain] training attack: PGD-3 (eps 0.3, step 0.1)",
+                 "[admm] training attack: PGD-2 (eps 0.3, step 0.1)",
+                 "[retrain] training attack: PGD-3 (eps 0.3, step 0.07)"):
+        assert line in r.stdout
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["admm"]["rho"] == 0.01
     summary = json.load(open(os.path.join(workdir, "summary.json")))
