@@ -196,7 +196,7 @@ def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
     """A workdir written before programs and augmentation resumes without a config change:
     the fields added since are filled in at the values that mean what it ran."""
     from robust_admm.validation import config_differences
-    new = mnist_config.get_config("cpu").to_dict()
+    new = mnist_config.get_config("cpu_pgd_at").to_dict()
     old = json.loads(json.dumps(new))
     del old["program"], old["data"]["augment"], old["model"]["dtype"]
     for name in ("admm", "retrain"):

@@ -8,7 +8,7 @@ from scratch, or than the pruned structure trained again from its inherited init
 Presets:
 - (none) or `cpu`: sized to fit 2 hours on 2 CPU cores: LeNet_adv at widths 2, 4, 8 from
   scratch; w = 8 pruned to the size of w = 2 and of w = 4; those two pruned structures
-  trained from the inherited initialisation. The `:cpu` MNIST recipe (PGD-10 training with
+  trained from the inherited initialisation. The `:cpu_pgd_at` MNIST recipe (PGD-10 training with
   an epsilon ramp, PGD-40 evaluation) with few epochs: 3 dense (every from-scratch and
   inherited cell), 2 admm + 2 retrain after the shared dense w = 8 model. Evaluated on the
   first 250 test images: with these short recipes a cell's evaluation (AutoAttack
@@ -30,7 +30,7 @@ def get_config(preset: str = "cpu"):
     s.name = f"mnist_width:{preset}"
     if preset == "cpu":
         def train_at(width):
-            c = train_config(__file__, "../mnist.py", "cpu")
+            c = train_config(__file__, "../mnist.py", "cpu_pgd_at")
             c.model.width = width
             return c
         s.cells = width_grid(train_at, widths=(2, 4), large=8, layers=LAYERS,
