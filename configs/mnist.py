@@ -7,7 +7,8 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
   retrain phases, PGD-40 evaluation, 9.6x on the pruned layers; 86.2% under AutoAttack on
   the first 2,000 test images, 4 points below its PGD-40 (README, Results).
 - `cpu_pgd_at`: `cpu` with the paper's objective, PGD-AT (PGD-10 x 0.05 throughout), about
-  65 minutes: 6.6 points less under AutoAttack at the same 9.6x.
+  65 minutes: 81.5% under AutoAttack on the first 1,000 test images at the same 9.6x
+  (`cpu`: 88.1% there).
 - `cpu_mart`: `cpu_pgd_at` trained with MART (beta 6) instead of PGD-AT.
 - `cpu_nm`, `cpu_ternary`, `cpu_prune_quantize`: `cpu_pgd_at` compressed another way: 2:4
   sparsity on conv2 and fc1; every layer ternary; 8x irregular, then 4-bit on the kept
@@ -78,8 +79,8 @@ def get_config(preset: str = "paper"):
         if preset == "cpu":
             c.objective = "trades"
             # A finer attack while compressing (20 x 0.02 covers 1.3 eps, as TRADES's own
-            # 40 x 0.01): the PGD-40 to AutoAttack gap grew there under 10 x 0.05 (3.9
-            # points, now 3.0). 40 x 0.01 read the same (2.9) for 18 minutes more.
+            # 40 x 0.01, which read the same for 18 minutes more): the PGD-40 to AutoAttack
+            # gap grew there under 10 x 0.05 (benchmarks/NOTES.md).
             for s in (c.admm, c.retrain):
                 s.attack_steps, s.attack_step_size = 20, 0.02
         elif preset == "cpu_mart":

@@ -8,8 +8,8 @@ from scratch, or than the pruned structure trained again from its inherited init
 Presets:
 - (none) or `cpu`: sized to fit 2 hours on 2 CPU cores: LeNet_adv at widths 2, 4, 8 from
   scratch; w = 8 pruned to the size of w = 2 and of w = 4; those two pruned structures
-  trained from the inherited initialisation. The `:cpu_pgd_at` MNIST recipe (PGD-10 training with
-  an epsilon ramp, PGD-40 evaluation) with few epochs: 3 dense (every from-scratch and
+  trained from the inherited initialisation. The `:cpu_pgd_at` MNIST recipe (PGD-10 training
+  with an epsilon ramp, PGD-40 evaluation) with few epochs: 3 dense (every from-scratch and
   inherited cell), 2 admm + 2 retrain after the shared dense w = 8 model. Evaluated on the
   first 250 test images: with these short recipes a cell's evaluation (AutoAttack
   above all) takes longer than its training (benchmarks/NOTES.md).
