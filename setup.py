@@ -1,9 +1,15 @@
 """robust-admm: adversarially robust and compressed networks with JAX, Flax and ADMM."""
+import re
+
 from setuptools import find_packages, setup
+
+# The version is defined once, in robust_admm/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("robust_admm/__init__.py",
+                                                       encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="robust-admm",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Concurrent adversarial training and ADMM compression (pruning, quantization) "
         "in JAX/Flax"
@@ -28,10 +34,12 @@ setup(
         # Plots of the evaluation (robust accuracy versus epsilon) and of reports.
         "matplotlib>=3.7",
     ],
+    # `robust-admm train|eval|export|study|report`, as `python -m robust_admm.<verb>`.
+    entry_points={"console_scripts": ["robust-admm = robust_admm.cli:main"]},
     # The suite runs on two workers (pytest.ini).
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
-        # ONNX export (robust_admm/onnx_export.py). jax2onnx 0.17 requires
+        # ONNX export (robust_admm/experiments/onnx_export.py). jax2onnx 0.17 requires
         # orbax-checkpoint < 0.11.37, so this extra installs orbax-checkpoint 0.11.36.
         "onnx": ["jax2onnx>=0.17", "onnxruntime>=1.24"],
     },

@@ -95,11 +95,13 @@ def main():
         return torch_side(npz, data_npz, out, float(eps), int(threads), int(seed))
 
     import jax
-    from robust_admm import data, export, robustness
+    from robust_admm import data
     from robust_admm.attacks import suite
-    from robust_admm.eval import load_config
+    from robust_admm.evaluation import robustness
+    from robust_admm.experiments import export
+    from robust_admm.experiments.workdir import load_final_state
+    from robust_admm.experiments.workdir import read_config as load_config
     from robust_admm.models import get_model
-    from robust_admm.checkpoint import load_final_state
 
     config = load_config(args.workdir)
     state = load_final_state(args.workdir, args.stage)
@@ -127,7 +129,7 @@ def main():
                    check=True, env=env)
     with open(out) as f:
         ref = json.load(f)
-    from robust_admm.step import apply_model
+    from robust_admm.models import apply_model
     logits = np.asarray(apply_model(model, state["params"], state.get("batch_stats") or {},
                                     x, train=False)[0])
     ens = ours["attacks"]["aa-standard"]

@@ -18,9 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_admm import checkpoint, export, projections
+from robust_admm.compression import projections
+from robust_admm.compression import size as size_lib
+from robust_admm.experiments import export
+from robust_admm.experiments import shrink as shrink_lib
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.models import apply_model
 from robust_admm.models import conv, get_model
-from robust_admm.step import apply_model
 
 
 def demo_model(width: int, ratio: float, bias_std: float, seed: int = 0):
@@ -46,7 +50,7 @@ def workdir_model(workdir: str, stage: str):
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     shape, classes = export.INPUTS[cfg["data"]["name"]]
-    state = checkpoint.load_final_state(workdir, stage)
+    state = workdir_lib.load_final_state(workdir, stage)
     model = get_model(cfg["model"]["name"], classes, cfg["model"]["width"])
     return model, state["params"], state["masks"], shape
 
@@ -90,7 +94,7 @@ def main():
         model, params, masks, shape = workdir_model(args.workdir, args.stage)
         what = f"{args.workdir} stage {args.stage}"
     masked = jax.tree_util.tree_map(lambda w, m: jnp.asarray(np.asarray(w) * m), params, masks)
-    small, small_vars, rep = export.shrink(model, params, {}, masks)
+    small, small_vars, rep = shrink_lib.shrink(model, params, {}, masks)
     x = jax.random.uniform(jax.random.PRNGKey(1), (args.batch, *shape))
     fns = {"masked": jax.jit(lambda x: apply_model(model, masked, {}, x, False)[0]),
            "shrunk": jax.jit(lambda x: apply_model(small, small_vars["params"], {}, x,
@@ -98,7 +102,7 @@ def main():
     diff = float(jnp.max(jnp.abs(fns["masked"](x) - fns["shrunk"](x))))
     t = time_pair(fns, x, args.repeats)
 
-    nonzero = projections.compression_rate(masked, masks=masks)
+    nonzero = size_lib.compression_rate(masked, masks=masks)
     print(f"{what}; {jax.default_backend()} ({jax.device_count()} device), batch {args.batch},"
           f" median of {args.repeats}, convolutions {args.conv}")
     for name, layer in rep["layers"].items():

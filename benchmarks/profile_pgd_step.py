@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 
-from robust_admm import host_memory
+from robust_admm.runtime import host_memory
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -45,9 +45,10 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from robust_admm import attacks, compiler
+    from robust_admm import attacks
     from robust_admm.models import get_model
-    from robust_admm.step import attack_logits_fn
+    from robust_admm.runtime import compiler
+    from robust_admm.training.step import attack_logits_fn
 
     mnist = args.model == "lenet_adv"
     batch = args.batch or (64 if mnist else 128)

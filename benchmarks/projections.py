@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from robust_admm.projections import project_tree
+from robust_admm.compression.rules import project_tree
 
 SPECS = {
     "irregular": {"kind": "irregular", "ratio": 0.9},

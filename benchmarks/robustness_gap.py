@@ -17,10 +17,15 @@ import time
 import jax
 import numpy as np
 
-from robust_admm import checkpoint, data, parallel, recipe
-from robust_admm.eval import default_epsilon, load_config
+from robust_admm import data
+from robust_admm.evaluation.robustness import Evaluator
+from robust_admm.evaluation.robustness import robust_accuracy
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.experiments.evaluate import default_epsilon
+from robust_admm.experiments.workdir import read_config as load_config
 from robust_admm.models import get_model
-from robust_admm.robustness import Evaluator, robust_accuracy
+from robust_admm.runtime import parallel
+from robust_admm.training import program
 
 
 def parse_spec(spec: str):
@@ -42,8 +47,8 @@ def main():
     a = p.parse_args()
     config = load_config(a.workdir)
     stages = a.stages.split(",") if a.stages else [
-        p.name for p in recipe.parse_program(config)
-        if os.path.isdir(checkpoint.stage_dir(a.workdir, p.name))]
+        p.name for p in program.parse_program(config)
+        if os.path.isdir(workdir_lib.stage_dir(a.workdir, p.name))]
     ds = data.load_dataset(config.data.name, config.data.source, a.data or config.data.dir or None)
     x = ds.test.images[:a.n].astype(np.float32) / 255.0
     y = ds.test.labels[:a.n]
@@ -52,7 +57,7 @@ def main():
     specs = [parse_spec(s) for s in a.attacks.split(",")]
     rows = []
     for stage in stages:
-        state = checkpoint.load_final_state(a.workdir, stage)
+        state = workdir_lib.load_final_state(a.workdir, stage)
         ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, a.batch,
                        parallel.make_mesh(), config.attack.loop, config.cpu_convolutions,
                        log=lambda *_: None)

@@ -1,6 +1,6 @@
-"""Times the project's real adversarial training step (robust_admm.step.make_train_step)
-with the same flags as the PyTorch peer (torch_peer.py of the shared bench tools), and
-prints
+"""Times the project's real adversarial training step
+(robust_admm.training.step.make_train_step) with the same flags as the PyTorch peer
+(torch_peer.py of the shared bench tools), and prints
 
     RESULT impl=robust_admm model=... width=... steps=... batch=... img/s=...
 
@@ -19,10 +19,11 @@ in the same run (before and after each config, the larger reading); with
 `--torch-python`/`--torch-peer` the peer runs alternately with ours (A B A B) and the
 table gives the ratio of the medians.
 
-`--mode eval` times evaluation under attack instead (robust_admm.step.make_eval_step: one
-batch = natural accuracy, PGD with random start, accuracy under attack; BatchNorm on its
-running averages, no weight gradients; (2k + 2) forward passes of FLOPs), and `--all`
-then runs `torch_eval_peer.py` of this folder as the peer.
+`--mode eval` times evaluation under attack instead
+(robust_admm.evaluation.eval_step.make_eval_step: one batch = natural accuracy, PGD with
+random start, accuracy under attack; BatchNorm on its running averages, no weight
+gradients; (2k + 2) forward passes of FLOPs), and `--all` then runs `torch_eval_peer.py`
+of this folder as the peer.
 """
 import argparse
 import os
@@ -138,14 +139,14 @@ def matmul_peak(n: int = 4096) -> float:
 
 
 def run_one(args):
-    from robust_admm import host_memory
+    from robust_admm.runtime import host_memory
     malloc_note = host_memory.configure(  # before JAX starts its threads
         host_memory.resolve(args.host_malloc, args.model))
     import jax
     import numpy as np
 
     from robust_admm.models import get_model
-    from robust_admm.step import resolve_pgd_loop
+    from robust_admm.runtime.compiler import resolve_pgd_loop
 
     eps, step_size, k_def, b_def = EPS[args.model]
     steps = k_def if args.steps is None else args.steps
@@ -196,9 +197,13 @@ def _train_iteration(args, model, variables, images, labels, attack_setting):
     import ml_collections
     import numpy as np
 
-    from robust_admm import admm, optim, projections
-    from robust_admm.config_base import stage_config
-    from robust_admm.step import TrainState, make_attack, make_train_step
+    from robust_admm.compression import admm
+    from robust_admm.compression import rules as rules_lib
+    from robust_admm.experiments.config_base import stage_config
+    from robust_admm.training import optim
+    from robust_admm.training.attack import make_attack
+    from robust_admm.training.state import TrainState
+    from robust_admm.training.step import make_train_step
 
     eps, step_size, steps, batch = attack_setting
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -207,7 +212,7 @@ def _train_iteration(args, model, variables, images, labels, attack_setting):
     schedule = optim.make_schedule(cfg, 1)
     tx = optim.make_optimizer(cfg, schedule)
     # ADMM auxiliaries on every conv kernel, as the peer does.
-    specs = projections.match_rules(params, {"*conv*": {"kind": "irregular", "ratio": 0.5}})
+    specs = rules_lib.match_rules(params, {"*conv*": {"kind": "irregular", "ratio": 0.5}})
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=eps, step_size=step_size, num_steps=steps, random_start=True, loss="ce",
         unroll=args.unroll)), "adversarial")
@@ -234,7 +239,7 @@ def _eval_iteration(args, model, variables, images, labels, attack_setting):
     import jax
 
     from robust_admm.attacks import Pgd
-    from robust_admm.step import make_eval_step
+    from robust_admm.evaluation.eval_step import make_eval_step
 
     eps, step_size, steps, batch = attack_setting
     params, batch_stats = variables["params"], variables.get("batch_stats", {})

@@ -16,7 +16,7 @@ Z/U every 20 epochs, rho 1e-3 growing 1.3x; retrain 200 epochs lr 0.01; batch 12
 crop and flip. Evaluation during training: PGD-20 at step 2/255 (AutoAttack: `python -m
 robust_admm.eval`). It needs a GPU: about 600 epochs of 11 forward-backward passes.
 """
-from robust_admm.config_base import base_config
+from robust_admm.experiments.config_base import base_config
 
 MODELS = ("vgg16", "resnet18", "wrn28_4", "wrn34_10")
 SPARSITY = {f"irregular{p}": ("irregular", p / 100) for p in (90, 95, 99)}

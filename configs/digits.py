@@ -3,7 +3,7 @@
 
 Presets: (none) the quick start; `smoke` a shorter run for tests.
 """
-from robust_admm.config_base import base_config
+from robust_admm.experiments.config_base import base_config
 
 
 def get_config(preset: str = ""):

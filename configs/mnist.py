@@ -4,11 +4,10 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
 - (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
 - `cpu`: a budget recipe for 2 CPU cores, about 47 minutes for all three stages: w = 4,
   TRADES (beta 6) with PGD-10 x 0.05 in pretraining and PGD-20 x 0.02 in the admm and
-  retrain phases, PGD-40 evaluation, 9.6x on the pruned layers; 86.2% under AutoAttack on
-  the first 2,000 test images, 4 points below its PGD-40 (README, Results).
+  retrain phases, PGD-40 evaluation, 9.6x on the pruned layers (results: README, Results;
+  benchmarks/NOTES.md, "The `:cpu` model on 2,000 test images").
 - `cpu_pgd_at`: `cpu` with the paper's objective, PGD-AT (PGD-10 x 0.05 throughout), about
-  65 minutes: 81.5% under AutoAttack on the first 1,000 test images at the same 9.6x
-  (`cpu`: 88.1% there).
+  65 minutes, at the same 9.6x.
 - `cpu_mart`: `cpu_pgd_at` trained with MART (beta 6) instead of PGD-AT.
 - `cpu_nm`, `cpu_ternary`, `cpu_prune_quantize`: `cpu_pgd_at` compressed another way: 2:4
   sparsity on conv2 and fc1; every layer ternary; 8x irregular, then 4-bit on the kept
@@ -21,7 +20,7 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
   rates with every kind of rule (filter, column, N:M, binary, ternary, 4-bit, sparsity
   with quantization), the second retrain with the straight-through estimator.
 """
-from robust_admm.config_base import base_config, phase_config
+from robust_admm.experiments.config_base import base_config, phase_config
 
 # Irregular ratios for 8x on all of LeNet_adv w=4's weights (fc1 holds 97% of them).
 PRUNE_8X = "conv1=irregular:0.5,conv2=irregular:0.75,fc1=irregular:0.879,fc2=irregular:0.75"
@@ -59,15 +58,17 @@ def get_config(preset: str = "paper"):
     elif preset in CPU_VARIANTS:
         c.model.width = 4
         c.prune.to_width = 0
-        # 9.6x on the pruned layers (conv1 is tiny: 200 weights, kept at half). At 15x
-        # (conv2 0.875, fc1 0.9375) this model lost 10 points under AutoAttack to pruning.
+        # 9.6x on the pruned layers (conv1 is tiny: 200 weights, kept at half); a higher
+        # rate lost much more to pruning (benchmarks/NOTES.md, "The `:cpu` recipe against
+        # AutoAttack").
         c.prune.ratios = "conv1=0.5,conv2=0.8,fc1=0.9,fc2=0.75"
         c.batch_size = 64
         c.attack.num_steps = 10  # cheaper inner loop for training ...
         c.attack.step_size = 0.05  # ... with a larger step (10 x 0.05 covers the ball)
         c.attack.warmup_epochs = 1.0  # ramp epsilon up over the first pretraining epoch
         # Evaluation: PGD-40 at Madry et al.'s step 2.5 eps / 40. The paper's 0.01 (40 x 0.01
-        # covers 1.3 eps) read 2 points higher on these models, 2 more of the AutoAttack gap.
+        # covers 1.3 eps) is the weaker attack on these models (benchmarks/NOTES.md, "The
+        # `:cpu` recipe against AutoAttack").
         c.eval.num_steps, c.eval.step_size = 40, 0.01875
         c.eval.every_epochs = 100  # only at the end of each stage
         for s in (c.pretrain, c.admm, c.retrain):
@@ -79,8 +80,9 @@ def get_config(preset: str = "paper"):
         if preset == "cpu":
             c.objective = "trades"
             # A finer attack while compressing (20 x 0.02 covers 1.3 eps, as TRADES's own
-            # 40 x 0.01, which read the same for 18 minutes more): the PGD-40 to AutoAttack
-            # gap grew there under 10 x 0.05 (benchmarks/NOTES.md).
+            # 40 x 0.01, which is slower and read the same): the PGD-40 to AutoAttack gap
+            # grew there under 10 x 0.05 (benchmarks/NOTES.md, "A finer training attack
+            # while compressing").
             for s in (c.admm, c.retrain):
                 s.attack_steps, s.attack_step_size = 20, 0.02
         elif preset == "cpu_mart":

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny MNIST- and CIFAR-shaped files, running the CLI, killing and
 resuming it, reading compiled HLO."""
+from robust_admm.experiments import workdir as workdir_lib
 import gzip
 import json
 import os
@@ -11,7 +12,6 @@ import sys
 import jax
 import numpy as np
 
-from robust_admm import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +76,7 @@ def run_cli(workdir, *overrides, config="configs/mnist.py:smoke"):
 
 def has_checkpoint(workdir, stage) -> bool:
     """A finished (renamed to its step number) checkpoint of `stage` is on disk."""
-    path = checkpoint.stage_dir(workdir, stage)
+    path = workdir_lib.stage_dir(workdir, stage)
     return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
 
 
@@ -118,8 +118,8 @@ def assert_same_results(workdir, reference_dir, phases=None):
         a, b = a["stages"], b["stages"]
         assert list(a) == list(phases) and all(a[p] == b[p] for p in phases)
     for stage in phases:
-        a = checkpoint.load_final_state(workdir, stage)
-        b = checkpoint.load_final_state(reference_dir, stage)
+        a = workdir_lib.load_final_state(workdir, stage)
+        b = workdir_lib.load_final_state(reference_dir, stage)
         for part in ("params", "masks", "batch_stats", "opt_state", "admm", "key", "step"):
             jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
 

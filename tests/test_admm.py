@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_admm import admm
+from robust_admm.compression import admm
 
 
 def np_keep_largest(x, ratio):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robust_admm import augment as aug
+from robust_admm.training import augment as aug
 
 
 def np_candidates(img, pad):

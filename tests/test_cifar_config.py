@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from helpers import ROOT
-from robust_admm import projections, recipe, validation
+from robust_admm.compression import rules as rules_lib
+from robust_admm.experiments import validation
+from robust_admm.training import program
 
 sys.path.insert(0, ROOT)
 from configs import cifar10  # noqa: E402
@@ -16,17 +18,17 @@ CIFAR_INPUT = (1, 32, 32, 3)
 
 @pytest.mark.parametrize("model", cifar10.MODELS)
 def test_every_preset_validates_and_its_rules_resolve_on_its_model(model):
-    shapes = recipe._kernel_shapes(model, 10, 1, CIFAR_INPUT)
-    n_kernels = sum(1 for p in projections._kernel_entries(shapes))
+    shapes = rules_lib._kernel_shapes(model, 10, 1, CIFAR_INPUT)
+    n_kernels = sum(1 for p in rules_lib.kernel_entries(shapes))
     for sparsity, objective in itertools.product(["", *cifar10.SPARSITY], ["", "trades"]):
         preset = ",".join(t for t in (model, sparsity, objective) if t)
         cfg = cifar10.get_config(preset)
         validation.validate_config(cfg, device_count=1)
         assert (cfg.model.name, cfg.objective) == (model, objective or "pgd_at")
         assert cfg.attack.epsilon == cfg.eval.epsilon == pytest.approx(8 / 255)
-        for phase in recipe.parse_program(cfg):
+        for phase in program.parse_program(cfg):
             if phase.compresses:
-                specs = recipe.resolve_rules(phase.rules, shapes, cfg.model, 10, CIFAR_INPUT)
+                specs = rules_lib.resolve_rules(phase.rules, shapes, cfg.model, 10, CIFAR_INPUT)
                 assert len(specs) == n_kernels  # every kernel, once
                 kinds = {s["kind"] for s in specs.values()}
                 assert kinds == ({"filter", "irregular"} if sparsity.startswith("filter")

@@ -1,11 +1,11 @@
-"""The XLA compiler options of the compiled steps (robust_admm.compiler)."""
+"""The XLA compiler options of the compiled steps (robust_admm.runtime.compiler)."""
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
 
 from helpers import library_fusions
-from robust_admm import compiler
+from robust_admm.runtime import compiler
 
 
 def test_options_by_backend_and_setting():

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from robust_admm import compiler
 from robust_admm.models import conv
 from robust_admm.models.layers import Conv
+from robust_admm.runtime import compiler
 
 
 def reference(x, k, stride, pad, r):

@@ -17,6 +17,8 @@ import pytest
 from helpers import make_cifar, write
 from robust_admm import data
 from robust_admm.data import DataError
+from robust_admm.data import formats
+from robust_admm.data import sources
 
 MNIST_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -92,7 +94,7 @@ def test_mnist_files_mixed_plain_and_gz_and_pathlike(tmp_path):
 def test_read_idx_direct(tmp_path):
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     p = write(tmp_path / "x-idx3-ubyte", idx_bytes(arr), gz=True)
-    np.testing.assert_array_equal(data.read_idx(p, data.IDX_UBYTE_IMAGES), arr)
+    np.testing.assert_array_equal(data.read_idx(p, formats.IDX_UBYTE_IMAGES), arr)
 
 
 def test_describe_one_line(tmp_path):
@@ -193,7 +195,7 @@ def test_gz_claim_below_cap_but_beyond_payload_fails_fast(tmp_path):
     # allocating the claimed ~1.5 GB.
     arrays = make_mnist(tmp_path)
     claim = (2_000_000, 28, 28)
-    assert np.prod(claim) < data.MAX_PAYLOAD_BYTES
+    assert np.prod(claim) < formats.MAX_PAYLOAD_BYTES
     replace_file(tmp_path, "train_images",
                  idx_bytes(arrays["train_images"], dims=claim), gz=True)
     t0 = time.perf_counter()
@@ -454,10 +456,10 @@ def test_cifar10_bad_tarball(tmp_path, kind, expected):
 def test_cifar10_folder_batch_larger_than_official_is_refused(tmp_path, monkeypatch):
     # A batch holds at most 10,000 records (checked before reading); shrink the
     # limit so that the test file stays small.
-    small = dataclasses.replace(data._CIFAR10, splits={
+    small = dataclasses.replace(formats.CIFAR10, splits={
         "train": {f"data_batch_{i}.bin": 3 for i in range(1, 6)},
         "test": {"test_batch.bin": 3}})
-    monkeypatch.setattr(data, "_CIFAR10", small)
+    monkeypatch.setattr(sources, "CIFAR10", small)
     make_cifar(tmp_path, counts=(3, 3, 4, 3, 3), n_test=3)
     with pytest.raises(DataError) as e:
         data.load_dataset("cifar10", "files", str(tmp_path))
@@ -526,9 +528,9 @@ def test_cifar100_bad_sizes(tmp_path, monkeypatch):
     assert path in str(e.value) and "record size 3074" in str(e.value)
     assert "coarse label 0..19, fine label 0..99" in str(e.value)
 
-    small = dataclasses.replace(data._CIFAR100, splits={"train": {"train.bin": 20},
+    small = dataclasses.replace(formats.CIFAR100, splits={"train": {"train.bin": 20},
                                                         "test": {"test.bin": 2}})
-    monkeypatch.setattr(data, "_CIFAR100", small)
+    monkeypatch.setattr(sources, "CIFAR100", small)
     os.unlink(path)
     make_cifar100(tmp_path, n_test=3)
     for gz in (False, True):
@@ -599,8 +601,8 @@ def test_tfds_mocked(tfds_mock, monkeypatch, tmp_path, name, shape, num_classes)
     # The mock redirects every builder to a non-existent data_dir, so the real
     # preparedness check would (correctly) say "not prepared" and the network
     # probe would run; the check is a separate function, replaced here.
-    monkeypatch.setattr(data, "_tfds_is_prepared", lambda name, data_dir: True)
-    monkeypatch.setattr(data, "_network_reachable",
+    monkeypatch.setattr(sources, "_tfds_is_prepared", lambda name, data_dir: True)
+    monkeypatch.setattr(sources, "_network_reachable",
                         lambda *a, **k: pytest.fail("network probed"))
     with tfds.testing.mock_data(num_examples=7,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
@@ -615,8 +617,8 @@ def test_tfds_mocked(tfds_mock, monkeypatch, tmp_path, name, shape, num_classes)
 def test_tfds_read_batches(tfds_mock, monkeypatch, tmp_path):
     """More records than one read batch: every record is copied, in order."""
     tfds = tfds_mock
-    monkeypatch.setattr(data, "_tfds_is_prepared", lambda name, data_dir: True)
-    monkeypatch.setattr(data, "_TFDS_READ_BATCH", 3)
+    monkeypatch.setattr(sources, "_tfds_is_prepared", lambda name, data_dir: True)
+    monkeypatch.setattr(sources, "_TFDS_READ_BATCH", 3)
     with tfds.testing.mock_data(num_examples=8,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
         ds = data.load_dataset("mnist", "tfds", data_dir=str(tmp_path))
@@ -639,8 +641,8 @@ def _forbid_data_source(monkeypatch):
 def test_tfds_offline_fails_fast(monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     _forbid_data_source(monkeypatch)
-    monkeypatch.setattr(data, "_tfds_is_prepared", lambda name, data_dir: False)
-    monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(sources, "_tfds_is_prepared", lambda name, data_dir: False)
+    monkeypatch.setattr(sources, "_network_reachable", lambda *a, **k: False)
     t0 = time.perf_counter()
     with pytest.raises(DataError) as e:
         data.load_dataset("mnist", "tfds", data_dir="/some/tfds/dir")
@@ -653,8 +655,8 @@ def test_tfds_offline_fails_fast(monkeypatch):
 
 def test_tfds_offline_hint_for_cifar100(monkeypatch):
     probed = []
-    monkeypatch.setattr(data, "_tfds_is_prepared", lambda name, data_dir: False)
-    monkeypatch.setattr(data, "_network_reachable",
+    monkeypatch.setattr(sources, "_tfds_is_prepared", lambda name, data_dir: False)
+    monkeypatch.setattr(sources, "_network_reachable",
                         lambda host, *a, **k: probed.append(host) or False)
     with pytest.raises(DataError) as e:
         data.load_dataset("cifar100", "tfds", data_dir="/some/tfds/dir")
@@ -669,7 +671,7 @@ def test_tfds_real_preparedness_check_on_empty_dir(monkeypatch, tmp_path):
     pytest.importorskip("tensorflow_datasets")
     _forbid_data_source(monkeypatch)
     probed = []
-    monkeypatch.setattr(data, "_network_reachable",
+    monkeypatch.setattr(sources, "_network_reachable",
                         lambda host, *a, **k: probed.append(host) or False)
     t0 = time.perf_counter()
     with pytest.raises(DataError, match="data.source=files"):
@@ -686,14 +688,14 @@ def test_network_probe_refused_quickly(monkeypatch):
     port = s.getsockname()[1]
     s.close()  # nothing listens on this port now
     t0 = time.perf_counter()
-    assert not data._network_reachable("127.0.0.1", port, timeout=1.0)
+    assert not sources._network_reachable("127.0.0.1", port, timeout=1.0)
     assert time.perf_counter() - t0 < 2.0
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     try:
-        assert data._network_reachable("127.0.0.1", server.getsockname()[1],
+        assert sources._network_reachable("127.0.0.1", server.getsockname()[1],
                                        timeout=1.0)
     finally:
         server.close()

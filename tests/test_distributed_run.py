@@ -9,6 +9,7 @@ here: params 8e-7 apart after pretraining, 2e-3 after ADMM, ADMM Z 0.11 apart. S
 1-vs-8 run trains naturally (evaluation still attacks): it then ends within 5e-7. The
 adversarial step across processes is checked by the 4-device vs 2 x 2 run, whose
 per-device programs are the same."""
+from robust_admm.experiments import workdir as workdir_lib
 import json
 import os
 import socket
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, cli_command, write_idx
-from robust_admm import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def finish(proc):
 
 def assert_same_run(a, b):
     for stage in ("pretrain", "admm", "retrain"):
-        sa, sb = checkpoint.load_final_state(a, stage), checkpoint.load_final_state(b, stage)
+        sa, sb = workdir_lib.load_final_state(a, stage), workdir_lib.load_final_state(b, stage)
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
                                sa["params"], sb["params"])
         jax.tree_util.tree_map(np.testing.assert_array_equal, sa["masks"], sb["masks"])

@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_admm import checkpoint, export
-from robust_admm.config_base import base_config
+from robust_admm.compression import size as size_lib
+from robust_admm.experiments import export
+from robust_admm.experiments import shrink as shrink_lib
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.experiments.config_base import base_config
 from robust_admm.models import LeNet, get_model
-from robust_admm.step import apply_model
+from robust_admm.models import apply_model
+from robust_admm.runtime import checkpoint
 
 
 def init(model, hw, seed=0):
@@ -48,13 +52,13 @@ def lenet_count(cin, f1, f2, hidden, classes, k, hw2):
 
 def check_shrunk(model, params, masks, hw, seed=1):
     """Shrinks, checks the logits against the masked model's; returns (small, report)."""
-    small, small_vars, rep = export.shrink(model, params, {}, masks)
+    small, small_vars, rep = shrink_lib.shrink(model, params, {}, masks)
     masked = jax.tree_util.tree_map(lambda w, m: w * m, params, masks)
     x = jax.random.uniform(jax.random.PRNGKey(seed), (8, *hw))
     np.testing.assert_allclose(logits(small, small_vars["params"], x),
                                logits(model, masked, x), rtol=1e-5, atol=1e-5)
-    assert rep["params_after"] == export.param_count(small_vars["params"])
-    assert rep["params_before"] == export.param_count(params)
+    assert rep["params_after"] == size_lib.param_count(small_vars["params"])
+    assert rep["params_before"] == size_lib.param_count(params)
     return small, rep
 
 
@@ -144,12 +148,12 @@ def test_shrink_keeps_one_unit_of_a_fully_pruned_layer():
 
 def test_shrink_other_models_raise_naming_the_model():
     with pytest.raises(NotImplementedError, match="VGG"):
-        export.shrink(get_model("vgg16", 10, 1), {}, {})
+        shrink_lib.shrink(get_model("vgg16", 10, 1), {}, {})
 
 
 def fake_workdir(path, kind="filter"):
     """A workdir with config.json and a finished 'retrain' checkpoint of a filter-pruned
-    LeNet_adv w=1, written as training writes them (robust_admm.checkpoint)."""
+    LeNet_adv w=1, written as training writes them (robust_admm.runtime.checkpoint)."""
     cfg = json.loads(base_config().to_json())
     cfg["model"].update(name="lenet_adv", width=1)
     cfg["data"]["name"], cfg["prune"]["kind"] = "mnist", kind
@@ -166,7 +170,7 @@ def fake_workdir(path, kind="filter"):
         zero_filters(params, masks, layer, units)
     params["conv1"]["bias"][1] = -0.1  # removable under SAME padding
     state = {"params": params, "batch_stats": {}, "masks": masks, "step": np.int32(7)}
-    with checkpoint.manager(path, "retrain") as mngr:
+    with checkpoint.manager(workdir_lib.stage_dir(path, "retrain")) as mngr:
         checkpoint.save(mngr, 7, state, {"complete": True})
         mngr.wait_until_finished()
     return model, params, masks
@@ -189,7 +193,7 @@ def test_write_export_rebuilds_identical_logits_and_a_matching_small_model(tmp_p
         entry = side["layers"][layer]
         assert entry["nonzero"] == int(masks[layer]["kernel"].sum()) and entry["bits"] == 32
     assert side["layers"]["fc1"]["zero_filters"] == 32
-    total = export.param_count(params)
+    total = size_lib.param_count(params)
     nonzero = total - sum(int((~m).sum()) for m in jax.tree_util.tree_leaves(masks))
     assert side["compression_rate"] == pytest.approx(total / nonzero)
     assert side["stored_bytes"]["dense"] == 4 * total

@@ -1,19 +1,19 @@
-"""robust_admm.host_memory: large blocks freed by a worker thread are reused without new
-page faults in 'reuse' mode, and faulted in again on every allocation with the system's
-defaults (the control that shows the check can fail)."""
+"""robust_admm.runtime.host_memory: large blocks freed by a worker thread are reused
+without new page faults in 'reuse' mode, and faulted in again on every allocation with
+the system's defaults (the control that shows the check can fail)."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from robust_admm import host_memory
+from robust_admm.runtime import host_memory
 
 SIZE = 256 << 20  # a block larger than a worker thread's malloc heap (64 MB)
 
 SCRIPT = """
 import ctypes, json, resource, sys, threading
-from robust_admm import host_memory
+from robust_admm.runtime import host_memory
 host_memory.configure(sys.argv[1])
 libc = host_memory._glibc()
 libc.malloc.restype = ctypes.c_void_p

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from robust_admm import parallel
+from robust_admm.runtime import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch.sh")

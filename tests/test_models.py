@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import library_fusions
-from robust_admm import compiler, projections
+from robust_admm.compression import rules as rules_lib
+from robust_admm.runtime import compiler
 from robust_admm.models import (VGG, BasicBlock, ResNet, WideBasicBlock, WideResNet, get_model,
                                 resnet18, vgg16, wrn28_4, wrn34_10)
 from robust_admm.models.layers import max_pool_2x2
@@ -36,7 +37,7 @@ def _count(tree) -> int:
 
 def _paths(tree) -> set:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {projections.leaf_path(kp) for kp, _ in flat}
+    return {rules_lib.leaf_path(kp) for kp, _ in flat}
 
 
 def _vgg16_bn_torch_count(num_classes=10):
@@ -146,8 +147,8 @@ def test_resnet_names_can_be_globbed_by_prune_rules():
     params = _shapes(resnet18())["params"]
     spec = {"kind": "irregular", "ratio": 0.5}
     rules = {"conv1": spec, "layer*/conv*": spec, "layer*/shortcut_conv": spec, "fc": spec}
-    assert len(projections.match_rules(params, rules)) == 1 + 16 + 3 + 1
-    ratios = projections.ratios_to_match(_shapes(resnet18(width=2))["params"], params,
+    assert len(rules_lib.match_rules(params, rules)) == 1 + 16 + 3 + 1
+    ratios = rules_lib.ratios_to_match(_shapes(resnet18(width=2))["params"], params,
                                          ["layer4_block2/conv2"])
     assert ratios == {"layer4_block2/conv2": pytest.approx(0.75)}
 
@@ -184,10 +185,10 @@ def test_wrn_names_can_be_globbed_by_prune_rules():
     rules = {"conv1": spec, "group*/conv*": spec, "group*/shortcut_conv": spec, "fc": spec}
     for name, n in (("wrn34_10", 5), ("wrn28_4", 4)):
         params = _zoo_shapes(name)["params"]
-        assert len(projections.match_rules(params, rules)) == 1 + 3 * 2 * n + 3 + 1
-        assert set(projections.match_rules(params, {"group2_*/conv*": spec})) == {
+        assert len(rules_lib.match_rules(params, rules)) == 1 + 3 * 2 * n + 3 + 1
+        assert set(rules_lib.match_rules(params, {"group2_*/conv*": spec})) == {
             f"group2_block{i}/conv{c}/kernel" for i in range(1, n + 1) for c in (1, 2)}
-        assert list(projections.match_rules(params, {"group2_block1/conv1": spec})) == [
+        assert list(rules_lib.match_rules(params, {"group2_block1/conv1": spec})) == [
             "group2_block1/conv1/kernel"]
 
 
@@ -197,7 +198,7 @@ def _random_variables(module, x, seed=0):
     rng = np.random.default_rng(seed)
 
     def draw(kp, s):
-        name = projections.leaf_path(kp).rsplit("/", 1)[-1]
+        name = rules_lib.leaf_path(kp).rsplit("/", 1)[-1]
         v = (rng.uniform(0.5, 1.5, s.shape) if name in ("scale", "var")
              else rng.standard_normal(s.shape) / (2 if name in ("bias", "mean") else 1))
         return v.astype(np.float32)

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from robust_admm import objectives
 from robust_admm.attacks import core
+from robust_admm.training import objectives
 
 
 def _softmax(z):
@@ -75,7 +75,7 @@ def test_attack_losses_and_their_gradients():
     g_clean = jax.grad(lambda c: objectives.kl_attack_loss(adv, y, c).sum())(clean)
     assert not np.asarray(g_clean).any()
     # PGD-AT's and MART's attacks ascend the configured loss; TRADES's starts near x.
-    from robust_admm.step import make_attack
+    from robust_admm.training.attack import make_attack
     cfg = dict(epsilon=0.1, step_size=0.05, num_steps=2, random_start=True, loss="ce", unroll=1)
     for name in ("pgd_at", "mart"):
         pgd = make_attack(ml_collections.ConfigDict(cfg), "adversarial", 0, name).attack

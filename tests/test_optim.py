@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from robust_admm.config_base import stage_config
-from robust_admm import optim
+from robust_admm.experiments.config_base import stage_config
+from robust_admm.training import optim
 
 
 def lr_at(cfg, steps_per_epoch, steps, period=None):

@@ -1,5 +1,6 @@
-"""robust_admm.parallel: the mesh and shardings on 8 simulated CPU devices, a real 2-process
-run on localhost (jax.distributed through the ROBUST_ADMM_* variables), env validation.
+"""robust_admm.runtime.parallel: the mesh and shardings on 8 simulated CPU devices, a real
+2-process run on localhost (jax.distributed through the ROBUST_ADMM_* variables), env
+validation.
 
 The multi-device checks run in subprocesses: the device count (XLA_FLAGS) and
 jax.distributed must be set before JAX starts, and this pytest process has started it.
@@ -14,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from robust_admm import parallel
+from robust_admm.runtime import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
@@ -42,7 +43,7 @@ def _result(stdout: str) -> dict:
 EIGHT_DEVICES = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from robust_admm import parallel
+    from robust_admm.runtime import parallel
 
     mesh = parallel.make_mesh()
     out = {"size": mesh.size, "axis_names": list(mesh.axis_names),
@@ -95,7 +96,7 @@ def test_eight_devices_mesh_shardings_and_jit():
 
 TWO_PROCESS_WORKER = textwrap.dedent("""
     import json
-    from robust_admm import parallel
+    from robust_admm.runtime import parallel
 
     # Through the ROBUST_ADMM_* variables, before any other JAX call.
     assert parallel.initialize_distributed() is True

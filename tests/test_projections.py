@@ -1,4 +1,5 @@
-"""Property tests for robust_admm.projections: exact counts, optimality, layout, jit."""
+"""Property tests for robust_admm.compression (projections, rules, size): exact counts,
+optimality, layout, jit."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from flax.core import FrozenDict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from robust_admm import projections as P
+from robust_admm.compression import projections
+from robust_admm.compression import rules as rules_lib
+from robust_admm.compression import size as size_lib
+
 
 SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -33,7 +37,7 @@ DATA = ("normal", "small_ints", "all_equal", "all_zero")
 @functools.lru_cache(maxsize=None)
 def _jitted(kind, items):
     """One jitted projector per spec; jax caches one compilation per input shape."""
-    return jax.jit(lambda w: P.project_leaf(w, kind, **dict(items)))
+    return jax.jit(lambda w: projections.project_leaf(w, kind, **dict(items)))
 
 
 def proj(w, kind, **params):
@@ -123,18 +127,18 @@ def sqerr(a, b):
 
 
 def test_kept_count_formula():
-    assert P.kept_count(10, 0.0) == 10
-    assert P.kept_count(10, 0.25) == 8  # 7.5 rounds half up
-    assert P.kept_count(2, 0.75) == 1  # 0.5 rounds half up
-    assert P.kept_count(10, 0.9) == 1  # (1 - 0.9) * 10 = 0.999... -> 1
-    assert P.kept_count(10, 0.96) == 0
-    assert P.kept_count(0, 0.5) == 0
+    assert projections.kept_count(10, 0.0) == 10
+    assert projections.kept_count(10, 0.25) == 8  # 7.5 rounds half up
+    assert projections.kept_count(2, 0.75) == 1  # 0.5 rounds half up
+    assert projections.kept_count(10, 0.9) == 1  # (1 - 0.9) * 10 = 0.999... -> 1
+    assert projections.kept_count(10, 0.96) == 0
+    assert projections.kept_count(0, 0.5) == 0
     for n in range(0, 40):
         for r in RATIOS:
-            assert P.kept_count(n, r) == ref_kept(n, r)
+            assert projections.kept_count(n, r) == ref_kept(n, r)
     for bad in (1.0, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="ratio"):
-            P.kept_count(10, bad)
+            projections.kept_count(10, bad)
 
 
 # ---------------------------------------------------------------- support projections
@@ -327,8 +331,8 @@ def our_quant_error(w, q, alpha, keep=None):
 @functools.lru_cache(maxsize=None)
 def _jq(bits, method, masked):
     if masked:
-        return jax.jit(lambda w, m: P.quantize_leaf(w, bits, mask=m, method=method))
-    return jax.jit(lambda w: P.quantize_leaf(w, bits, method=method))
+        return jax.jit(lambda w, m: projections.quantize_leaf(w, bits, mask=m, method=method))
+    return jax.jit(lambda w: projections.quantize_leaf(w, bits, method=method))
 
 
 @settings(max_examples=25, deadline=None)
@@ -405,7 +409,7 @@ def test_quantize_with_sparsity_and_mask():
     np.testing.assert_array_equal(m, ref_mask(w, "nm", n=2, m=4))
     assert np.unique(np.abs(p[m])).size == 1 and (p[~m] == 0).all()
     keep = np.random.default_rng(4).random(w.shape) < 0.5
-    p, m = jax.jit(lambda w, k: P.project_leaf(w, "quantize", bits=4, mask=k))(w, keep)
+    p, m = jax.jit(lambda w, k: projections.project_leaf(w, "quantize", bits=4, mask=k))(w, keep)
     np.testing.assert_array_equal(np.asarray(m), keep)
     assert (np.asarray(p)[~keep] == 0).all()
 
@@ -453,18 +457,18 @@ RULES = {
 def test_leaf_path_and_match_rules():
     params = _params()
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    paths = {P.leaf_path(kp) for kp, _ in flat}
+    paths = {rules_lib.leaf_path(kp) for kp, _ in flat}
     assert {"conv1/kernel", "conv1/bias", "bn1/scale", "fc2/kernel"} <= paths
-    matched = P.match_rules(params, RULES)
+    matched = rules_lib.match_rules(params, RULES)
     assert set(matched) == {"conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"}
     assert matched["conv1/kernel"] == {"kind": "filter", "ratio": 0.5}
     assert matched["fc1/kernel"]["bits"] == 3
-    assert set(P.match_rules(params, {"fc*": {"kind": "irregular", "ratio": 0.5}})) == {
+    assert set(rules_lib.match_rules(params, {"fc*": {"kind": "irregular", "ratio": 0.5}})) == {
         "fc1/kernel",
         "fc2/kernel",
     }
     nested = {"block1": {"conv2": {"kernel": np.ones((1, 1, 4, 4))}}, "head": {"kernel": np.ones((4, 2))}}
-    assert set(P.match_rules(nested, {"block*/conv2": {"kind": "channel", "ratio": 0.5}})) == {
+    assert set(rules_lib.match_rules(nested, {"block*/conv2": {"kind": "channel", "ratio": 0.5}})) == {
         "block1/conv2/kernel"
     }
 
@@ -476,19 +480,19 @@ def test_project_tree_mixed_kinds_jit_no_retrace():
     @jax.jit
     def f(p):
         traces.append(1)
-        return P.project_tree(p, RULES)
+        return rules_lib.project_tree(p, RULES)
 
     proj_tree, masks = f(params)
     assert jax.tree.structure(proj_tree) == jax.tree.structure(params)
     assert jax.tree.structure(masks) == jax.tree.structure(params)
-    for path, m in P._leaves(masks):
+    for path, m in rules_lib.leaves(masks):
         assert np.asarray(m).dtype == bool
     # Leaves without rule pass through with all-True masks.
     np.testing.assert_array_equal(proj_tree["conv1"]["bias"], params["conv1"]["bias"])
     np.testing.assert_array_equal(proj_tree["bn1"]["scale"], params["bn1"]["scale"])
     assert np.asarray(masks["bn1"]["scale"]).all()
     # Each projected leaf equals the per-leaf projection.
-    for path, spec in P.match_rules(params, RULES).items():
+    for path, spec in rules_lib.match_rules(params, RULES).items():
         a, b = path.split("/")
         p1, m1 = proj(params[a][b], spec["kind"], **{k: v for k, v in spec.items() if k != "kind"})
         np.testing.assert_allclose(proj_tree[a][b], p1, rtol=1e-6)
@@ -505,10 +509,10 @@ def test_project_tree_mixed_kinds_jit_no_retrace():
 def test_project_tree_frozendict_and_plain_dict():
     params = _params()
     frozen = FrozenDict(params)
-    pt, mt = P.project_tree(frozen, {"conv1": {"kind": "irregular", "ratio": 0.5}})
+    pt, mt = rules_lib.project_tree(frozen, {"conv1": {"kind": "irregular", "ratio": 0.5}})
     assert isinstance(pt, FrozenDict) and isinstance(mt, FrozenDict)
     plain = {"conv1": {"kernel": np.asarray(params["conv1"]["kernel"])}}
-    pt2, mt2 = P.project_tree(plain, {"conv1": {"kind": "irregular", "ratio": 0.5}})
+    pt2, mt2 = rules_lib.project_tree(plain, {"conv1": {"kind": "irregular", "ratio": 0.5}})
     np.testing.assert_array_equal(pt2["conv1"]["kernel"], pt["conv1"]["kernel"])
     assert int(np.asarray(mt2["conv1"]["kernel"]).sum()) == ref_kept(3 * 3 * 4 * 8, 0.5)
 
@@ -517,34 +521,34 @@ def test_rule_errors():
     params = _params()
     shapes = jax.eval_shape(lambda: params)  # no arrays: errors are pure Python
     with pytest.raises(ValueError, match=r"'conv9'.*matches no kernel.*conv1.*fc2"):
-        P.match_rules(shapes, {"conv9": {"kind": "filter", "ratio": 0.5}})
+        rules_lib.match_rules(shapes, {"conv9": {"kind": "filter", "ratio": 0.5}})
     with pytest.raises(ValueError, match=r"fc1/kernel.*two rules.*'fc\*'.*'fc1'|fc1/kernel.*two rules.*'fc1'.*'fc\*'"):
-        P.match_rules(shapes, {"fc*": {"kind": "filter", "ratio": 0.5}, "fc1": {"kind": "filter", "ratio": 0.2}})
+        rules_lib.match_rules(shapes, {"fc*": {"kind": "filter", "ratio": 0.5}, "fc1": {"kind": "filter", "ratio": 0.2}})
     with pytest.raises(ValueError, match=r"ratio=1\.5.*\[0, 1\)"):
-        P.match_rules(shapes, {"fc1": {"kind": "filter", "ratio": 1.5}})
+        rules_lib.match_rules(shapes, {"fc1": {"kind": "filter", "ratio": 1.5}})
     with pytest.raises(ValueError, match=r"ratio=1\.0"):
-        P.project_tree(params, {"fc1": {"kind": "irregular", "ratio": 1.0}})
+        rules_lib.project_tree(params, {"fc1": {"kind": "irregular", "ratio": 1.0}})
     with pytest.raises(ValueError, match=r"bits=0.*\[1, 16\]"):
-        P.match_rules(shapes, {"fc1": {"kind": "quantize", "bits": 0}})
+        rules_lib.match_rules(shapes, {"fc1": {"kind": "quantize", "bits": 0}})
     with pytest.raises(ValueError, match=r"unknown kind 'prune'.*irregular.*quantize"):
-        P.match_rules(shapes, {"fc1": {"kind": "prune", "ratio": 0.5}})
+        rules_lib.match_rules(shapes, {"fc1": {"kind": "prune", "ratio": 0.5}})
     with pytest.raises(ValueError, match=r"'kind'"):
-        P.match_rules(shapes, {"fc1": {"ratio": 0.5}})
+        rules_lib.match_rules(shapes, {"fc1": {"ratio": 0.5}})
     with pytest.raises(ValueError, match=r"m=3.*\(8, 4\)"):
-        P.match_rules(shapes, {"fc2": {"kind": "nm", "n": 2, "m": 3}})
+        rules_lib.match_rules(shapes, {"fc2": {"kind": "nm", "n": 2, "m": 3}})
     with pytest.raises(ValueError, match=r"n=5.*\[0, m=4\]"):
-        P.project_leaf(np.ones((8, 4), np.float32), "nm", n=5, m=4)
+        projections.project_leaf(np.ones((8, 4), np.float32), "nm", n=5, m=4)
     with pytest.raises(ValueError, match=r"m=0"):
-        P.project_leaf(np.ones((8, 4), np.float32), "nm", n=0, m=0)
+        projections.project_leaf(np.ones((8, 4), np.float32), "nm", n=0, m=0)
     with pytest.raises(ValueError, match=r"unexpected parameter.*'bits'"):
-        P.project_leaf(np.ones((8, 4), np.float32), "filter", ratio=0.5, bits=3)
+        projections.project_leaf(np.ones((8, 4), np.float32), "filter", ratio=0.5, bits=3)
     with pytest.raises(ValueError, match=r"at least 2 dims"):
-        P.project_leaf(np.ones((8,), np.float32), "filter", ratio=0.5)
+        projections.project_leaf(np.ones((8,), np.float32), "filter", ratio=0.5)
 
 
 def test_rule_errors_nm_message_names_shape():
     with pytest.raises(ValueError) as e:
-        P.project_leaf(np.ones((6, 4), np.float32), "nm", n=2, m=4)
+        projections.project_leaf(np.ones((6, 4), np.float32), "nm", n=2, m=4)
     assert "m=4" in str(e.value) and "(6, 4)" in str(e.value)
 
 
@@ -560,7 +564,7 @@ def _hand_tree():
 
 def test_sparsity_report_by_hand():
     tree = _hand_tree()
-    rep = P.sparsity_report(tree)
+    rep = size_lib.sparsity_report(tree)
     assert rep == {
         "fc": {
             "shape": [4, 3],
@@ -579,23 +583,23 @@ def test_sparsity_report_by_hand():
     conv = np.ones((2, 2, 3, 4), np.float32)
     conv[..., 1] = 0  # one filter
     conv[:, :, 2, :] = 0  # one input channel
-    rep = P.sparsity_report({"c": {"kernel": conv}})["c"]
+    rep = size_lib.sparsity_report({"c": {"kernel": conv}})["c"]
     assert rep["zero_filters"] == 1 and rep["zero_channels"] == 1 and rep["zero_columns"] == 4
     assert rep["columns"] == 12 and rep["nonzero"] == (2 * 2) * 2 * 3  # spatial * in * out kept
     masks = {"c": {"kernel": np.ones_like(conv, bool)}}
-    assert P.sparsity_report({"c": {"kernel": conv}}, masks)["c"]["nonzero"] == conv.size
+    assert size_lib.sparsity_report({"c": {"kernel": conv}}, masks)["c"]["nonzero"] == conv.size
 
 
 def test_compression_rate_by_hand():
     tree = _hand_tree()
-    assert P.compression_rate(tree) == pytest.approx(15 / 8)
-    assert P.compression_rate(tree, rules={"fc": {"kind": "irregular", "ratio": 0.5}}) == pytest.approx(12 / 5)
-    assert P.compression_rate({"a": np.zeros(3)}) == float("inf")
+    assert size_lib.compression_rate(tree) == pytest.approx(15 / 8)
+    assert size_lib.compression_rate(tree, rules={"fc": {"kind": "irregular", "ratio": 0.5}}) == pytest.approx(12 / 5)
+    assert size_lib.compression_rate({"a": np.zeros(3)}) == float("inf")
 
 
 def test_storage_bytes_by_hand():
     k = _hand_tree()["fc"]["kernel"]
-    s = P.storage_bytes(k, bits=4)
+    s = size_lib.storage_bytes(k, bits=4)
     assert s == {
         "dense": 48,  # 12 * 4
         "bitmask": 2 + 20,  # ceil(12 / 8) + 5 * 4
@@ -605,7 +609,7 @@ def test_storage_bytes_by_hand():
     }
     conv = np.zeros((3, 3, 2, 4), np.float32)
     conv[0, 0, 0, :] = 1.0
-    s = P.storage_bytes({"c": {"kernel": conv}})
+    s = size_lib.storage_bytes({"c": {"kernel": conv}})
     assert s == {"dense": 288, "bitmask": 9 + 16, "csr": 16 + 16 + 4 * 19}
     json.dumps(s)
 
@@ -614,13 +618,13 @@ def test_ratios_to_match():
     x = jnp.zeros((1, 6, 6, 4))
     big = jax.eval_shape(lambda: _Net(8).init(jax.random.PRNGKey(0), x)["params"])
     small = jax.eval_shape(lambda: _Net(4).init(jax.random.PRNGKey(0), x)["params"])
-    r = P.ratios_to_match(big, small, ["conv*", "fc1"])
+    r = rules_lib.ratios_to_match(big, small, ["conv*", "fc1"])
     assert r == {
         "conv1": pytest.approx(1 - 36 * 4 / (36 * 8)),
         "conv2": pytest.approx(1 - 9 * 16 / (9 * 64)),
         "fc1": pytest.approx(1 - 16 / 64),
     }
-    assert set(P.ratios_to_match(big, small)) == {"conv1", "conv2", "fc1", "fc2"}
+    assert set(rules_lib.ratios_to_match(big, small)) == {"conv1", "conv2", "fc1", "fc2"}
     json.dumps(r)
     with pytest.raises(ValueError, match="bn9"):
-        P.ratios_to_match(big, small, ["bn9"])
+        rules_lib.ratios_to_match(big, small, ["bn9"])

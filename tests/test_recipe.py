@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from robust_admm import checkpoint, projections, recipe
-from robust_admm.config_base import phase_config
+from robust_admm.compression import projections
+from robust_admm.compression import rules as rules_lib
+from robust_admm.compression import size as size_lib
+from robust_admm.experiments import migrate
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.experiments.config_base import phase_config
 from robust_admm.models import get_model
+from robust_admm.training import program as program_lib
 
 sys.path.insert(0, ROOT)
 from configs import mnist as mnist_config  # noqa: E402
@@ -25,7 +30,7 @@ def lenet_shapes(width):
 
 
 def test_rules_text_parses_every_kind_and_combination():
-    got = recipe.parse_rules("conv*=filter:0.5, conv2=column:w4,fc1=irregular:0.9+quantize:4,"
+    got = rules_lib.parse_rules("conv*=filter:0.5, conv2=column:w4,fc1=irregular:0.9+quantize:4,"
                              "fc2=nm:2:4, out=quantize:2, x=channel:0.25, y=quantize:1+nm:1:4")
     assert got == {
         "conv*": {"kind": "filter", "ratio": 0.5},
@@ -45,12 +50,12 @@ def test_rules_text_parses_every_kind_and_combination():
 ])
 def test_bad_rules_are_named(text, match):
     with pytest.raises(ValueError, match=match):
-        recipe.parse_rules(text)
+        rules_lib.parse_rules(text)
 
 
 def test_rules_resolve_per_layer_with_widths_and_mixed_kinds():
     params = lenet_shapes(16)
-    specs = recipe.resolve_rules("conv1=filter:0.5,conv2=irregular:w4+quantize:2,fc*=nm:2:4",
+    specs = rules_lib.resolve_rules("conv1=filter:0.5,conv2=irregular:w4+quantize:2,fc*=nm:2:4",
                                  params, mnist_config.get_config("paper").model, 10,
                                  (1, 28, 28, 1))
     assert specs == {
@@ -71,13 +76,13 @@ def test_rules_resolve_per_layer_with_widths_and_mixed_kinds():
 ])
 def test_rules_that_do_not_fit_the_model_are_named(text, match):
     with pytest.raises(ValueError, match=match):
-        recipe.resolve_rules(text, lenet_shapes(16), mnist_config.get_config("paper").model, 10,
+        rules_lib.resolve_rules(text, lenet_shapes(16), mnist_config.get_config("paper").model, 10,
                              (1, 28, 28, 1))
 
 
 def test_the_default_program_and_rule_inheritance():
     cfg = mnist_config.get_config("cpu")
-    program = recipe.parse_program(cfg)
+    program = program_lib.parse_program(cfg)
     assert [(p.name, p.kind, p.index) for p in program] == [
         ("pretrain", "dense", 0), ("admm", "admm", 1), ("retrain", "retrain", 2)]
     legacy = "conv1=irregular:0.5,conv2=irregular:0.8,fc1=irregular:0.9,fc2=irregular:0.75"
@@ -87,22 +92,22 @@ def test_the_default_program_and_rule_inheritance():
     cfg.admm2 = phase_config("admm", 1, 1e-3, rules="fc1=irregular:0.95")
     cfg.retrain2 = phase_config("retrain", 1, 1e-3)
     cfg.admm.rules = "fc*=filter:0.5"
-    program = recipe.parse_program(cfg)
+    program = program_lib.parse_program(cfg)
     assert [p.rules for p in program[1:]] == ["fc*=filter:0.5"] * 2 + ["fc1=irregular:0.95"] * 2
     assert [p.rules_from for p in program[1:]] == ["admm", "admm", "admm2", "admm2"]
     cfg.stages = "admm2,retrain2"
-    assert [p.name for p in recipe.phases_to_run(cfg, program)] == ["admm2", "retrain2"]
+    assert [p.name for p in program_lib.phases_to_run(cfg, program)] == ["admm2", "retrain2"]
     for stages, match in [("retrain2,admm2", "out of order"), ("admm,admm2", "consecutive"),
                           ("admm3", "unknown stage 'admm3'")]:
         cfg.stages = stages
         with pytest.raises(ValueError, match=match):
-            recipe.phases_to_run(cfg, program)
+            program_lib.phases_to_run(cfg, program)
 
 
 def test_prune_to_width_keeps_the_weights_of_the_narrow_model():
     """The paper's "w=16 pruned to 4": conv1 and fc2 shrink with w, conv2 and fc1 with w^2."""
     cfg = mnist_config.get_config("paper")
-    specs = recipe.resolve_rules(recipe.legacy_rules(cfg.prune), lenet_shapes(16), cfg.model,
+    specs = rules_lib.resolve_rules(rules_lib.legacy_rules(cfg.prune), lenet_shapes(16), cfg.model,
                                  10, (1, 28, 28, 1))
     got = {k: v["ratio"] for k, v in specs.items()}
     assert got == pytest.approx({"conv1/kernel": 0.75, "conv2/kernel": 1 - 1 / 16,
@@ -113,7 +118,7 @@ def test_prune_to_width_keeps_the_weights_of_the_narrow_model():
                                         ("fc1=abc", "not 'layer=ratio'")])
 def test_bad_ratio_strings_are_refused(text, match):
     with pytest.raises(ValueError, match=match):
-        recipe.parse_ratios(text)
+        rules_lib.parse_ratios(text)
 
 
 def group_counts(w, m):
@@ -147,8 +152,8 @@ def test_a_progressive_program_with_mixed_kinds_ends_each_phase_on_its_rules(pro
     size = summary["stages"]["retrain2"]["size"]["layers"]
     assert [size[n]["bits"] for n in ("conv1", "conv2", "fc1", "fc2")] == [32, 32, 4, 1]
 
-    one = jax.device_get(checkpoint.load_final_state(workdir, "retrain")["params"])
-    two = jax.device_get(checkpoint.load_final_state(workdir, "retrain2")["params"])
+    one = jax.device_get(workdir_lib.load_final_state(workdir, "retrain")["params"])
+    two = jax.device_get(workdir_lib.load_final_state(workdir, "retrain2")["params"])
     k = {n: np.asarray(one[n]["kernel"]) for n in one}
     k2 = {n: np.asarray(two[n]["kernel"]) for n in two}
     # Round 1: half of conv1's 2 filters, half of conv2's 50 columns, 2:4, ternary.
@@ -178,7 +183,7 @@ def test_model_size_counts_bits_and_the_cheaper_format_by_hand():
               "b": {"kernel": ternary}, "c": {"kernel": np.ones((3, 3), np.float32)}}
     specs = {"a/kernel": {"kind": "irregular", "ratio": 0.75},
              "b/kernel": {"kind": "quantize", "bits": 2}}
-    size = projections.model_size(params, specs)
+    size = size_lib.model_size(params, specs)
     a, b, c = (size["layers"][k] for k in "abc")
     # a: bitmask 128 / 8 = 16 bytes + 32 float32 = 144 < dense 512.
     assert (a["format"], a["bytes"], a["bits"], a["nonzero"]) == ("bitmask", 144, 32, 32)
@@ -195,7 +200,7 @@ def test_model_size_counts_bits_and_the_cheaper_format_by_hand():
 def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
     """A workdir written before programs and augmentation resumes without a config change:
     the fields added since are filled in at the values that mean what it ran."""
-    from robust_admm.validation import config_differences
+    from robust_admm.experiments.validation import config_differences
     new = mnist_config.get_config("cpu_pgd_at").to_dict()
     old = json.loads(json.dumps(new))
     del old["program"], old["data"]["augment"], old["model"]["dtype"]
@@ -203,11 +208,11 @@ def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
         for field in ("kind", "rules", "quantize_update"):
             old[name].pop(field, None)
     del old["pretrain"]["kind"]
-    assert config_differences(recipe.upgrade_config_dict(old), new) == []
+    assert config_differences(migrate.upgrade_config_dict(old), new) == []
     assert config_differences(old, new)  # (the test would notice a no-op upgrade)
     # Written with programs, before phases had their own training attack.
     old = json.loads(json.dumps(new))
     for name in ("pretrain", "admm", "retrain"):
         del old[name]["attack_steps"], old[name]["attack_step_size"]
     assert config_differences(old, new)
-    assert config_differences(recipe.upgrade_config_dict(old), new) == []
+    assert config_differences(migrate.upgrade_config_dict(old), new) == []

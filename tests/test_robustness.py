@@ -6,10 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from robust_admm import data, eval as eval_lib
+from robust_admm import data
 from robust_admm.attacks import ApgdCe, ApgdT, FabT, Pgd, Square, suite
+from robust_admm.evaluation import masking
+from robust_admm.evaluation.robustness import Evaluator
+from robust_admm.evaluation.robustness import make_fooled_fn
+from robust_admm.evaluation.robustness import robust_accuracy
 from robust_admm.models import get_model
-from robust_admm.robustness import Evaluator, make_fooled_fn, robust_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +99,20 @@ def test_masking_warnings_name_the_numbers():
     at_1 = {"attacks": {"pgd20": {"robust_acc": 0.2, "members": ["pgd20"]}}}
     curve = [{"epsilon": 0.1, "attacks": {"pgd40": {"robust_acc": 0.5}}},
              {"epsilon": 0.2, "attacks": {"pgd40": {"robust_acc": 0.6}}}]
-    w = eval_lib.masking_warnings(result, at_1, curve)
+    w = masking.masking_warnings(result, at_1, curve)
     assert len(w) == 3
     assert "fgsm (40.00%) beats the stronger pgd40 (45.00%)" in w[0]
     assert "pgd20 leaves 20.00%" in w[1]
     assert "from 50.00% at epsilon 0.1 to 60.00% at 0.2" in w[2]
     result["attacks"]["fgsm"]["robust_acc"] = 0.5
-    assert eval_lib.masking_warnings(result) == []
+    assert masking.masking_warnings(result) == []
     # The black-box Square finding more than a point beyond the gradient attacks.
     result["attacks"]["aa-standard"]["after"].update({"fab-t": 0.3, "square": 0.25})
-    w = eval_lib.masking_warnings(result)
+    w = masking.masking_warnings(result)
     assert len(w) == 1 and "black-box square lowers accuracy from 30.00% (after fab-t) " \
         "to 25.00%" in w[0]
     result["attacks"]["aa-standard"]["after"]["square"] = 0.295
-    assert eval_lib.masking_warnings(result) == []
+    assert masking.masking_warnings(result) == []
 
 
 @pytest.mark.parametrize("spec,match", [("pgd", "'pgd' is not known"),

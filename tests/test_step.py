@@ -8,11 +8,17 @@ import numpy as np
 import optax
 import pytest
 
-from robust_admm import admm as admm_lib
-from robust_admm import attacks, augment
+from robust_admm import attacks
+from robust_admm.compression import admm as admm_lib
+from robust_admm.data.batching import batch_indices
+from robust_admm.evaluation.eval_step import make_eval_step
 from robust_admm.models import VGG, get_model
-from robust_admm.step import (TrainState, apply_model, batch_indices, make_attack,
-                              make_eval_step, make_train_step, resolve_pgd_loop)
+from robust_admm.models import apply_model
+from robust_admm.runtime.compiler import resolve_pgd_loop
+from robust_admm.training import augment
+from robust_admm.training.attack import make_attack
+from robust_admm.training.state import TrainState
+from robust_admm.training.step import make_train_step
 
 
 def test_each_epoch_visits_every_example_once_in_a_new_order():

@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, has_checkpoint
-from robust_admm import checkpoint, claims, initialization, study
-from robust_admm.config_base import base_config
+from robust_admm.experiments import inherit
+from robust_admm.experiments import study
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.experiments.config_base import base_config
+from robust_admm.experiments.study_config import train_config
 from robust_admm.models import get_model
-from robust_admm.study_config import train_config
+from robust_admm.runtime import claims
+from robust_admm.runtime import logs
+from robust_admm.training import initialization
 
 STUDY = "configs/studies/digits_width.py"
 CELLS = ["w2", "w4", "w4_to_w2", "w2_inherited"]  # the smoke grid, in the order it runs
@@ -48,7 +53,7 @@ def started(output: str) -> list:
 
 def test_a_claim_excludes_other_processes_and_ends_with_its_holder(tmp_path):
     cell = str(tmp_path / "cell")
-    code = ("import sys, time\nfrom robust_admm import claims\n"
+    code = ("import sys, time\nfrom robust_admm.runtime import claims\n"
             "with claims.claim(sys.argv[1]) as mine:\n    print(mine, flush=True)\n"
             "    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, cell], cwd=ROOT,
@@ -81,7 +86,7 @@ def test_the_width_grid_has_the_papers_cells_in_a_runnable_order(tmp_path):
     cfg = study.cell_train_config(s, "w8_to_w4", str(tmp_path))
     assert cfg.stages == "admm,retrain"
     cfg = study.cell_train_config(s, "w4_inherited", str(tmp_path))
-    assert cfg.init.inherit_from == os.path.abspath(study.cell_dir(str(tmp_path), "w8_to_w4"))
+    assert cfg.init.inherit_from == os.path.abspath(workdir_lib.cell_dir(str(tmp_path), "w8_to_w4"))
 
 
 @pytest.mark.parametrize("path", ["configs/studies/mnist_kinds.py",
@@ -124,7 +129,7 @@ def shared_study(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("study"))
     first = subprocess.Popen(study_command(workdir), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    w4 = study.cell_dir(workdir, "w4")
+    w4 = workdir_lib.cell_dir(workdir, "w4")
     deadline = time.time() + 300
     while first.poll() is None and time.time() < deadline:
         if has_checkpoint(w4, "pretrain"):
@@ -132,8 +137,8 @@ def shared_study(tmp_path_factory):
         time.sleep(0.02)
     first.kill()
     out_first = first.communicate()[0]
-    assert study.is_done(workdir, "w2") and not study.is_done(workdir, "w4"), out_first
-    before = {f: open(os.path.join(study.cell_dir(workdir, "w2"), f), "rb").read()
+    assert workdir_lib.is_cell_done(workdir, "w2") and not workdir_lib.is_cell_done(workdir, "w4"), out_first
+    before = {f: open(os.path.join(workdir_lib.cell_dir(workdir, "w2"), f), "rb").read()
               for f in ("cell.json", "metrics.jsonl", "summary.json")}
     procs = [subprocess.Popen(study_command(workdir), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -148,23 +153,23 @@ def test_a_killed_study_resumes_without_redoing_a_finished_cell(shared_study):
     assert started(out_first) == ["w2", "w4"]
     assert all("w2" not in started(out) for out in outs)
     for f, data in before.items():  # the finished cell is untouched
-        with open(os.path.join(study.cell_dir(workdir, "w2"), f), "rb") as fh:
+        with open(os.path.join(workdir_lib.cell_dir(workdir, "w2"), f), "rb") as fh:
             assert fh.read() == data, f
-    assert study.read_json(study.cell_result_path(workdir, "w2"))["ran_by"]["pid"] == first_pid
+    assert logs.read_json(workdir_lib.cell_result_path(workdir, "w2"))["ran_by"]["pid"] == first_pid
     # The killed cell went on from its checkpoint, not from its first step.
     log = next(out for out in outs if "w4" in started(out))
     w4_log = log.split("[study] cell w4 ")[1]
     assert "[pretrain] resuming from step" in w4_log or "already complete" in w4_log, log
     # Its time counts both processes: the killed one up to its last save (every 0.5 s).
-    result = study.read_json(study.cell_result_path(workdir, "w4"))
-    attempts = study.read_json(os.path.join(study.cell_dir(workdir, "w4"), "time.json"))
+    result = logs.read_json(workdir_lib.cell_result_path(workdir, "w4"))
+    attempts = logs.read_json(os.path.join(workdir_lib.cell_dir(workdir, "w4"), "time.json"))
     attempts = attempts["attempts"]
     assert [a["pid"] for a in attempts] == [first_pid, result["ran_by"]["pid"]]
     assert result["processes"] == 2 and attempts[0]["seconds"] > 0.5
     assert result["wall_time_s"] == pytest.approx(sum(a["seconds"] for a in attempts))
     assert result["wall_time_s"] > result["this_process_s"]
     for name in CELLS[2:]:  # cells run by one process
-        r = study.read_json(study.cell_result_path(workdir, name))
+        r = logs.read_json(workdir_lib.cell_result_path(workdir, name))
         assert r["processes"] == 1 and r["wall_time_s"] == r["this_process_s"]
 
 
@@ -173,14 +178,14 @@ def test_two_processes_sharing_a_study_never_run_the_same_cell(shared_study):
     runs = [started(out) for out in outs]
     for name in CELLS[1:]:
         assert sum(r.count(name) for r in runs) == 1, runs
-        assert study.read_json(study.cell_result_path(workdir, name))["ran_by"]["pid"] in pids
+        assert logs.read_json(workdir_lib.cell_result_path(workdir, name))["ran_by"]["pid"] in pids
     assert all(f"all {len(CELLS)} cells done" in out for out in outs)
 
 
 def test_the_inherited_cell_trains_the_pruned_structure_from_its_initial_weights(shared_study):
     workdir = shared_study[0]
-    pruned = checkpoint.load_final_state(study.cell_dir(workdir, "w4_to_w2"), "retrain")
-    inherited = checkpoint.load_final_state(study.cell_dir(workdir, "w2_inherited"), "pretrain")
+    pruned = workdir_lib.load_final_state(workdir_lib.cell_dir(workdir, "w4_to_w2"), "retrain")
+    inherited = workdir_lib.load_final_state(workdir_lib.cell_dir(workdir, "w2_inherited"), "pretrain")
     leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
     kept = sum(int(m.sum()) for m in leaves(pruned["masks"]))
     assert kept < sum(m.size for m in leaves(pruned["masks"]))
@@ -195,14 +200,14 @@ def test_the_inherited_cell_trains_the_pruned_structure_from_its_initial_weights
     model = get_model(cfg.model.name, 10, cfg.model.width)
     shape = (1, 8, 8, 1)
     like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))["params"]
-    params, _, masks = initialization.inherited(cfg, model, shape, like)
+    params, _, masks = inherit.inherited(cfg, model, shape, like)
     source = model.init(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 12345),
                         jnp.zeros(shape))["params"]
     for p, w0, m in zip(leaves(params), leaves(source), leaves(pruned["masks"])):
         np.testing.assert_array_equal(np.asarray(p), np.where(m, np.asarray(w0), 0))
     with cfg.unlocked():
         cfg.init.inherit = "trained"
-    params, _, _ = initialization.inherited(cfg, model, shape, like)
+    params, _, _ = inherit.inherited(cfg, model, shape, like)
     for p, w in zip(leaves(params), leaves(pruned["params"])):
         np.testing.assert_array_equal(np.asarray(p), w)
 
@@ -211,7 +216,7 @@ def test_the_report_of_a_study_and_of_a_run(shared_study):
     workdir = shared_study[0]
     with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
         text = f.read()
-    results = [study.read_json(study.cell_result_path(workdir, n)) for n in CELLS]
+    results = [logs.read_json(workdir_lib.cell_result_path(workdir, n)) for n in CELLS]
     for r in results:
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['cell']} |"))
         assert f"| {100 * r['natural_acc']:.2f} |" in row
@@ -226,7 +231,7 @@ def test_the_report_of_a_study_and_of_a_run(shared_study):
         assert png_size(os.path.join(workdir, p)) == (800, 450), p
     for p in pngs[:2] + [os.path.join("cells", n, "curves.png") for n in CELLS]:
         assert f"]({p})" in text, p
-    cell_report = open(os.path.join(study.cell_dir(workdir, "w4_to_w2"), "report.md")).read()
+    cell_report = open(os.path.join(workdir_lib.cell_dir(workdir, "w4_to_w2"), "report.md")).read()
     for phase in ("admm", "retrain"):
         assert f"| {phase} |" in cell_report
     # Rerun when everything is done: nothing runs again; the report is written again.

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, run_cli, write_idx
-from robust_admm import checkpoint, config_base, projections, recipe, train, validation
+from robust_admm.compression import projections
+from robust_admm.compression import rules as rules_lib
+from robust_admm.evaluation import eval_step
+from robust_admm.experiments import config_base
+from robust_admm.experiments import evaluate
+from robust_admm.experiments import export
+from robust_admm.experiments import run as run_lib
+from robust_admm.experiments import validation
+from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.training import program
 
 sys.path.insert(0, ROOT)
 from configs import digits as digits_config  # noqa: E402
@@ -23,11 +32,11 @@ def read_jsonl(path):
 def digits_runs(tmp_path_factory):
     """The quick start as shipped (adversarial, all stages) and a natural baseline."""
     adv_dir = str(tmp_path_factory.mktemp("adv"))
-    adv = train.train_and_evaluate(digits_config.get_config(), adv_dir)
+    adv = run_lib.train_and_evaluate(digits_config.get_config(), adv_dir)
     nat_cfg = digits_config.get_config()
     nat_cfg.setting, nat_cfg.stages = "natural", "pretrain"
     nat_dir = str(tmp_path_factory.mktemp("nat"))
-    nat = train.train_and_evaluate(nat_cfg, nat_dir)
+    nat = run_lib.train_and_evaluate(nat_cfg, nat_dir)
     return adv, adv_dir, nat
 
 
@@ -47,9 +56,9 @@ def test_digits_pruned_model_is_robust_where_a_natural_one_is_not(digits_runs):
 def test_digits_final_sparsity_is_exact(digits_runs):
     adv, workdir, _ = digits_runs
     cfg = digits_config.get_config()
-    ratios = recipe.parse_ratios(cfg.prune.ratios)
+    ratios = rules_lib.parse_ratios(cfg.prune.ratios)
     sparsity = adv["stages"]["retrain"]["sparsity"]
-    params = checkpoint.load_final_state(workdir, "retrain")["params"]
+    params = workdir_lib.load_final_state(workdir, "retrain")["params"]
     total = nnz = 0
     for layer, ratio in ratios.items():
         w = np.asarray(params[layer]["kernel"])
@@ -100,9 +109,22 @@ def test_cli_smoke_on_idx_files_then_a_stage_subset(tmp_path):
         assert json.load(f)["admm"]["rho"] == 0.01
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert set(summary["stages"]) == {"pretrain", "admm", "retrain"}
-    # The speed of each phase, its first (compiling) step timed apart, and a projection.
-    for phase in summary["stages"].values():
-        assert phase["speed"]["img_per_s"] > 0 and phase["speed"]["first_step_s"] > 0
+    # The speed of each phase: the median of the rates its train records logged, over all
+    # of its steps, its first (compiling) step timed apart, within the run's wall time.
+    cfg = mnist_config.get_config("smoke")
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    for name, phase in summary["stages"].items():
+        total = cfg[name].epochs * (cfg.data.train_examples // cfg.batch_size)
+        trains = [l for l in records if l.get("stage") == name and l["kind"] == "train"]
+        assert [l["step"] for l in trains] == list(range(cfg.log_every_steps, total + 1,
+                                                          cfg.log_every_steps)), name
+        assert phase["speed"]["steps"] == total
+        assert phase["speed"]["img_per_s"] == np.median([l["img_per_s"] for l in trains])
+        assert phase["speed"]["first_step_s"] > 0
+    [done] = [l for l in records if l["kind"] == "done"]
+    assert sum(p["speed"]["first_step_s"] for p in summary["stages"].values()) \
+        < done["wall_time_s"]
+    # A projection of the phase's time, logged at its second interval.
     assert "[admm] projected: " in r.stdout
     # Rerun only the last stage from the admm checkpoint in the same workdir.
     r = run_cli(workdir, *files, "--config.admm.rho=0.01", "--config.stages=retrain")
@@ -149,10 +171,10 @@ def test_presets_and_unknown_presets():
         validation.validate_config(cfg, device_count=1)
         assert cfg.attack.epsilon == cfg.eval.epsilon == 0.3
         # Every phase's rules resolve on the preset's model (N:M divisibility, patterns).
-        shapes = recipe._kernel_shapes(cfg.model.name, 10, cfg.model.width, (1, 28, 28, 1))
-        for phase in recipe.parse_program(cfg):
+        shapes = rules_lib._kernel_shapes(cfg.model.name, 10, cfg.model.width, (1, 28, 28, 1))
+        for phase in program.parse_program(cfg):
             if phase.compresses:
-                assert recipe.resolve_rules(phase.rules, shapes, cfg.model, 10, (1, 28, 28, 1))
+                assert rules_lib.resolve_rules(phase.rules, shapes, cfg.model, 10, (1, 28, 28, 1))
     assert mnist_config.get_config("paper").attack.num_steps == 40
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         mnist_config.get_config("fast")
@@ -164,11 +186,9 @@ def test_eval_command_evaluates_a_finished_run_again_and_exports_it(digits_runs,
     """`robust_admm.eval` on the quick start's run: the natural accuracy equals the run's
     own, the attacks order by strength, the curve and its PNG are written, no masking
     warning fires on this model, and the export rebuilds the same logits."""
-    from robust_admm import eval as eval_lib
-    from robust_admm import export
 
     adv, workdir, _ = digits_runs
-    out = eval_lib.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce",
+    out = evaluate.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce",
                                     epsilons="0.05,0.15", export=str(tmp_path / "model"))
     assert out["stage"] == "retrain"
     assert out["natural_acc"] == adv["stages"]["retrain"]["nat_acc"]
@@ -187,31 +207,29 @@ def test_eval_command_evaluates_a_finished_run_again_and_exports_it(digits_runs,
     assert out["compression_rate"] == pytest.approx(
         adv["stages"]["retrain"]["compression_rate"]["all"])
     model, variables = export.rebuild(str(tmp_path / "model.npz"), str(tmp_path / "model.json"))
-    state = checkpoint.load_final_state(workdir, "retrain")
+    state = workdir_lib.load_final_state(workdir, "retrain")
     x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(model.apply(variables, x)),
                                   np.asarray(model.apply({"params": state["params"]}, x)))
 
 
 def test_eval_command_refuses_bad_input(digits_runs, tmp_path):
-    from robust_admm import eval as eval_lib
 
     _, workdir, _ = digits_runs
     with pytest.raises(ValueError, match="--stage='final'"):
-        eval_lib.evaluate_workdir(workdir, stage="final")
+        evaluate.evaluate_workdir(workdir, stage="final")
     with pytest.raises(ValueError, match="'pgd' is not known"):
-        eval_lib.evaluate_workdir(workdir, attacks="pgd")
+        evaluate.evaluate_workdir(workdir, attacks="pgd")
     with pytest.raises(ValueError, match="--epsilons='0.1,x'"):
-        eval_lib.evaluate_workdir(workdir, epsilons="0.1,x")
+        evaluate.evaluate_workdir(workdir, epsilons="0.1,x")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        eval_lib.evaluate_workdir(str(tmp_path))
+        evaluate.evaluate_workdir(str(tmp_path))
 
 
 def test_eval_command_measures_l2_robustness(digits_runs):
-    from robust_admm import eval as eval_lib
 
     _, workdir, _ = digits_runs
-    out = eval_lib.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce", norm="l2",
+    out = evaluate.evaluate_workdir(workdir, attacks="fgsm,pgd20,apgd-ce", norm="l2",
                                     epsilon=1.0, n=64, checks=False)
     acc = {k: v["robust_acc"] for k, v in out["attacks"].items()}
     assert out["norm"] == "l2" and all(v["norm"] == "l2" for v in out["attacks"].values())
@@ -219,9 +237,9 @@ def test_eval_command_measures_l2_robustness(digits_runs):
     assert acc["apgd-ce"] < out["natural_acc"]
     with pytest.raises(ValueError, match="digits has no standard L2 radius here; give "
                                          "--epsilon"):
-        eval_lib.evaluate_workdir(workdir, norm="l2")
+        evaluate.evaluate_workdir(workdir, norm="l2")
     with pytest.raises(ValueError, match="--norm='l1'; allowed: linf, l2"):
-        eval_lib.evaluate_workdir(workdir, norm="l1")
+        evaluate.evaluate_workdir(workdir, norm="l1")
 
 
 def test_the_evaluation_attack_comes_from_eval_fields_only():
@@ -229,8 +247,8 @@ def test_the_evaluation_attack_comes_from_eval_fields_only():
     cfg.attack.update(epsilon=0.1, step_size=0.02, num_steps=7, random_start=True, loss="ce")
     cfg.eval.update(epsilon=0.25, step_size=0.05, num_steps=9, random_start=False,
                     loss="margin", restarts=2)
-    a = train.make_eval_attack(cfg)
+    a = eval_step.make_eval_attack(cfg)
     assert (a.epsilon, a.step_size, a.num_steps, a.random_start, a.loss, a.restarts) == \
         (0.25, 0.05, 9, False, "margin", 2)
-    assert train.eval_attack_label(cfg) == \
+    assert eval_step.eval_attack_label(cfg) == \
         "PGD-9 (L-inf eps 0.25, step 0.05, 2 restart(s), no random start)"

@@ -7,7 +7,7 @@ Widths 2 and 4 from scratch, w = 4 pruned to the size of w = 2, that structure t
 from its inherited initial weights; PGD-20 and the standard AutoAttack ensemble on 300
 test images (`smoke`: PGD-5 on 64).
 """
-from robust_admm.study_config import study_base, train_config, width_grid
+from robust_admm.experiments.study_config import study_base, train_config, width_grid
 
 
 def get_config(preset: str = ""):

@@ -8,10 +8,11 @@ One dense LeNet_adv w = 4 (the `:cpu_pgd_at` MNIST recipe, 3 epochs), then each 
 and 4x on conv2 and fc1 (conv1 has 200 weights, fc2 is the classifier), 2 admm + 1 retrain
 epochs each, all from that one dense model: irregular, column (rows of the (-1, out) view),
 filter (output channels / units), N:M (2:4 at 2x, 1:4 at 4x). Sized for 2 hours on 2 CPU
-cores (measured: 1:18:00, docs/results/mnist_kinds); PGD-40 and the standard AutoAttack
-ensemble on the first 250 test images at 0.3 (AutoAttack would dominate the time at 1,000).
+cores (benchmarks/NOTES.md, "The sparsity-kind study on 2 cores"); PGD-40 and the standard
+AutoAttack ensemble on the first 250 test images at 0.3 (AutoAttack would dominate the time
+at 1,000).
 """
-from robust_admm.study_config import kinds_grid, study_base, train_config
+from robust_admm.experiments.study_config import kinds_grid, study_base, train_config
 
 LAYERS = ("conv2", "fc1")
 

@@ -9,7 +9,7 @@ The cell's report (cells/progressive/report.md) plots accuracy against compressi
 the rounds. The model is trained without an attack; PGD-40 on the first 1,000 test images
 shows how little robustness natural training leaves.
 """
-from robust_admm.study_config import cell, study_base, train_config
+from robust_admm.experiments.study_config import cell, study_base, train_config
 
 
 def get_config(preset: str = ""):

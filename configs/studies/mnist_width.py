@@ -12,14 +12,15 @@ Presets:
   with an epsilon ramp, PGD-40 evaluation) with few epochs: 3 dense (every from-scratch and
   inherited cell), 2 admm + 2 retrain after the shared dense w = 8 model. Evaluated on the
   first 250 test images: with these short recipes a cell's evaluation (AutoAttack
-  above all) takes longer than its training (benchmarks/NOTES.md).
+  above all) takes longer than its training (benchmarks/NOTES.md, "The width study on 2
+  cores: first four cells").
 - `paper`: the paper's grid (needs a GPU): widths 1, 2, 4, 8 and 16 from scratch, w = 16
   pruned to the size of each smaller width, the paper's recipe (configs/mnist.py), 40
   epochs per phase, evaluated on the first 1,000 test images.
 Every cell's final model is evaluated with PGD-40 and the standard AutoAttack ensemble at
 epsilon 0.3.
 """
-from robust_admm.study_config import study_base, train_config, width_grid
+from robust_admm.experiments.study_config import study_base, train_config, width_grid
 
 LAYERS = "conv1,conv2,fc1,fc2"
 

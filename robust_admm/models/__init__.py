@@ -3,6 +3,7 @@ import re
 
 import jax.numpy as jnp
 
+from robust_admm.models.apply import apply_model
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet18
 from robust_admm.models.vgg import VGG, vgg16
@@ -62,6 +63,7 @@ __all__ = [
     "WideBasicBlock",
     "WideResNet",
     "DTYPES",
+    "apply_model",
     "get_model",
     "lenet5",
     "lenet_adv",

@@ -1,26 +1,24 @@
 """2-D convolution with the implementation chosen per backend and per shape.
 
 XLA's native convolution is the right choice on GPU and TPU, and on CPU for most layers
-once the steps are compiled with XLA's own convolution runtime (`robust_admm.compiler`).
-On XLA:CPU it is still slow for some shapes that adversarial training hits constantly
-(measured in benchmarks/NOTES.md, forward + input gradient, 2 cores): a 3x3 conv over a
-2x2x512 map takes 3.4 s native and 35 ms as shifted slices + one matmul; the 1- and
-3-channel stems and 1x1 convolutions are faster as slices too. The narrowest layers
-(LeNet stems of 1 -> 2 or 8 channels) run best as input rows times a banded matrix: a few
-times the FLOPs, in one well-shaped matmul (LeNet_adv w=1 training step 1.8x faster, w=4
-1.1x). On maps of a few pixels most of a padded 3x3 kernel's taps fall on the padding,
-so there one matmul per (output position, tap) pair inside the input does only the
-products that are not zero; on maps of 3x3 and 4x4, where a third of a padded 3x3
-kernel's products still fall on the padding, one matmul per tap over the outputs where
-that tap lies inside the input does the same with 9 well-shaped matmuls (VGG-16's and
-ResNet-18's 4x4 layers, forward + input gradient 1.24-1.42x faster than the native op).
-So on CPU each convolution picks its form by a fixed rule
-(`choose_form`), decided when the program is traced; a rule timed at start-up was found
-to be noisy.
+once the steps are compiled with XLA's own convolution runtime
+(`robust_admm.runtime.compiler`). On XLA:CPU it is still slow for some shapes that
+adversarial training hits constantly: a 3x3 conv over a 2x2x512 map is pathological
+native and fast as shifted slices + one matmul; the 1- and 3-channel stems and 1x1
+convolutions are faster as slices too. The narrowest layers (LeNet stems of 1 -> 2 or 8
+channels) run best as input rows times a banded matrix: a few times the FLOPs, in one
+well-shaped matmul. On maps of a few pixels most of a padded 3x3 kernel's taps fall on
+the padding, so there one matmul per (output position, tap) pair inside the input does
+only the products that are not zero; on maps of 3x3 and 4x4, where a third of a padded
+3x3 kernel's products still fall on the padding, one matmul per tap over the outputs
+where that tap lies inside the input does the same with 9 well-shaped matmuls. The
+measurements behind each form are in benchmarks/NOTES.md (entries 3, 12, 14, 19, 21 and
+27). So on CPU each convolution picks its form by a fixed rule (`choose_form`), decided
+when the program is traced: a rule timed at start-up is noisy.
 
-The slices, rows, pairs and shifts forms are written by hand because no library offers them:
-`lax.conv_general_dilated_patches` builds the same patches but its input gradient is
-10-200x slower on CPU.
+The slices, rows, pairs and shifts forms are written by hand because no library offers
+them: `lax.conv_general_dilated_patches` builds the same patches but its input gradient
+is far slower on CPU (NOTES.md, entry 3).
 """
 from collections.abc import Sequence
 
@@ -37,14 +35,11 @@ def choose_form(input_shape: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int], backend: str) -> str:
     """The CPU rule: 'rows' for stride-1 kernels with at most 16 input x output channels
     (the narrow LeNets' stems and LeNet_adv w=1's second conv); 'pairs' for other kernels
-    larger than 1x1 on output maps of at most 4 positions (VGG-16's 2x2 maps: its training
-    iteration 1.04x against 'slices'); 'slices' for 1x1 kernels, stems (<= 4 input
-    channels) and the other tiny maps (an output side of 2 or less, where the native op is
-    pathological: 3x3 on 2x2x512, forward 1.2 s against 12 ms); 'shifts' for other kernels
-    larger than 1x1 on output maps of at most 16 positions (3x3 and 4x4 maps: forward +
-    input gradient 1.24-1.42x faster than native, NOTES.md entry 27); 'native' elsewhere
-    and on every other backend. (Output maps of 3x3 and 4x4 took the slices up to NOTES.md
-    entry 19, where native measured 1.2-1.5x faster than the slices on them.)"""
+    larger than 1x1 on output maps of at most 4 positions (VGG-16's 2x2 maps; NOTES.md,
+    entry 21); 'slices' for 1x1 kernels, stems (<= 4 input channels) and the other tiny
+    maps (an output side of 2 or less, where the native op is pathological; entry 19);
+    'shifts' for other kernels larger than 1x1 on output maps of at most 16 positions (3x3
+    and 4x4 maps; entry 27); 'native' elsewhere and on every other backend."""
     if backend != "cpu":
         return "native"
     kh, kw, cin, cout = kernel_shape
@@ -87,10 +82,10 @@ def conv_rows(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int],
     row: the kh padded input rows under it (kh slices, not kh*kw), cut into overlapping
     windows of `block` outputs, times a banded (Toeplitz) matrix built from the kernel,
     whose column (q, o) holds kernel[i, p - q*stride, :, o] at row (i, p, c). The block is
-    the smallest divisor of the output width giving >= 32 matmul columns (measured on
-    LeNet stems: 1 -> 8 channels, blocks of 4, 1.7x faster than whole rows). It does
-    (block + kw - 1) / kw times the FLOPs of the convolution or more, so it pays off only
-    for stems with very few channels."""
+    the smallest divisor of the output width giving >= 32 matmul columns (on LeNet stems
+    faster than whole rows; NOTES.md, entry 12). It does (block + kw - 1) / kw times the
+    FLOPs of the convolution or more, so it pays off only for stems with very few
+    channels."""
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
@@ -117,8 +112,7 @@ def _column_windows(rows: jnp.ndarray, count: int, step: int, span: int) -> jnp.
     Where there are more than two windows overlapping by no more than a step, built from
     two reshapes (each window is its own `step` columns plus the first `span - step` of
     the next), not from `count` slices: autodiff turns each slice into a full-width pad in
-    the input gradient (LeNet_adv w=4's stem: 7 windows, one PGD step 1.08x faster this
-    way; with 2 windows, w=2, it was 0.96x: NOTES.md, 18)."""
+    the input gradient. With 2 windows the slices stay the faster (NOTES.md, entry 18)."""
     n, h, w, c = rows.shape
     overlap = span - step
     if count == 1:

@@ -18,10 +18,10 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     """2x2 max-pool with stride 2 on NHWC input.
 
     Written as a reshape and a max where the spatial size is even: XLA:CPU runs this
-    faster than the generic `reduce_window`. Its gradient is JAX's own for that max (each
-    window's gradient shared equally among the entries equal to its max), but written by
-    hand (`_pool_even`) so that the backward pass is elementwise. Falls back to
-    `nn.max_pool` (floor semantics, as PyTorch) for odd sizes.
+    faster than the generic `reduce_window` (benchmarks/NOTES.md, entry 9). Its gradient
+    is JAX's own for that max (each window's gradient shared equally among the entries
+    equal to its max), but written by hand (`_pool_even`) so that the backward pass is
+    elementwise. Falls back to `nn.max_pool` (floor semantics, as PyTorch) for odd sizes.
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:
@@ -36,10 +36,9 @@ def _windows(x: jnp.ndarray) -> jnp.ndarray:
 
 # A custom VJP, not autodiff, because autodiff's backward divides by a window count (a
 # reduction) right after the next layer's input-gradient convolution, and XLA:CPU then
-# hands that convolution to the library's reduce fusion: VGG-16's conv3 input gradient
-# then ran at 40 GFLOP/s, where XLA's runtime runs such convolutions at about 100
-# (benchmarks/NOTES.md, 15). Here the shares are computed in the forward
-# pass, so the backward pass is a broadcast multiply. No forward-mode (jvp) rule.
+# hands that convolution to the library's reduce fusion, where it runs far slower than in
+# XLA's runtime (benchmarks/NOTES.md, entry 15). Here the shares are computed in the
+# forward pass, so the backward pass is a broadcast multiply. No forward-mode (jvp) rule.
 @jax.custom_vjp
 def _pool_even(x: jnp.ndarray) -> jnp.ndarray:
     return _windows(x).max(axis=(2, 4))
@@ -50,8 +49,7 @@ def _pool_even_fwd(x):
     pooled = windows.max(axis=(2, 4))
     is_max = (windows == pooled[:, :, None, :, None]).astype(x.dtype)
     # The ties counted as a sum of the four window entries, not a reduction: XLA:CPU gives
-    # reductions to the library, and this one there cost a LeNet_adv w=4 PGD step 10%
-    # (NOTES.md, 17).
+    # reductions to the library, where this one slowed the step (NOTES.md, entry 17).
     ties = (is_max[:, :, 0, :, 0] + is_max[:, :, 0, :, 1]
             + is_max[:, :, 1, :, 0] + is_max[:, :, 1, :, 1])
     return pooled, is_max / ties[:, :, None, :, None]

@@ -1,20 +1,19 @@
 """Keep freed host memory inside the process, so XLA:CPU's per-call buffers reuse it.
 
 Why: XLA:CPU allocates a compiled program's buffers on every call and frees them after
-(one PGD step of VGG-16 at batch 128 takes a 413 MB block; its training pass 662 MB).
-With glibc's default malloc these blocks come from a fresh `mmap`, or from a worker
-thread's heap that returns pages to the system, so every call faults in about 100K new
-zeroed pages: measured 1.25M page faults per VGG-16 training iteration (5 GB), 8-12% of
-its time on a 2-core CPU (benchmarks/NOTES.md, "host memory"). Three documented glibc
+(for VGG-16 at batch 128, blocks of hundreds of MB). With glibc's default malloc these
+blocks come from a fresh `mmap`, or from a worker thread's heap that returns pages to the
+system, so every call faults in new zeroed pages, a measurable part of a CIFAR model's
+step on CPU (benchmarks/NOTES.md, entry 11, "Host memory"). Three documented glibc
 settings stop this: one malloc arena (worker-thread heaps are capped at 64 MB, so larger
 blocks bypass them), large blocks taken from the heap instead of `mmap`, and no trimming
 of the heap's top (`M_TRIM_THRESHOLD` = -1 disables it, as mallopt(3) documents). The
 cost: the process keeps its peak host memory until it exits.
 
-The single arena has a cost where buffers are small and many: the LeNet_adv w=4 step (all
-buffers well under 64 MB, so nothing to gain) ran 12% slower with it (probably contention
-for the one arena's lock between XLA's threads and the dispatching thread). So 'auto' (`resolve`) picks 'reuse' for
-the CIFAR models and 'system' for the rest.
+The single arena has a cost where buffers are small and many, probably contention for
+its lock between XLA's threads and the dispatching thread; the LeNet steps (all buffers
+well under 64 MB) have nothing to gain and are slower with it (NOTES.md, entry 11). So
+'auto' (`resolve`) picks 'reuse' for the CIFAR models and 'system' for the rest.
 
 The same settings can be given from outside as environment variables (`MALLOC_ARENA_MAX=1
 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`); this module sets

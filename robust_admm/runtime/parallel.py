@@ -53,6 +53,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def batch_constraint(mesh: Mesh | None):
+    """x -> x constrained to be split along the mesh's `data` axis (identity without one)."""
+    if mesh is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The first dimension is split across the `data` axis (batches)."""
     return NamedSharding(mesh, P(DATA_AXIS))

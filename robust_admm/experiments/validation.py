@@ -2,19 +2,21 @@
 the field, the bad value and what is allowed."""
 import jax
 
-from robust_admm import admm as admm_lib
-from robust_admm import (augment, compiler, data, initialization, objectives, optim,
-                         parallel, recipe)
+from robust_admm import data
 from robust_admm.attacks.core import LOSSES
+from robust_admm.compression import admm as admm_lib
+from robust_admm.compression.projections import UNIT_KINDS
+from robust_admm.compression.rules import parse_rules
 from robust_admm.models import get_model
-from robust_admm.step import PGD_LOOPS
+from robust_admm.runtime import compiler, parallel
+from robust_admm.training import augment, initialization, objectives, optim
+from robust_admm.training.program import parse_program, phases_to_run
 
-PRUNE_KINDS = ("irregular", "filter", "column", "channel")
 ATTACK_LOSSES = tuple(LOSSES)  # what PGD ascends in training and evaluation
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-# Fields the base config leaves to the dataset config (robust_admm/config_base.py).
+# Fields the base config leaves to the dataset config (experiments/config_base.py).
 DATASET_FIELDS = ("data.name", "model.name", "attack.epsilon", "attack.step_size",
                   "eval.epsilon", "eval.step_size")
 
@@ -32,13 +34,13 @@ def _require(ok: bool, field: str, value, allowed: str):
 
 def validate_config(config, device_count: int | None = None):
     """Raises ValueError (or NotImplementedError) on the first bad field; returns the
-    program's phases and those to run (robust_admm/recipe.py)."""
+    program's phases and those to run (training/program.py)."""
     unset = [f for f in DATASET_FIELDS if _field(config, f) in (None, "")]
     if unset:
         raise ValueError(f"{', '.join(unset)} not set: a dataset config (configs/*.py) sets "
                          f"them, or the command line, e.g. --config.attack.epsilon=0.3")
-    program = recipe.parse_program(config)
-    phases = recipe.phases_to_run(config, program)
+    phases_all = parse_program(config)
+    phases = phases_to_run(config, phases_all)
     _require(config.setting in ("adversarial", "natural"), "setting", config.setting,
              "'adversarial' or 'natural'")
     _require(config.objective in objectives.OBJECTIVES, "objective", config.objective,
@@ -67,8 +69,8 @@ def validate_config(config, device_count: int | None = None):
         _require(0 <= a.epsilon <= 1, f"{prefix}.epsilon", a.epsilon,
                  "a number in [0, 1] (pixels are in [0, 1])")
         _require(a.loss in ATTACK_LOSSES, f"{prefix}.loss", a.loss, f"one of {ATTACK_LOSSES}")
-    _require(config.attack.loop in PGD_LOOPS, "attack.loop", config.attack.loop,
-             f"one of {list(PGD_LOOPS)}")
+    _require(config.attack.loop in compiler.PGD_LOOPS, "attack.loop", config.attack.loop,
+             f"one of {list(compiler.PGD_LOOPS)}")
     # Names a bad value, and refuses 'xla' on a jaxlib without the option.
     compiler.compiler_options(config.cpu_convolutions)
     _require(config.attack.unroll >= 1, "attack.unroll", config.attack.unroll, "an integer >= 1")
@@ -77,10 +79,10 @@ def validate_config(config, device_count: int | None = None):
     devices = jax.device_count() if device_count is None else device_count
     parallel.check_global_batch(config.batch_size, devices, "batch_size")
     parallel.check_global_batch(config.eval.batch_size, devices, "eval.batch_size")
-    _require(config.prune.kind in PRUNE_KINDS, "prune.kind", config.prune.kind,
-             f"one of {PRUNE_KINDS} (N:M and quantization: a phase's rules, e.g. "
+    _require(config.prune.kind in UNIT_KINDS, "prune.kind", config.prune.kind,
+             f"one of {UNIT_KINDS} (N:M and quantization: a phase's rules, e.g. "
              f"--config.admm.rules='fc*=nm:2:4,conv2=quantize:4')")
-    for phase in program:
+    for phase in phases_all:
         s = config[phase.name]
         _require(s.epochs >= 0, f"{phase.name}.epochs", s.epochs, "an integer >= 0")
         steps, size = s.get("attack_steps"), s.get("attack_step_size")
@@ -89,7 +91,7 @@ def validate_config(config, device_count: int | None = None):
         _require(size is None or size > 0, f"{phase.name}.attack_step_size", size,
                  "a number > 0, or None for attack.step_size")
         if phase.compresses:
-            recipe.parse_rules(phase.rules)  # the syntax; layers are matched at the start
+            parse_rules(phase.rules)  # the syntax; layers are matched at the start
         if phase.kind == "retrain":
             _require(s.quantize_update in admm_lib.QUANTIZE_UPDATES,
                      f"{phase.name}.quantize_update", s.quantize_update,
@@ -110,7 +112,7 @@ def validate_config(config, device_count: int | None = None):
     _require(config.nonfinite.policy in NONFINITE_POLICIES, "nonfinite.policy",
              config.nonfinite.policy, f"one of {NONFINITE_POLICIES}")
     _require(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, ">= 1")
-    return program, phases
+    return phases_all, phases
 
 
 # Fields that may change between runs in one workdir without changing the results.

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from robust_admm import logs, parallel
 from robust_admm.attacks import core, suite
-from robust_admm.step import _batch_constraint, _jit_with_options, apply_model, resolve_pgd_loop
+from robust_admm.models import apply_model
+from robust_admm.runtime import logs, parallel
+from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
 
 
 def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: str = "auto",
@@ -29,8 +30,8 @@ def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: s
     attack's point is misclassified. `model_args` = (params, batch_stats); BatchNorm on
     running averages. The host form regroups the points still robust (`Compacting`);
     `place` puts a host batch on the devices, `bucket(count)` sizes a regrouped batch."""
-    jit = _jit_with_options(cpu_convolutions)
-    shard = _batch_constraint(mesh)
+    jit = jit_with_options(cpu_convolutions)
+    shard = parallel.batch_constraint(mesh)
     place = place or jnp.asarray
     apply = lambda m, xa: apply_model(model, *m, xa, train=False)[0]
     if resolve_pgd_loop(loop) == "fori":
@@ -117,7 +118,7 @@ class Evaluator:
                 (self.params, self.batch_stats), self.mesh)
         elif self.batch < 1:
             raise ValueError(f"--batch={self.batch} must be >= 1")
-        self._predict = _jit_with_options(self.cpu_convolutions)(
+        self._predict = jit_with_options(self.cpu_convolutions)(
             lambda m, x: apply_model(self.model, *m, x, train=False)[0].argmax(-1))
         self._fooled = {}
 

@@ -15,7 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from robust_admm import projections
+from robust_admm.compression import projections, rules
 
 Specs = Mapping[str, Mapping[str, Any]]  # leaf path -> {"kind": ..., **params}
 
@@ -35,13 +35,13 @@ def empty() -> AdmmState:
 def leaves_by_path(tree) -> dict:
     """{`/`-joined path: leaf} for every leaf of `tree`."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {projections.leaf_path(kp): leaf for kp, leaf in flat}
+    return {rules.leaf_path(kp): leaf for kp, leaf in flat}
 
 
 def replace_by_path(tree, new: Mapping[str, Any]):
     """`tree` with the leaves whose path is a key of `new` replaced by its value."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: new.get(projections.leaf_path(kp), leaf), tree
+        lambda kp, leaf: new.get(rules.leaf_path(kp), leaf), tree
     )
 
 

@@ -1,14 +1,14 @@
 """What a run logs: JSONL metrics, progress with img/s and ETA, the final table.
-(Reports with plots: robust_admm/report.py.)"""
+(Reports with plots: robust_admm/experiments/report.py.)"""
 import json
 import math
 import os
 import sys
 import time
 
-import jax
 import numpy as np
 
+from robust_admm.runtime.parallel import is_main_process
 
 
 def to_python(x):
@@ -27,10 +27,10 @@ def to_python(x):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl`."""
+    """Appends one JSON object per line to the file `path` (a run's metrics.jsonl)."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, path: str):
+        self.path = path
         self.enabled = is_main_process()
 
     def truncate_after(self, stage: str, step: int, later_stages=()):
@@ -39,17 +39,9 @@ class MetricsWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         later = set(later_stages)
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
-        keep = []
-        for line in lines:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if r.get("stage") in later or (r.get("stage") == stage and r.get("step", 0) > step):
-                continue
-            keep.append(json.dumps(r) + "\n")
+        keep = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
+                if not (r.get("stage") in later
+                        or (r.get("stage") == stage and r.get("step", 0) > step))]
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(keep)
 
@@ -97,10 +89,6 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def is_main_process() -> bool:
-    """Process 0 of a multi-host run (or the only process) writes logs and files."""
-    return jax.process_index() == 0
-
 
 def log(msg: str):
     if is_main_process():
@@ -116,6 +104,24 @@ def exit_on_error(fn, *args, errors=()):
             *errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3 if isinstance(e, FloatingPointError) else 2)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list:
+    """The records of a JSONL file (lines cut short by a crash skipped; [] if none)."""
+    out = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
 
 
 def write_json(path: str, obj, indent: int = 2):

@@ -19,17 +19,16 @@ is kept.  The support projections are exact: keeping the k units of largest
 energy minimises the removed energy, which is the squared projection distance.
 
 Everything on arrays is pure ``jax.numpy`` and jit-able (kinds, ratios and shapes
-are static Python values; only the weights are traced).  Rule validation and the
-measurement helpers run eagerly in Python/numpy and return JSON-serialisable
-Python numbers.
+are static Python values; only the weights are traced).  Which leaves a rule applies to
+is `compression/rules.py`'s business; what a compressed model takes to store,
+`compression/size.py`'s.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +37,18 @@ import numpy as np
 __all__ = [
     "KINDS",
     "SPARSITY_KINDS",
-    "model_size",
+    "UNIT_KINDS",
+    "check_spec",
     "kept_count",
     "project_leaf",
     "quantize_leaf",
-    "leaf_path",
-    "match_rules",
-    "project_tree",
-    "sparsity_report",
-    "compression_rate",
-    "storage_bytes",
-    "ratios_to_match",
 ]
 
-SPARSITY_KINDS = ("irregular", "filter", "column", "channel", "nm")
+# The vocabulary of compression sets, defined here only. UNIT_KINDS take a ratio (the
+# fraction of units removed): weights, output channels, rows of the (-1, out) view, input
+# channels.
+UNIT_KINDS = ("irregular", "filter", "column", "channel")
+SPARSITY_KINDS = UNIT_KINDS + ("nm",)
 KINDS = SPARSITY_KINDS + ("quantize",)
 QUANT_METHODS = ("auto", "exact", "grid")
 MAX_BITS = 16
@@ -75,7 +72,7 @@ _OPTIONAL = {"quantize": ("sparsity", "ratio", "n", "m", "method")}
 # --------------------------------------------------------------------------------------
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -94,12 +91,12 @@ def kept_count(n: int, ratio: float) -> int:
     Every projection and report in the library uses this one formula.
     """
     ratio = _check_ratio(ratio)
-    if not _is_int(n) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative integer")
     return min(max(int(math.floor((1.0 - ratio) * int(n) + 0.5)), 0), int(n))
 
 
-def _check_spec(kind, params: Mapping[str, Any], shape=None, where: str = "") -> dict:
+def check_spec(kind, params: Mapping[str, Any], shape=None, where: str = "") -> dict:
     """Validate ``kind`` and its parameters (and the leaf shape if given); return a
     normalised parameter dict.  Raises ValueError naming the bad value."""
     if kind not in KINDS:
@@ -118,7 +115,7 @@ def _check_spec(kind, params: Mapping[str, Any], shape=None, where: str = "") ->
     out: dict = {}
     if kind == "quantize":
         bits = params["bits"]
-        if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
+        if not is_int(bits) or not 1 <= bits <= MAX_BITS:
             raise ValueError(
                 f"{where}bits={bits!r} is not allowed: bits must be an integer in [1, {MAX_BITS}] "
                 "(1 = binary {-1,+1}, 2 = ternary {-1,0,1})"
@@ -140,14 +137,14 @@ def _check_spec(kind, params: Mapping[str, Any], shape=None, where: str = "") ->
                 )
             sub = {p: params[p] for p in ("ratio", "n", "m") if p in params}
             out["sparsity"] = sparsity
-            out.update(_check_spec(sparsity, sub, shape, where))
+            out.update(check_spec(sparsity, sub, shape, where))
         return out
 
     if kind == "nm":
         n, m = params["n"], params["m"]
-        if not _is_int(m) or m < 1:
+        if not is_int(m) or m < 1:
             raise ValueError(f"{where}m={m!r} is not allowed: m must be an integer >= 1")
-        if not _is_int(n) or not 0 <= n <= m:
+        if not is_int(n) or not 0 <= n <= m:
             raise ValueError(f"{where}n={n!r} is not allowed: n must be an integer in [0, m={m}]")
         out.update(n=int(n), m=int(m))
     else:
@@ -365,7 +362,7 @@ def quantize_leaf(w, bits: int, mask=None, method: str = "auto") -> tuple[jax.Ar
     running sums lose precision once there are millions of events.  ``"auto"`` uses
     "exact" for ternary and while n * levels <= EXACT_QUANT_EVENTS, else "grid".
     """
-    p = _check_spec("quantize", {"bits": bits, "method": method})
+    p = check_spec("quantize", {"bits": bits, "method": method})
     bits, method = p["bits"], p["method"]
     w = jnp.asarray(w)
     dt = jnp.promote_types(w.dtype, jnp.float32)
@@ -418,7 +415,7 @@ def project_leaf(w, kind: str, **params) -> tuple[jax.Array, jax.Array]:
     """
     w = jnp.asarray(w)
     mask_arg = params.pop("mask", None) if kind == "quantize" else None
-    p = _check_spec(kind, params, shape=w.shape)
+    p = check_spec(kind, params, shape=w.shape)
     if kind != "quantize":
         mask = _sparsity_mask(w, kind, p)
         return jnp.where(mask, w, jnp.zeros_like(w)), mask
@@ -434,308 +431,3 @@ def project_leaf(w, kind: str, **params) -> tuple[jax.Array, jax.Array]:
     q, alpha = quantize_leaf(w, p["bits"], mask=mask, method=p["method"])
     proj = (alpha * q.astype(alpha.dtype)).astype(w.dtype)
     return proj, (jnp.ones(w.shape, bool) if mask is None else mask)
-
-
-# --------------------------------------------------------------------------------------
-# Pytree level
-# --------------------------------------------------------------------------------------
-
-
-def _key_str(k) -> str:
-    tu = jax.tree_util
-    if isinstance(k, tu.DictKey):
-        return str(k.key)
-    if isinstance(k, tu.GetAttrKey):
-        return str(k.name)
-    if isinstance(k, tu.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, tu.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
-def leaf_path(keypath: Sequence[Any]) -> str:
-    """``/``-joined string of a jax key path, e.g. ``block1/conv2/kernel``."""
-    return "/".join(_key_str(k) for k in keypath)
-
-
-def _leaves(tree) -> list[tuple[str, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(leaf_path(kp), leaf) for kp, leaf in flat]
-
-
-def _kernel_entries(tree) -> list[tuple[str, str, Any]]:
-    """(leaf path, module path, leaf) for every leaf named ``kernel``."""
-    out = []
-    for path, leaf in _leaves(tree):
-        parts = path.split("/")
-        if parts[-1] == "kernel":
-            out.append((path, "/".join(parts[:-1]), leaf))
-    return out
-
-
-def _pattern_matches(pattern: str, leaf: str, module: str) -> bool:
-    return fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(leaf, pattern)
-
-
-def _select(entries, patterns: Sequence[str], what: str = "rule") -> dict[str, str]:
-    """Map leaf path -> the one pattern matching it; error on double or no match."""
-    owner: dict[str, str] = {}
-    used = {pat: False for pat in patterns}
-    for path, module, _ in entries:
-        for pat in patterns:
-            if _pattern_matches(pat, path, module):
-                if path in owner:
-                    raise ValueError(
-                        f"kernel {path!r} is matched by two {what}s: {owner[path]!r} and {pat!r}"
-                    )
-                owner[path] = pat
-                used[pat] = True
-    unused = [pat for pat, u in used.items() if not u]
-    if unused:
-        layers = sorted(module for _, module, _ in entries)
-        raise ValueError(
-            f"{what} {unused[0]!r} matches no kernel leaf; available layers: {layers}"
-        )
-    return owner
-
-
-def match_rules(params, rules: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    """Resolve ``{pattern: spec}`` rules against the ``kernel`` leaves of ``params``.
-
-    A pattern (layer name or fnmatch glob) matches the ``/``-joined module path holding
-    the kernel (``conv1``, ``fc*``, ``block*/conv2``) or the full leaf path
-    (``conv1/kernel``).  Returns ``{leaf path: {"kind": ..., **params}}`` with validated,
-    normalised specs.  Errors (ValueError) for malformed specs, a kernel matched by two
-    patterns, or a pattern matching nothing.  Pure Python: only shapes are inspected.
-    """
-    if not isinstance(rules, Mapping):
-        raise ValueError(f"rules must be a mapping {{pattern: spec}}, got {type(rules).__name__}")
-    checked = {}
-    for pat, spec in rules.items():
-        if not isinstance(pat, str):
-            raise ValueError(f"rule pattern {pat!r} must be a string")
-        if not isinstance(spec, Mapping) or "kind" not in spec:
-            raise ValueError(
-                f"rule {pat!r}: spec must be a dict with a 'kind' key, e.g. "
-                "{'kind': 'irregular', 'ratio': 0.9}; got " + repr(spec)
-            )
-        kind = spec["kind"]
-        body = {k: v for k, v in spec.items() if k != "kind"}
-        checked[pat] = (kind, body, _check_spec(kind, body, where=f"rule {pat!r}: "))
-    entries = _kernel_entries(params)
-    owner = _select(entries, list(checked))
-    out = {}
-    for path, _, leaf in entries:
-        if path in owner:
-            pat = owner[path]
-            kind, body, _ = checked[pat]
-            shape = tuple(np.shape(leaf))
-            norm = _check_spec(kind, body, shape, where=f"rule {pat!r} on {path!r} (shape {shape}): ")
-            out[path] = {"kind": kind, **norm}
-    return out
-
-
-def _spec_to_kwargs(spec: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in spec.items() if k != "kind"}
-
-
-def project_tree(params, rules: Mapping[str, Mapping[str, Any]]):
-    """Project every ``kernel`` leaf matched by ``rules``; returns ``(projected, masks)``.
-
-    Both outputs have the structure of ``params`` (nested dict or FrozenDict); leaves
-    without a rule pass through unchanged with an all-True mask.  Rules are resolved
-    eagerly (errors before any compilation); jit by closing over ``rules``.
-    """
-    matched = match_rules(params, rules)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    projected, masks = [], []
-    for kp, leaf in flat:
-        path = leaf_path(kp)
-        if path in matched:
-            p, m = project_leaf(leaf, matched[path]["kind"], **_spec_to_kwargs(matched[path]))
-        else:
-            p, m = leaf, jnp.ones(np.shape(leaf), bool)
-        projected.append(p)
-        masks.append(m)
-    return treedef.unflatten(projected), treedef.unflatten(masks)
-
-
-# --------------------------------------------------------------------------------------
-# Measurements (numpy, JSON-serialisable results)
-# --------------------------------------------------------------------------------------
-
-
-def _nonzero(leaf, mask) -> np.ndarray:
-    if mask is not None:
-        return np.asarray(mask).astype(bool)
-    return np.asarray(leaf) != 0
-
-
-def _mask_lookup(masks) -> dict[str, Any]:
-    return {} if masks is None else dict(_leaves(masks))
-
-
-def sparsity_report(params, masks=None) -> dict[str, dict]:
-    """Per-layer sparsity of the ``kernel`` leaves, keyed by module path.
-
-    An entry counts as nonzero where ``masks`` (same structure as params) is True, or
-    where the weight is nonzero when ``masks`` is None.  Each layer reports ``shape``,
-    ``size``, ``nonzero``, ``sparsity`` (fraction of zeros) and, for 2-D/4-D kernels,
-    ``filters``/``zero_filters`` (output channels), ``columns``/``zero_columns`` (rows of
-    the (-1, out) view) and ``channels``/``zero_channels`` (input channels, axis -2).
-    """
-    lookup = _mask_lookup(masks)
-    report = {}
-    for path, module, leaf in _kernel_entries(params):
-        nz = _nonzero(leaf, lookup.get(path) if masks is not None else None)
-        shape = tuple(np.shape(leaf))
-        size = int(np.prod(shape, dtype=np.int64))
-        nnz = int(nz.sum())
-        entry = {
-            "shape": list(shape),
-            "size": size,
-            "nonzero": nnz,
-            "sparsity": (size - nnz) / size if size else 0.0,
-        }
-        if len(shape) in (2, 4):
-            view = nz.reshape(-1, shape[-1])
-            chan = np.moveaxis(nz, -2, 0).reshape(shape[-2], -1)
-            entry.update(
-                filters=int(shape[-1]),
-                zero_filters=int((~view.any(axis=0)).sum()),
-                columns=int(view.shape[0]),
-                zero_columns=int((~view.any(axis=1)).sum()),
-                channels=int(shape[-2]),
-                zero_channels=int((~chan.any(axis=1)).sum()),
-            )
-        report[module] = entry
-    return report
-
-
-def compression_rate(params, rules=None, masks=None) -> float:
-    """Total / nonzero number of weights.
-
-    With ``rules=None`` over all leaves (kernels, biases, norm parameters); with rules,
-    only over the kernels they match (the pruned-layers-only rate).  Nonzeros come from
-    ``masks`` if given, else from the values.  Returns ``inf`` if everything is zero.
-    """
-    selected = None if rules is None else set(match_rules(params, rules))
-    lookup = _mask_lookup(masks)
-    total = nnz = 0
-    for path, leaf in _leaves(params):
-        if selected is not None and path not in selected:
-            continue
-        nz = _nonzero(leaf, lookup.get(path) if masks is not None else None)
-        total += int(nz.size)
-        nnz += int(nz.sum())
-    return float(total) / nnz if nnz else float("inf")
-
-
-def storage_bytes(params, masks=None, bits: int | None = None) -> dict[str, int]:
-    """Bytes to store every leaf of ``params`` (an array or a pytree) in several formats.
-
-    Per leaf with ``size`` entries, ``nnz`` nonzeros (from ``masks`` or the values) and
-    the ``(rows, out)`` view ``reshape(-1, shape[-1])``; results summed over leaves:
-
-    * ``dense``:  4 * size (float32);
-    * ``bitmask``: ceil(size / 8) + 4 * nnz (1 bit per entry + float32 nonzeros);
-    * ``csr``: 4 * nnz values + 4 * nnz int32 column indices + 4 * (rows + 1) row pointers;
-    * with ``bits``: ``quantized`` = ceil(size * bits / 8) + 4 (b-bit code for every
-      entry + one float32 scale per leaf) and ``quantized_sparse`` = ceil(size / 8) +
-      ceil(nnz * bits / 8) + 4 (bitmask + codes of the nonzeros + scale).
-    """
-    if bits is not None and (not _is_int(bits) or not 1 <= bits <= MAX_BITS):
-        raise ValueError(f"bits={bits!r} is not allowed: bits must be an integer in [1, {MAX_BITS}]")
-    lookup = _mask_lookup(masks)
-    out = {"dense": 0, "bitmask": 0, "csr": 0}
-    if bits is not None:
-        out.update(quantized=0, quantized_sparse=0)
-    for path, leaf in _leaves(params):
-        nz = _nonzero(leaf, lookup.get(path) if masks is not None else None)
-        shape = nz.shape
-        size = int(nz.size)
-        nnz = int(nz.sum())
-        rows = size // shape[-1] if len(shape) and shape[-1] else 1
-        out["dense"] += 4 * size
-        out["bitmask"] += -(-size // 8) + 4 * nnz
-        out["csr"] += 8 * nnz + 4 * (rows + 1)
-        if bits is not None:
-            out["quantized"] += -(-size * bits // 8) + 4
-            out["quantized_sparse"] += -(-size // 8) + -(-nnz * bits // 8) + 4
-    return out
-
-
-def model_size(params, specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
-    """What the compressed model takes to store, per kernel layer and in total.
-
-    ``specs`` (``{leaf path: spec}``, as ``match_rules`` returns) give each compressed
-    kernel's bits (a ``quantize`` spec's, else 32); nonzeros are counted from the values.
-    A compressed kernel is stored in the smaller of two formats: ``dense`` (every entry's
-    code: ceil(size * bits / 8) bytes) and ``bitmask`` (one bit per entry saying whether it
-    is nonzero, then the nonzeros' codes: ceil(size / 8) + ceil(nnz * bits / 8)); a
-    quantized kernel adds its float32 scale (4 bytes). Every other parameter (biases, norm
-    scales, kernels without a rule) is dense float32. ``dense_bytes`` is 4 bytes per
-    parameter. BatchNorm running statistics are not parameters and are not counted.
-    """
-    specs = dict(specs or {})
-    layers = {}
-    total = {"size": 0, "nonzero": 0, "bytes": 0, "dense_bytes": 0}
-    for path, leaf in _leaves(params):
-        w = np.asarray(leaf)
-        size, nnz = int(w.size), int(np.count_nonzero(w))
-        spec = specs.get(path)
-        if spec is None:
-            nbytes, bits, fmt = 4 * size, 32, "dense"
-        else:
-            bits = int(spec["bits"]) if spec["kind"] == "quantize" else 32
-            scale = 4 if spec["kind"] == "quantize" else 0
-            formats = {"dense": -(-size * bits // 8) + scale,
-                       "bitmask": -(-size // 8) + -(-nnz * bits // 8) + scale}
-            fmt = min(formats, key=formats.get)
-            nbytes = formats[fmt]
-        if path.endswith("/kernel") or spec is not None:
-            layers[path.rsplit("/", 1)[0]] = {
-                "size": size, "nonzero": nnz, "bits": bits, "format": fmt, "bytes": nbytes,
-                "dense_bytes": 4 * size, "compressed": spec is not None}
-        total["size"] += size
-        total["nonzero"] += nnz
-        total["bytes"] += nbytes
-        total["dense_bytes"] += 4 * size
-    inf = float("inf")
-    total["rate_by_nonzeros"] = total["size"] / total["nonzero"] if total["nonzero"] else inf
-    total["rate_by_bytes"] = total["dense_bytes"] / total["bytes"] if total["bytes"] else inf
-    return {"layers": layers, "total": total}
-
-
-def ratios_to_match(shapes_big, shapes_small, layers: Sequence[str] | None = None) -> dict[str, float]:
-    """Per-layer prune ratios that shrink a wide model's kernels to a narrow model's size.
-
-    ``shapes_big``/``shapes_small``: shape trees of the same model at two widths (e.g.
-    from ``jax.eval_shape``; leaves need ``.shape`` or are arrays).  For every kernel
-    selected by ``layers`` (patterns as in rules; None = all kernels) returns
-    ``{module path: 1 - size_small / size_big}``, usable directly as rule patterns.
-    """
-    big = _kernel_entries(shapes_big)
-    small = {path: leaf for path, _, leaf in _kernel_entries(shapes_small)}
-    if layers is None:
-        chosen = [path for path, _, _ in big]
-    else:
-        if isinstance(layers, str):
-            layers = [layers]
-        owner = _select(big, list(layers), what="layer pattern")
-        chosen = [path for path, _, _ in big if path in owner]
-    modules = {path: module for path, module, _ in big}
-    big_leaves = {path: leaf for path, _, leaf in big}
-    out = {}
-    for path in chosen:
-        if path not in small:
-            raise ValueError(f"kernel {path!r} of the big model is missing from the small model")
-        nb = int(np.prod(np.shape(big_leaves[path]), dtype=np.int64))
-        ns = int(np.prod(np.shape(small[path]), dtype=np.int64))
-        if nb == 0 or ns > nb:
-            raise ValueError(
-                f"kernel {path!r}: small size {ns} must be <= big size {nb} (and big nonempty)"
-            )
-        out[modules[path]] = float(1.0 - ns / nb)
-    return out

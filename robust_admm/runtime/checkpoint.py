@@ -1,5 +1,6 @@
-"""Checkpoints with orbax `CheckpointManager`: one manager per stage under
-`<workdir>/checkpoints/<stage>/<step>`, holding the whole `TrainState` (params, BatchNorm
+"""Checkpoints with orbax `CheckpointManager`: one manager per stage, over a folder of
+`<step>` checkpoints (where that folder is, is the workdir's business:
+`experiments/workdir.py`), each holding the whole `TrainState` (params, BatchNorm
 statistics, optimizer state, ADMM state, masks, key, step; the data position is the step)
 plus JSON metadata. The last checkpoint of a finished stage carries `complete: true` and
 the stage's evaluation; it is what the next stage starts from."""
@@ -10,17 +11,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from robust_admm import logs
+from robust_admm.runtime import logs
 
 
-def stage_dir(workdir: str, stage: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
-
-
-def manager(workdir: str, stage: str, keep: int = 3) -> ocp.CheckpointManager:
-    """Asynchronous manager keeping the last `keep` checkpoints of `stage`."""
+def manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
+    """Asynchronous manager keeping the last `keep` checkpoints in `directory`."""
     return ocp.CheckpointManager(
-        stage_dir(workdir, stage),
+        os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -93,17 +90,18 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
     return None
 
 
-def load_final_state(workdir: str, stage: str) -> dict:
-    """The final state of a finished `stage` as plain nested dicts of numpy arrays (no
-    target structure needed): for evaluation, export and tests."""
-    with manager(workdir, stage) as mngr:
+def load_final_state(directory: str, stage: str) -> dict:
+    """The final state of the finished `stage` whose checkpoints are in `directory`, as
+    plain nested dicts of numpy arrays (no target structure needed): for evaluation,
+    export and tests."""
+    with manager(directory) as mngr:
         step = mngr.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint of stage {stage!r} in {stage_dir(workdir, stage)}")
+            raise FileNotFoundError(f"no checkpoint of stage {stage!r} in {directory}")
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not meta.get("complete"):
-            raise FileNotFoundError(f"stage {stage!r} in {stage_dir(workdir, stage)} is not finished")
-    path = os.path.join(stage_dir(workdir, stage), str(step), "state")
+            raise FileNotFoundError(f"stage {stage!r} in {directory} is not finished")
+    path = os.path.join(os.path.abspath(directory), str(step), "state")
     with ocp.PyTreeCheckpointer() as ckpt:
         # As host numpy arrays, whatever devices (or how many) wrote the checkpoint.
         tree = ckpt.metadata(path).item_metadata.tree

@@ -1,13 +1,11 @@
 """XLA compiler options for the compiled steps, chosen per backend.
 
 On XLA:CPU this jaxlib hands convolutions, matmuls and reductions to the YNNPACK library.
-For the convolutions of the CIFAR models XLA's own convolution runtime is 1.5-2x faster
-(forward and input gradient of a 32x32x64 -> 64 3x3 conv, batch 128: 146/139 ms vs
-66/66 ms) and its kernel gradient up to 25x faster (2.5 s vs 95 ms), while the library
-stays the better choice for matmuls and the BatchNorm reductions (benchmarks/NOTES.md, 14;
-without the reductions a VGG-16 PGD step took 2.22 s instead of 2.11). Its reduce fusion
+For the convolutions of the CIFAR models XLA's own convolution runtime is faster, above
+all for the kernel gradient, while the library stays the better choice for matmuls and
+the BatchNorm reductions (benchmarks/NOTES.md, entries 14 and 15). Its reduce fusion
 may take in a convolution that feeds a reduction; the one such case in these models, the
-max-pool backward, is written so that it does not (`models.layers`, NOTES.md, 15).
+max-pool backward, is written so that it does not (`models.layers`; NOTES.md, entry 15).
 So on CPU the steps are compiled with the library limited to dots and reductions
 (`cpu_convolutions='xla'`); the per-shape convolution forms of `models.conv.choose_form`
 are tuned for that. GPU and TPU get no options.
@@ -63,3 +61,38 @@ def _rejected(options: tuple) -> str | None:
     except Exception as e:  # noqa: BLE001 (jaxlib raises its own runtime error types)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
+
+
+def jit_with_options(cpu_convolutions: str = "auto"):
+    """`jax.jit` with this backend's compiler options (`compiler_options`)."""
+    return functools.partial(jax.jit, compiler_options=compiler_options(cpu_convolutions))
+
+
+PGD_LOOPS = ("auto", "fori", "host")
+
+
+def resolve_pgd_loop(loop: str, backend: str | None = None) -> str:
+    """'fori' (an attack's whole loop inside one compiled program) or 'host' (one compiled
+    call per attack step, dispatched asynchronously: no host sync). 'auto' is 'host' on
+    CPU, where XLA runs rolled loop bodies slower (benchmarks/NOTES.md, entry 1), and
+    'fori' on GPU and TPU."""
+    if loop not in PGD_LOOPS:
+        raise ValueError(f"attack.loop={loop!r}; allowed: {PGD_LOOPS}")
+    if loop != "auto":
+        return loop
+    return "host" if (backend or jax.default_backend()) == "cpu" else "fori"
+
+
+class CompiledStep:
+    """A step made of compiled parts: one part ('fori') or, with a host-driven attack loop,
+    a few parts called in sequence without waiting for results. `compilations()` counts
+    the programs compiled so far (one per part once warm: nothing recompiles)."""
+
+    def __init__(self, fn, parts):
+        self._fn, self.parts = fn, tuple(parts)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def compilations(self) -> int:
+        return sum(p._cache_size() for p in self.parts)

@@ -27,7 +27,7 @@ def stage_config(epochs: int, lr: float, optimizer: str = "sgd", schedule: str =
 
 
 def phase_config(kind: str, epochs: int, lr: float, rules: str = "", **optim):
-    """One phase of a program (robust_admm/recipe.py): `kind` 'dense' | 'admm' | 'retrain',
+    """One phase of a program (training/program.py): `kind` 'dense' | 'admm' | 'retrain',
     its optimisation, and for admm and retrain its compression `rules` ('' = those of the
     closest earlier admm/retrain phase, or `prune.*` for the first)."""
     c = stage_config(epochs, lr, **optim)
@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # The compression program: its phases in order, each a field below with a `kind`
     # (dense | admm | retrain) and, for admm and retrain, compression `rules`
-    # (robust_admm/recipe.py). A config file adds phases with phase_config().
+    # (training/program.py). A config file adds phases with phase_config().
     c.program = ",".join(STAGES)
     # Which phases to run ('' = the whole program): consecutive, in program order. A phase
     # after the program's first loads the previous phase's checkpoint from the workdir.
@@ -72,9 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64  # global training batch
     c.log_every_steps = 50  # metrics line + progress (img/s, ETA) every this many steps
     # Speed only, CPU only: 'xla' compiles the steps with XLA:CPU's own convolutions (the
-    # YNNPACK library keeps matmuls and reductions; 1.1-1.4x faster steps on VGG-16
-    # and ResNet-18), 'library' keeps jaxlib's defaults, 'auto' = 'xla' where this jaxlib
-    # accepts the option, else 'library' with a warning (robust_admm/compiler.py).
+    # YNNPACK library keeps matmuls and reductions; faster steps on the CIFAR models,
+    # benchmarks/NOTES.md, entry 14), 'library' keeps jaxlib's defaults, 'auto' = 'xla'
+    # where this jaxlib accepts the option, else 'library' with a warning
+    # (runtime/compiler.py).
     c.cpu_convolutions = "auto"
 
     # Checkpoints (orbax, asynchronous) under <workdir>/checkpoints/<stage>; rerunning the
@@ -110,9 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ADMM state stay float32, logits are float32).
     c.model.dtype = "float32"
 
-    # Initial weights (robust_admm/initialization.py). `scheme` draws every kernel (conv and
-    # dense; biases 0) with 'default' (flax's LeCun normal) | 'xavier_uniform' |
-    # 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal' | 'lecun_uniform' | 'orthogonal'.
+    # Initial weights (training/initialization.py; inheriting: experiments/inherit.py).
+    # `scheme` draws every kernel (conv and dense; biases 0) with 'default' (flax's LeCun
+    # normal) | 'xavier_uniform' | 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal' |
+    # 'lecun_uniform' | 'orthogonal'.
     c.init = ml_collections.ConfigDict()
     c.init.scheme = "default"
     # A finished run's workdir: start from the sparse model it pruned (same model.name and
@@ -135,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attack.unroll = 1  # lax.fori_loop unroll factor of the PGD loop (speed only)
     # How the PGD loop runs (speed only; training and eval): 'fori' = inside the compiled
     # step, 'host' = one compiled call per PGD step, 'auto' = 'host' on CPU (where XLA
-    # runs rolled loop bodies 3-4x slower), 'fori' on GPU and TPU.
+    # runs rolled loop bodies slower, benchmarks/NOTES.md, entry 1), 'fori' on GPU and TPU.
     c.attack.loop = "auto"
 
     # Evaluation during training: natural accuracy and accuracy under PGD, set apart from

@@ -7,7 +7,7 @@ training config (any program) plus how it relates to other cells:
   model pruned at several rates, pretrained once). The two configs must agree on everything
   the shared phase depends on.
 - `inherit_from`: a cell whose final pruned model this cell inherits (`init.inherit_from`;
-  robust_admm/initialization.py says exactly what is inherited).
+  experiments/inherit.py says exactly what is inherited).
 - `labels`: what the report groups and plots by: `kind` (of compression), `size` (the width
   whose size the model has), `init` ('scratch' | 'pruned' | 'inherited'), free others.
 """
@@ -31,7 +31,7 @@ def study_base() -> ml_collections.ConfigDict:
                                         "batch": 500, "seed": 0})
     s.poll_s = 30.0  # how often a process with nothing to claim looks again
     # How often a cell's time record is saved: a killed process's time is counted up to its
-    # last save (robust_admm/study.py, CellClock).
+    # last save (experiments/study.py, CellClock).
     s.clock_every_s = 10.0
     s.cells = ml_collections.ConfigDict()
     return s

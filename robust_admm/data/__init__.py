@@ -1,0 +1,9 @@
+"""Data: the file formats read from disk (`formats`), datasets by name and source
+(`sources`), and how batches are drawn (`batching`). Host-side numpy, plus the pure
+functions a compiled step uses to pick and convert its batch."""
+from robust_admm.data.formats import DataError, read_cifar10_batch, read_idx
+from robust_admm.data.sources import (DATASETS, SOURCES, Dataset, Split, describe,
+                                      input_shape, load_dataset)
+
+__all__ = ["DATASETS", "SOURCES", "DataError", "Dataset", "Split", "describe", "input_shape",
+           "load_dataset", "read_cifar10_batch", "read_idx"]

@@ -1,0 +1,29 @@
+"""Reading a config.json that an older release wrote: the fields added since, at the
+values that mean what it ran (the one place that knows the config's history)."""
+from robust_admm.compression.rules import comma_list
+from robust_admm.experiments.config_base import STAGES, base_config, phase_config
+from robust_admm.training.program import PHASE_KINDS
+
+DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
+
+
+def upgrade_config_dict(d: dict) -> dict:
+    """A config.json written by an older version, read with the fields added since at the
+    values that mean what it ran: no augmentation, float32, the default initialisation,
+    every phase on `attack.*`; before programs, the default program."""
+    if "init" not in d:
+        d = dict(d, init=base_config().init.to_dict())
+    if "augment" not in d.get("data", {"augment": None}):
+        d = dict(d, data=dict(d["data"], augment="none"))
+    if "dtype" not in d.get("model", {"dtype": None}):
+        d = dict(d, model=dict(d["model"], dtype="float32"))
+    if "program" in d:
+        for name in comma_list(d["program"]):  # phase fields added since programs
+            if name in d and "attack_steps" not in d[name]:
+                d = dict(d, **{name: dict(d[name], attack_steps=None, attack_step_size=None)})
+        return d
+    d = dict(d, program=",".join(STAGES))
+    for name, kind in DEFAULT_KINDS.items():
+        # The fields phases gained since, at their defaults.
+        d[name] = {**phase_config(kind, epochs=0, lr=1.0).to_dict(), **d[name]}
+    return d

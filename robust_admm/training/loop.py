@@ -1,0 +1,288 @@
+"""The loop that runs one phase of a program: compiled steps, ADMM updates at interval
+ends, evaluations, logs with img/s and ETA, the non-finite policy, checkpoints (resumed
+bit for bit) and SIGTERM. Where checkpoints and metrics go is given to it (`Run`)."""
+import contextlib
+import dataclasses
+import signal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from robust_admm.compression import admm as admm_lib
+from robust_admm.compression import size
+from robust_admm.evaluation.eval_step import eval_attack_label, evaluate
+from robust_admm.runtime import checkpoint, logs, parallel
+from robust_admm.training import optim
+from robust_admm.training.attack import make_attack
+from robust_admm.training.program import Phase
+from robust_admm.training.state import TrainState
+from robust_admm.training.step import make_train_step
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by it
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint was saved; the run exits with a non-zero status."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage needs: built once per run."""
+    config: object
+    checkpoint_dirs: dict  # phase name -> the folder of its checkpoints
+    model: object
+    mesh: object  # jax.sharding.Mesh with one `data` axis over all devices
+    train: tuple  # (images uint8, labels int32) on the devices, replicated
+    test: tuple  # (images, labels, valid) on the device, padded
+    program: list  # every phase of the program (program.Phase), in order
+    specs: dict  # phase name -> {leaf path: projection spec}
+    eval_step: object
+    writer: logs.MetricsWriter
+    key: jax.Array
+    preempted: list  # set to [signal number] by the SIGTERM handler
+
+
+def compression(params, specs) -> dict:
+    """Compression rates (dense size / nonzeros) over all weights and the compressed leaves."""
+    return {"all": size.compression_rate(params),
+            "pruned": size.compression_rate(params, rules=specs) if specs else 1.0}
+
+
+def initial_state(run: Run, phase: Phase, tx, params, batch_stats, masks) -> TrainState:
+    """The state a phase starts from, given the previous phase's result: an admm phase
+    starts its Z, U (within the masks so far), a retrain phase projects onto its rules."""
+    admm_state = admm_lib.empty()
+    specs = run.specs[phase.name]
+    if phase.kind == "admm":
+        if run.config.prune.masked_progressive:
+            masks = admm_lib.freeze_zeros(params, masks, specs)
+        admm_state = admm_lib.init(params, specs, run.config[phase.name].rho, masks)
+    elif phase.kind == "retrain":
+        params, masks = admm_lib.hard_project(params, specs, masks)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), masks=masks, admm=admm_state,
+                       key=jax.random.fold_in(run.key, phase.index))
+    return parallel.replicate(state, run.mesh)
+
+
+def stage_optimizer(cfg, phase: Phase, steps_per_epoch: int):
+    """(tx, schedule) of a phase; non-finite updates are never applied (the policy on
+    how long to go on is enforced by the loop, so the wrapper never gives up)."""
+    pcfg = cfg[phase.name]
+    period = pcfg.update_every_epochs if phase.kind == "admm" else None
+    schedule = optim.make_schedule(pcfg, steps_per_epoch, period)
+    tx = optax.apply_if_finite(optim.make_optimizer(pcfg, schedule),
+                               max_consecutive_errors=2**30)
+    return tx, schedule
+
+
+def nonfinite_streaks(flags, carried: int = 0) -> tuple[int, int]:
+    """(longest, trailing) run of true `flags`, the first run extended by `carried` (the
+    streak the previous window ended with). Read from every step's flag because optax's
+    own counter resets on the first finite step, hiding a streak that ended between logs."""
+    longest, run_ = 0, carried
+    for bad in flags:
+        run_ = run_ + 1 if bad else 0
+        longest = max(longest, run_)
+    return longest, run_
+
+
+def check_nonfinite(stage: str, history: list, streak: int, cfg, last_ckpt) -> int:
+    """Enforces `cfg` (config.nonfinite) on the steps since the last log line, given the
+    non-finite streak the previous window ended with; returns the one this window ends with."""
+    flags = [bool(h["nonfinite"]) for h in history]
+    longest, trailing = nonfinite_streaks(flags, streak)
+    if not any(flags):
+        return trailing
+    bad = [int(h["step"]) for h, f in zip(history, flags) if f]
+    where = (f"last good checkpoint: {last_ckpt}" if last_ckpt else
+             "no checkpoint of this stage yet")
+    if cfg.policy == "stop" or longest >= cfg.max_consecutive:
+        raise FloatingPointError(
+            f"[{stage}] non-finite loss or gradients at step {bad[0]} (of {len(history)} "
+            f"steps since the last log, {len(bad)} were non-finite, at most {longest} in a "
+            f"row; nonfinite.max_consecutive={cfg.max_consecutive}); the update was not "
+            f"applied and the run stops ({where}). Lower the learning rate or check the "
+            f"data; nonfinite.policy='skip' goes on past isolated bad steps.")
+    logs.log(f"[{stage}] WARNING: skipped {len(bad)} non-finite steps (first {bad[0]})")
+    return trailing
+
+
+def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
+    """Trains one phase, resuming from its newest checkpoint if there is one.
+
+    Returns (state, result, speed): the final evaluation, and the training speed of this
+    process's part of the phase (None when the phase was already complete)."""
+    cfg = run.config
+    stage = phase.name
+    scfg = cfg[stage]
+    specs = run.specs[stage]
+    n_train = run.train[1].shape[0]
+    spe = n_train // cfg.batch_size
+    if spe == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples")
+    total = scfg.epochs * spe
+    tx, schedule = stage_optimizer(cfg, phase, spe)
+    state = initial_state(run, phase, tx, params, batch_stats, masks)
+    mngr = checkpoint.manager(run.checkpoint_dirs[stage], cfg.checkpoint.keep)
+    eval_key = jax.random.fold_in(run.key, 100 + phase.index)
+    try:
+        restored = checkpoint.restore_latest(mngr, state)
+        last_ckpt = None
+        if restored is not None:
+            state, meta, last_ckpt = restored
+            if meta.get("complete"):
+                logs.log(f"[{stage}] already complete in {mngr.directory}")
+                return state, meta["result"], None
+            logs.log(f"[{stage}] resuming from step {last_ckpt} of {total}")
+        # The records after the restored step are written again below; with no checkpoint
+        # (a stage killed before its first one finished) that is all of the stage's.
+        run.writer.truncate_after(stage, last_ckpt or 0,
+                                  [p.name for p in run.program[phase.index + 1:]])
+        warmup = int(round(cfg.attack.warmup_epochs * spe)) if phase.index == 0 else 0
+        attack = make_attack(cfg.attack, cfg.setting, warmup, cfg.objective, scfg)
+        logs.log(f"[{stage}] training attack: {attack.describe()}")
+        train_step = make_train_step(
+            run.model, tx, attack, cfg.batch_size, schedule, run.mesh, cfg.attack.loop, cfg.cpu_convolutions,
+            cfg.objective, cfg.objective_beta,
+            constraints=specs if phase.kind == "retrain" else None,
+            quantize_update=scfg.get("quantize_update", "project"),
+            augmentation=cfg.data.augment)
+        # The model a phase evaluates and ends with: its latent weights on their levels
+        # under the straight-through estimator, else the weights themselves.
+        ste = (phase.kind == "retrain" and scfg.quantize_update == "ste"
+               and admm_lib.quantized_specs(specs))
+        on_levels = jax.jit(lambda p, m: admm_lib.onto_levels(p, m, specs)) if ste else (
+            lambda p, m: p)
+        admm_update = None
+        if phase.kind == "admm":
+            admm_update = jax.jit(lambda p, s, m: admm_lib.update(
+                p, s, specs, scfg.rho_growth, scfg.rho_max, m))
+
+        start = int(state.step)
+        progress = logs.Progress(total, cfg.batch_size, start)
+        logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
+        history, result = [], None
+        streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
+        for step in range(start + 1, total + 1):
+            epoch = -(-step // spe)
+            state, metrics = train_step(state, *run.train)
+            history.append(dict(metrics, step=step))
+            if step == start + 1:  # compiled: time the rest apart (one sync per phase)
+                jax.block_until_ready(state.step)
+                progress.compiled(step)
+            if step % cfg.log_every_steps == 0 or step == total:
+                history = jax.device_get(history)
+                streak = check_nonfinite(stage, history, streak, cfg.nonfinite, last_ckpt)
+                m = logs.mean_metrics(history)
+                m.pop("step")
+                history = []
+                speed = progress.update(step)
+                run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m, **speed,
+                                 rho={k: float(v) for k, v in state.admm.rho.items()})
+                logs.log(
+                    f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
+                    f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
+                    f"{speed['img_per_s']:.0f} img/s ETA {logs.fmt_duration(speed['eta_s'])}")
+                # At the second interval: the first runs slower while buffers and caches
+                # warm up (up to 2x on LeNet-5; benchmarks/NOTES.md).
+                if len(progress.rates) == 2 and step < total:
+                    logs.log(f"[{stage}] projected: {logs.fmt_duration(speed['eta_s'])} "
+                             f"for the {total - step} steps left at "
+                             f"{speed['img_per_s']:.0f} img/s (first step, compiling: "
+                             f"{progress.compile_s:.1f} s), evaluations not counted")
+            if step % spe == 0:  # end of an epoch
+                if admm_update is not None and epoch % scfg.update_every_epochs == 0:
+                    state = admm_step(run, stage, admm_update, state, epoch, step)
+                if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
+                    result = evaluate(run.eval_step, on_levels(state.params, state.masks),
+                                      state.batch_stats, run.test,
+                                      cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
+                    run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
+                                     adv_attack=eval_attack_label(cfg))
+                    logs.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
+                             f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
+            if run.preempted and step < total:
+                checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
+                mngr.wait_until_finished()
+                logs.log(f"[{stage}] SIGTERM: saved a checkpoint at step {step} in "
+                         f"{mngr.directory}; rerun the same command to resume")
+                raise Preempted(PREEMPTED_EXIT_CODE)
+            if step % cfg.checkpoint.every_steps == 0 and step < total:
+                checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
+                last_ckpt = step
+        if result is None:  # a stage with 0 epochs
+            result = evaluate(run.eval_step, on_levels(state.params, state.masks),
+                              state.batch_stats, run.test,
+                              cfg.eval.batch_size, jax.random.fold_in(eval_key, scfg.epochs))
+        state = state.replace(params=on_levels(state.params, state.masks))
+        checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
+        mngr.wait_until_finished()
+        timing = {"img_per_s": progress.median_img_per_s(), "steps": total - start,
+                  "first_step_s": progress.compile_s}
+        return state, result, timing
+    finally:
+        mngr.close()
+
+
+def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
+    """The Z- and U-updates at the end of an ADMM interval, with residuals logged."""
+    new_admm, res = admm_update(state.params, state.admm, state.masks)
+    res = {k: float(v) for k, v in jax.device_get(res).items()}
+    run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
+                     rho={k: float(v) for k, v in new_admm.rho.items()})
+    worst = max((v for k, v in res.items() if k.startswith("primal")), default=0.0)
+    logs.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
+    return state.replace(admm=new_admm)
+
+
+def stage_summary(run: Run, phase: Phase, state, result) -> dict:
+    host = jax.device_get(state.params)
+    specs = run.specs[phase.name]
+    return {
+        "kind": phase.kind,
+        "rules": phase.rules,
+        "nat_acc": result["nat_acc"],
+        "adv_acc": result["adv_acc"],
+        "adv_attack": eval_attack_label(run.config),
+        "compression_rate": compression(host, specs),
+        "sparsity": size.sparsity_report(host, jax.device_get(state.masks)),
+        # Stored at the bit widths of the phase's rules once they hold (retrain).
+        "size": size.model_size(host, specs if phase.kind == "retrain" else {}),
+    }
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """Yields a list that holds the signal number once SIGTERM arrives (main thread only)."""
+    flag = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def previous_stage_result(run: Run, stage: str, prev: str, like):
+    """(params, batch_stats, masks) of the finished phase `prev`, the one before `stage`."""
+    folder = run.checkpoint_dirs[prev]
+    mngr = checkpoint.manager(folder)
+    try:
+        restored = None
+        if mngr.all_steps():
+            restored = checkpoint.restore_latest(mngr, like)
+    finally:
+        mngr.close()
+    if restored is None or not restored[1].get("complete"):
+        raise FileNotFoundError(
+            f"stage {stage!r} needs the result of stage {prev!r}, but {folder} holds no "
+            f"finished {prev!r} stage: run {prev!r} in this workdir first "
+            f"(e.g. --config.stages={prev},{stage})")
+    logs.log(f"loaded the result of stage {prev!r} from {folder}")
+    state = restored[0]
+    return state.params, state.batch_stats, state.masks

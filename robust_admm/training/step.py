@@ -1,0 +1,180 @@
+"""The compiled adversarial train step.
+
+The `train_step` does, for one batch: pick the batch from the on-device dataset (a
+permutation per epoch, derived from the state's key, so the data position is just the
+step), PGD inner maximisation, the adversarial loss plus the ADMM penalty, gradients,
+gradient masking, the optax update and re-masking of the weights. On GPU and TPU that is
+one compiled program with the PGD loop as a `lax.fori_loop`; on CPU, where XLA runs
+rolled loop bodies slower, the PGD steps are separate compiled calls dispatched from
+the host without waiting for their results (`runtime.compiler.resolve_pgd_loop`). Both forms are tested
+to give the same results.
+
+BatchNorm during the attack: the attack's forward passes use the batch statistics of the
+perturbed batch without updating the running averages; only the training forward pass
+updates them.
+"""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from robust_admm import attacks
+from robust_admm.compression import admm as admm_lib
+from robust_admm.data.batching import batch_indices, to_pixels
+from robust_admm.models import apply_model
+from robust_admm.runtime import parallel
+from robust_admm.runtime.compiler import CompiledStep, jit_with_options, resolve_pgd_loop
+from robust_admm.training import augment, objectives
+from robust_admm.training.attack import TrainAttack
+from robust_admm.training.state import TrainState
+
+
+def attack_logits_fn(model, params, batch_stats) -> Callable:
+    """Logits as the attack sees them: batch statistics, running averages untouched."""
+    return lambda x: apply_model(model, params, batch_stats, x, train=True)[0]
+
+
+def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack,
+                    batch_size: int, schedule: Callable | None = None,
+                    mesh: Mesh | None = None, pgd_loop: str = "auto",
+                    cpu_convolutions: str = "auto", objective: str = "pgd_at",
+                    beta: float = 6.0, constraints: admm_lib.Specs | None = None,
+                    quantize_update: str = "project",
+                    augmentation: str = "none") -> CompiledStep:
+    """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
+
+    `images_u8`/`labels` are the whole training split on the device (replicated); the state
+    is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
+    replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
+    `pgd_loop` ('auto', 'fori', 'host'; see `runtime.compiler.resolve_pgd_loop`) and
+    `cpu_convolutions` (see `runtime.compiler`) only change speed. `objective`
+    (`training.objectives`)
+    is the loss at the attack's point; TRADES and MART also take a clean forward pass
+    (BatchNorm statistics updated by the clean pass, then by the adversarial one).
+    After each update the masks are applied, and `constraints` (a retrain phase's specs)
+    keep quantized leaves on their levels: projected after each update ('project') or
+    latent weights with the model, attack included, run on their levels ('ste'); see
+    `admm.keep_constraints` and `admm.straight_through`. `augmentation`
+    (`training.augment`) transforms each batch with a key of (state key, step).
+    """
+    constraints = constraints or {}
+    if augmentation not in augment.AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}")
+    if quantize_update not in admm_lib.QUANTIZE_UPDATES:
+        raise ValueError(f"quantize_update={quantize_update!r}; allowed: "
+                         f"{admm_lib.QUANTIZE_UPDATES}")
+    ste = quantize_update == "ste" and bool(admm_lib.quantized_specs(constraints))
+
+    def levels(state: TrainState):
+        """Under STE the weights the model runs on, computed once per step (one projection
+        of each quantized leaf); None otherwise (the model runs on `state.params`)."""
+        return admm_lib.onto_levels(state.params, state.masks, constraints) if ste else None
+
+    def runs_on(state: TrainState, q):
+        return state.params if q is None else q
+
+    obj = objectives.get(objective)
+    two_passes = obj.needs_clean and attack.attack is not None
+    data_key_tag, attack_key_tag, augment_key_tag = 0, 1, 2
+    shard = parallel.batch_constraint(mesh)
+    adv = attack.attack
+    jit = jit_with_options(cpu_convolutions)
+    state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+
+    def begin(state: TrainState, images_u8, labels, q):
+        """The batch and the attack's initial state (None without an attack); `q` as
+        `levels` gives it."""
+        key = jax.random.fold_in(state.key, data_key_tag)
+        idx = batch_indices(key, state.step, labels.shape[0], batch_size)
+        images = images_u8[idx]
+        if augmentation != "none":
+            images = augment.augment(augmentation, images, jax.random.fold_in(
+                jax.random.fold_in(state.key, augment_key_tag), state.step))
+        x = shard(to_pixels(images))
+        y = shard(labels[idx])
+        if attack.num_steps == 0:
+            return x, y, None
+        attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
+                                        state.step)
+        logits_fn = attack_logits_fn(model, runs_on(state, q), state.batch_stats)
+        return x, y, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
+                                          attack.scale(state.step)))
+
+    def attack_step(params, batch_stats, attack_state, x, y):
+        return adv.step(attack_logits_fn(model, params, batch_stats), attack_state, x, y)
+
+    def update(state: TrainState, attack_state, x, y, q):
+        """The attack's result, the training pass on it and the optimizer update."""
+        x_adv = x if attack_state is None else adv.finish(
+            attack_logits_fn(model, runs_on(state, q), state.batch_stats), attack_state, x, y)
+        x_adv = jax.lax.stop_gradient(x_adv)
+
+        def loss_fn(params):
+            if q is not None:
+                params = admm_lib.straight_through(params, q)
+            stats = state.batch_stats
+            if two_passes:
+                clean_logits, stats = apply_model(model, params, stats, x, True)
+            logits, new_stats = apply_model(model, params, stats, x_adv, True)
+            ce = obj.loss(clean_logits if two_passes else logits, logits, y, beta)
+            pen = admm_lib.penalty(params, state.admm)
+            return ce + pen, (ce, pen, logits, new_stats)
+
+        grads, (ce, pen, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
+        grad_norm = optax.tree.norm(grads)
+        # `tx` is wrapped in optax.apply_if_finite, which drops non-finite updates; the
+        # BatchNorm statistics of such a step are dropped here too.
+        finite = jnp.isfinite(ce + pen) & jnp.isfinite(grad_norm)
+        new_stats = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_stats,
+                                           state.batch_stats)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = admm_lib.keep_constraints(params, state.masks, constraints, quantize_update)
+        metrics = {
+            "loss": ce + pen,
+            "ce": ce,
+            "admm_penalty": pen,
+            "train_acc": (logits.argmax(-1) == y).mean(),
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.int32),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    def shard_state(tree):
+        return jax.tree_util.tree_map(lambda a: shard(a) if a.ndim else a, tree)
+
+    if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
+        def train_step(state: TrainState, images_u8, labels):
+            q = levels(state)
+            x, y, attack_state = begin(state, images_u8, labels, q)
+            if attack.num_steps:
+                attack_state = attacks.run_steps(
+                    adv, attack_logits_fn(model, runs_on(state, q), state.batch_stats),
+                    attack_state, x, y)
+            return update(state, attack_state, x, y, q)
+
+        step = jit(train_step, donate_argnums=(0,), **state_out)
+        return CompiledStep(step, [step])
+
+    begin_c = jit(begin)
+    attack_step_c = jit(attack_step, donate_argnums=(2,))
+    update_c = jit(update, donate_argnums=(0,), **state_out)
+    levels_c = jit(levels)
+
+    def host_train_step(state: TrainState, images_u8, labels):
+        q = levels_c(state) if ste else None
+        x, y, attack_state = begin_c(state, images_u8, labels, q)
+        for _ in range(attack.num_steps):
+            attack_state = attack_step_c(runs_on(state, q), state.batch_stats, attack_state,
+                                         x, y)
+        return update_c(state, attack_state, x, y, q)
+
+    return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c]
+                        + ([levels_c] if ste else []))
