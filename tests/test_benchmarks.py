@@ -21,15 +21,22 @@ def lenet_adv_forward_flops(w: int) -> int:
 def test_step_benchmark_times_the_step_and_counts_its_flops(mode, passes):
     out = subprocess.run(
         [sys.executable, SCRIPT, "--mode", mode, "--model", "lenet_adv", "--width", "16",
-         "--steps", "2", "--batch", "8", "--iters", "2", "--repeats", "1", "--warmup", "0"],
+         "--steps", "2", "--batch", "8", "--iters", "2", "--repeats", "3", "--warmup", "0"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     result = dict(re.findall(r"(\S+?)=(\S+)", line))
     assert (result["mode"], result["steps"], result["batch"]) == (mode, "2", "8")
-    assert float(result["img/s"]) > 0
+    # The rate is the median of the three repeats' rates it prints, and the GFLOP/s that
+    # rate times the FLOPs of an image (each printed rounded).
+    repeats = re.search(r"img/s per repeat ([\d.]+), ([\d.]+), ([\d.]+);", out.stdout)
+    assert repeats, out.stdout
+    assert float(result["img/s"]) == pytest.approx(sorted(map(float, repeats.groups()))[1],
+                                                  abs=0.06)
     expected = passes * lenet_adv_forward_flops(16) / 1e9
     assert float(result["gflop_per_img"]) == pytest.approx(expected, abs=1e-4)
+    assert float(result["gflops"]) == pytest.approx(
+        float(result["img/s"]) * float(result["gflop_per_img"]), rel=1e-3, abs=0.06)
 
 
 def test_all_prints_a_table_against_the_larger_peak_reading():
