@@ -33,6 +33,10 @@ setup(
         "absl-py",
         # Plots of the evaluation (robust accuracy versus epsilon) and of reports.
         "matplotlib>=3.7",
+        # Image files: decoding and the standard crops (robust_admm/data/images.py).
+        "pillow>=10",
+        # Streamed batches read by worker processes (robust_admm/data/stream.py).
+        "grain>=0.2.12",
     ],
     # `robust-admm train|eval|export|study|report`, as `python -m robust_admm.<verb>`.
     entry_points={"console_scripts": ["robust-admm = robust_admm.cli:main"]},

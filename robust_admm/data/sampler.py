@@ -11,7 +11,6 @@ records per process (ShardByJaxProcess), which makes a global batch depend on ho
 processes read it.
 """
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -49,11 +48,19 @@ class IndexSampler:
     def steps_per_epoch(self) -> int:
         return self.num_records // self.global_batch
 
-    @functools.cached_property
-    def _orders(self):
-        # One permutation per epoch, kept for the epochs in use (a new one each epoch).
-        return functools.lru_cache(maxsize=2)(
-            lambda epoch: epoch_order(self.seed, epoch, self.num_records))
+    def _order(self, epoch: int) -> np.ndarray:
+        """`epoch_order` of `epoch`, kept while that epoch is read (one at a time: a batch
+        never spans two)."""
+        cache = self.__dict__.setdefault("_order_cache", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_order(self.seed, epoch, self.num_records)
+        return cache[epoch]
+
+    def __getstate__(self):  # sent to worker processes without its cache
+        state = dict(self.__dict__)
+        state.pop("_order_cache", None)
+        return state
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -63,7 +70,7 @@ class IndexSampler:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         epoch, i = divmod(step, self.steps_per_epoch)
-        order = self._orders(epoch)
+        order = self._order(epoch)
         return order[i * self.global_batch:(i + 1) * self.global_batch]
 
     def local_indices(self, step: int) -> np.ndarray:
