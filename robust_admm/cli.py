@@ -9,6 +9,7 @@ VERBS = {
     "export": "write a finished phase's model as .npz + JSON (and ONNX)",
     "study": "run a grid of training programs, shareable between processes",
     "report": "write the report (tables, plots) of a run or a study",
+    "shards": "write a folder of images as ArrayRecord shards",
 }
 
 

@@ -1,6 +1,5 @@
-"""Shared test helpers: tiny MNIST- and CIFAR-shaped files, running the CLI, killing and
-resuming it, reading compiled HLO."""
-from robust_admm.experiments import workdir as workdir_lib
+"""Shared test helpers: tiny MNIST- and CIFAR-shaped files, folders of images, running the
+CLI, killing and resuming it, reading compiled HLO."""
 import gzip
 import json
 import os
@@ -11,7 +10,9 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 
+from robust_admm.experiments import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,3 +147,18 @@ def library_fusions(hlo_text: str) -> list[set[str]]:
                 current.add(op.group(1))
     return [bodies[m.group(1)] for line in hlo_text.splitlines() if "__ynn_fusion" in line
             for m in [re.search(r"calls=%([\w.-]+)", line)] if m]
+
+
+def rgb_noise(h, w, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_folder(root, classes=("cat", "dog", "ant"), per_class=2, fmt="PNG"):
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(per_class):
+                ext = "png" if fmt == "PNG" else "jpg"
+                Image.fromarray(rgb_noise(8, 8, i)).save(
+                    os.path.join(root, split, c, f"{i}.{ext}"), format=fmt)
+    return root

@@ -14,7 +14,7 @@ def test_an_unknown_verb_is_refused_naming_the_verbs(capsys):
         cli.main(["robust-admm", "trian"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown verb 'trian'" in err and "train, eval, export, study, report" in err
+    assert "unknown verb 'trian'" in err and "train, eval, export, study, report, shards" in err
 
 
 def test_no_verb_prints_the_usage_and_fails(capsys):

@@ -9,7 +9,6 @@ here: params 8e-7 apart after pretraining, 2e-3 after ADMM, ADMM Z 0.11 apart. S
 1-vs-8 run trains naturally (evaluation still attacks): it then ends within 5e-7. The
 adversarial step across processes is checked by the 4-device vs 2 x 2 run, whose
 per-device programs are the same."""
-from robust_admm.experiments import workdir as workdir_lib
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, cli_command, write_idx
+from robust_admm.experiments import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")

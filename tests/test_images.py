@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import make_folder, rgb_noise
 from robust_admm.data import DataError
 from robust_admm.data import images as im
 from robust_admm.data.folder import check_headers, list_image_folder
@@ -21,10 +22,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def rgb_noise(h, w, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -175,17 +172,6 @@ def test_the_evaluation_crop_against_a_linear_ramp(width, height, size):
 
 
 # ----------------------------------------------------------------------------- folders
-
-def make_folder(root, classes=("cat", "dog", "ant"), per_class=2, fmt="PNG"):
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(os.path.join(root, split, c), exist_ok=True)
-            for i in range(per_class):
-                ext = "png" if fmt == "PNG" else "jpg"
-                Image.fromarray(rgb_noise(8, 8, i)).save(
-                    os.path.join(root, split, c, f"{i}.{ext}"), format=fmt)
-    return root
-
 
 def test_classes_are_numbered_by_sorted_folder_name(tmp_path):
     root = make_folder(str(tmp_path))

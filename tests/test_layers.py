@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "robust_admm"
 
 # Highest first. A module may import from its own layer or any layer below it.
 LAYERS = {
-    "entry": 7,        # robust_admm.train, .eval, .export, .study, .report, .cli, __main__
+    "entry": 7,        # robust_admm.train, .eval, .export, .study, .report, .shards, .cli
     "experiments": 6,
     "training": 5,
     "evaluation": 4,
@@ -20,7 +20,7 @@ LAYERS = {
     "attacks": 0,
     "models": 0,
 }
-ENTRY_POINTS = ("train", "eval", "export", "study", "report")
+ENTRY_POINTS = ("train", "eval", "export", "study", "report", "shards")
 
 
 def module_name(path: pathlib.Path) -> str:
