@@ -38,12 +38,12 @@ def folder(tmp_path_factory):
 
 
 def batches(folder, workers=0, start=0, steps=5, batch=6, process=0, processes=1,
-            bad_images="stop", source=None):
+            bad_images="stop", source=None, threads=1):
     source = source or FolderSource(folder.train)
     sampler = IndexSampler(len(source), batch, seed=5, process_index=process,
                            process_count=processes)
     it = local_batches(source, sampler, Preprocess(16, True, seed=5, bad_images=bad_images),
-                       start, steps, num_workers=workers)
+                       start, steps, num_workers=workers, num_threads=threads)
     return list(it)
 
 
@@ -68,6 +68,7 @@ def test_batches_have_the_shape_and_labels_of_their_files(folder):
 def test_workers_give_the_same_batches_and_a_resume_reads_on(folder):
     ref = batches(folder)
     assert same(batches(folder, workers=2), ref)
+    assert same(batches(folder, threads=3), ref)
     assert same(batches(folder, start=3, steps=2), ref[3:])
     # Past the first epoch (4 steps of 6 of the 24 records): a new order, same pixels.
     assert same(batches(folder, start=4, steps=1, workers=1), ref[4:])

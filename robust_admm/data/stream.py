@@ -103,22 +103,27 @@ def collate(examples) -> dict:
 
 
 def local_batches(source, sampler: IndexSampler, preprocess: Preprocess, start_step: int,
-                  num_steps: int, num_workers: int = 0, buffer_per_worker: int = 2):
+                  num_steps: int, num_workers: int = 0, num_threads: int = 1,
+                  buffer_per_worker: int = 2):
     """This process's batches of steps start_step .. start_step + num_steps - 1, in order:
-    dicts of `collate`'s form, each `global_batch / process_count` examples."""
+    dicts of `collate`'s form, each `global_batch / process_count` examples. Each of
+    `num_workers` processes (0: this one) reads with `num_threads` threads (PIL lets go
+    of the GIL while it decodes and resizes)."""
     if len(source) != sampler.num_records:
         raise ValueError(f"the sampler counts {sampler.num_records} records, the source "
                          f"holds {len(source)}")
     if start_step < 0 or num_steps < 0:
         raise ValueError(f"steps {start_step} + {num_steps} must be >= 0")
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    if num_workers < 0 or num_threads < 1:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 and num_threads="
+                         f"{num_threads} >= 1")
     local = sampler.global_batch // sampler.process_count
     ds = (grain.MapDataset.range(start_step * local, (start_step + num_steps) * local)
           .map(_ReadPosition(source, sampler))
           .map(preprocess)
           .batch(local, drop_remainder=True, batch_fn=collate)
-          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+          .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                             prefetch_buffer_size=2 * num_threads)))
     if num_workers:
         if not flags.FLAGS.is_parsed():
             # grain's workers read its absl flags; outside an absl program (a library
