@@ -86,14 +86,18 @@ def decode(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> Image.Image
     return img
 
 
-def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """`decode` of the file at `path`."""
+def read_bytes(path: str) -> bytes:
+    """The bytes of the file at `path`; an error naming it if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return decode(data, path, max_pixels)
+
+
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`decode` of the file at `path`."""
+    return decode(read_bytes(path), path, max_pixels)
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,

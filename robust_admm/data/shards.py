@@ -21,7 +21,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from robust_admm.data.folder import SPLITS, ImageFolder
 from robust_admm.data.formats import DataError
-from robust_admm.data.images import MAX_PIXELS, open_image
+from robust_admm.data.images import MAX_PIXELS, open_image, read_bytes
 
 MAGIC, VERSION = b"RADM", 1
 _HEAD = struct.Struct("<4sBIH")  # magic, version, class index, name length (bytes)
@@ -79,8 +79,7 @@ def write_shards(folder: ImageFolder, out: str, records_per_shard: int = 1024,
             rows = range(s * records_per_shard, min((s + 1) * records_per_shard, len(part)))
             for i in rows:
                 path = part.paths[i]
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_bytes(path)
                 open_image(data, path, max_pixels)  # the header: format and size
                 rel = os.path.relpath(path, folder.root)
                 writer.write(encode_record(part.labels[i], rel, data))

@@ -39,12 +39,7 @@ class FolderSource:
 
     def __getitem__(self, index: int):
         path = self.split.paths[index]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-        return data, self.split.labels[index], path
+        return images.read_bytes(path), self.split.labels[index], path
 
 
 @dataclasses.dataclass(frozen=True)
