@@ -12,8 +12,9 @@ their order: a `MapDataset` over positions (random access, so a resume slices it
 and batched, then `mp_prefetch` over `num_workers` processes (0: in this process).
 
 A file that cannot be decoded follows `bad_images`: 'stop' raises a `DataError` naming it;
-'skip' gives a zero image marked `valid = False` in its batch (the step leaves it out of
-the loss) and names it in the batch's `bad` list, for the log and the metrics.
+'skip' gives a zero image marked `valid = False` in its batch, for the step to leave out
+of the loss (not yet: the training step does not take these batches yet), and names it in
+the batch's `bad` list, for the log and the metrics.
 """
 import dataclasses
 
