@@ -225,7 +225,7 @@ def _train_iteration(args, model, variables, images, labels, attack_setting):
 
     def iteration(block=True):
         nonlocal state
-        state, metrics = train_step(state, images, labels)
+        state, metrics = train_step(state, (images, labels))
         if block:
             assert np.isfinite(float(metrics["loss"])), "the benchmark step diverged"
 

@@ -170,7 +170,7 @@ def test_lenet_sgd_step_is_the_data_gradient_plus_rho_times_the_admm_residual():
     ce, data_grad = jax.jit(jax.value_and_grad(data_loss))(params)
     before, data_grad, admm64 = host64(params), host64(data_grad), host64(state.admm)
     step = make_train_step(model, tx, TrainAttack(None), batch)
-    new_state, metrics = step(state, jnp.asarray(images), jnp.asarray(labels))
+    new_state, metrics = step(state, (jnp.asarray(images), jnp.asarray(labels)))
 
     pen_grad = check_sgd_update(before, new_state.params, data_grad, admm64, lr)
     assert int(new_state.step) == 5
@@ -223,7 +223,7 @@ def test_one_dense_layer_sgd_step_equals_the_hand_computed_gradient(seed, rho, s
     pen = 0.5 * float(admm64.rho["fc/kernel"]) * np.sum(
         (w - admm64.z["fc/kernel"] + admm64.u["fc/kernel"]) ** 2)
 
-    new_state, metrics = train_step(state, jnp.asarray(images), jnp.asarray(labels))
+    new_state, metrics = train_step(state, (jnp.asarray(images), jnp.asarray(labels)))
 
     np.testing.assert_allclose(np.asarray(new_state.params["fc"]["kernel"], np.float64) - w,
                                -lr * (data_grad["fc"]["kernel"] + pen_grad),

@@ -69,7 +69,7 @@ def test_a_compiled_step_of_each_architecture_and_objective_on_mock_tfds_cifar10
         penalty = sum(0.5 * float(state.admm.rho[p]) * np.sum(
             (w[p] - np.asarray(state.admm.z[p], np.float64)
              + np.asarray(state.admm.u[p], np.float64)) ** 2) for p in specs)
-        state, metrics = step(state, jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels))
+        state, metrics = step(state, (jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
         assert np.isfinite(float(metrics["loss"])) and not int(metrics["nonfinite"])
         np.testing.assert_allclose(float(metrics["admm_penalty"]), penalty, rtol=1e-5)
     assert step.compilations() == len(step.parts)

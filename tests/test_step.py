@@ -32,7 +32,7 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 
 def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=None,
            channels=1, warmup_steps=0, tx=None, cpu_convolutions="auto", objective="pgd_at",
-           augmentation="none"):
+           augmentation="none", feed="device"):
     model = model or get_model("lenet_digits", 10, 4)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -54,7 +54,7 @@ def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=No
     images[np.arange(n), labels % 8, labels // 8 * 4, 0] = 255
     step = make_train_step(model, tx, attack, 16, pgd_loop=pgd_loop,
                            cpu_convolutions=cpu_convolutions, objective=objective, beta=6.0,
-                           augmentation=augmentation)
+                           augmentation=augmentation, feed=feed)
     return state, step, jnp.asarray(images), jnp.asarray(labels)
 
 
@@ -71,9 +71,9 @@ def test_augmentation_transforms_each_batch_with_a_key_of_the_step():
         assert not np.array_equal(batch, np.asarray(x)[idx])
         pre_augmented = np.asarray(x).copy()
         pre_augmented[idx] = batch
-        a, _ = aug_step(copy(state), x, y)
-        b, _ = plain_step(copy(state), jnp.asarray(pre_augmented), y)
-        c, _ = plain_step(copy(state), x, y)
+        a, _ = aug_step(copy(state), (x, y))
+        b, _ = plain_step(copy(state), (jnp.asarray(pre_augmented), y))
+        c, _ = plain_step(copy(state), (x, y))
         leaves = [[np.asarray(p) for p in jax.tree_util.tree_leaves(s.params)]
                   for s in (a, b, c)]
         for u, v in zip(leaves[0], leaves[1]):
@@ -95,7 +95,7 @@ def test_masked_weights_stay_exactly_zero_and_the_rest_trains():
     before = np.asarray(state.params["conv2"]["kernel"])
     mask = np.asarray(state.masks["conv2"]["kernel"])
     for _ in range(5):
-        state, _ = step(state, x, y)
+        state, _ = step(state, (x, y))
     after = np.asarray(state.params["conv2"]["kernel"])
     assert np.all(after[~mask] == 0.0)
     assert np.mean(after[mask] != before[mask]) > 0.9  # (a few may sit behind a dead ReLU)
@@ -109,7 +109,7 @@ def test_natural_and_adversarial_training_reduce_the_loss(setting, objective):
     state, step, x, y = _setup(setting, objective=objective)
     losses = []
     for _ in range(60):
-        state, m = step(state, x, y)
+        state, m = step(state, (x, y))
         losses.append(float(m["ce"]))
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), (setting, losses)
 
@@ -138,7 +138,7 @@ def test_host_driven_pgd_loop_matches_the_compiled_loop(model, channels, objecti
                                    warmup_steps=3, tx=optax.sgd(0.05, momentum=0.9),
                                    objective=objective)
         for _ in range(4):
-            state, m = step(state, x, y)
+            state, m = step(state, (x, y))
         assert step.compilations() == len(step.parts) == (1 if loop == "fori" else 3)
         runs[loop] = (state.params, state.batch_stats, m["ce"])
     _close(runs["fori"], runs["host"], atol=2e-5)
@@ -154,7 +154,7 @@ def test_both_cpu_convolution_runtimes_give_the_same_training_run():
                                    tx=optax.sgd(0.05, momentum=0.9),
                                    cpu_convolutions=runtime)
         for _ in range(4):
-            state, m = step(state, x, y)
+            state, m = step(state, (x, y))
         runs[runtime] = (state.params, state.batch_stats, m["ce"])
     _close(runs["xla"], runs["library"], atol=2e-5)
 
@@ -218,3 +218,59 @@ def test_bfloat16_compute_stays_close_to_float32_with_float32_parameters_and_gra
     flat = [jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(t)]) for t in (g32, g16)]
     assert cosine(*flat) > 0.98  # bfloat16 keeps 8 bits of mantissa: close, not equal
     assert min(map(cosine, jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16))) > 0.9
+
+
+@pytest.mark.parametrize("pgd_loop", ["fori", "host"])
+def test_a_streamed_batch_trains_as_the_same_batch_gathered_on_the_device(pgd_loop):
+    """The 'stream' feed given the batch that the 'device' feed gathers (all valid) ends
+    with the same parameters: the two feeders differ only in where the batch comes from."""
+    state, device_step, x, y = _setup(pgd_loop=pgd_loop)
+    _, stream_step, _, _ = _setup(pgd_loop=pgd_loop, feed="stream")
+    copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
+    a, b = copy(state), copy(state)
+    for _ in range(3):
+        idx = np.asarray(batch_indices(jax.random.fold_in(a.key, 0), a.step, 64, 16))
+        a, ma = device_step(a, (x, y))
+        b, mb = stream_step(b, {"image": x[idx], "label": y[idx],
+                                "valid": jnp.ones(16, bool)})
+        assert int(mb["skipped"]) == 0 and "skipped" not in ma
+    for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
+def test_invalid_examples_of_a_streamed_batch_are_left_out_of_the_loss():
+    """A skipped image (valid False) counts in `skipped`, not in the loss or accuracy: the
+    step's cross-entropy equals a float64 mean over the valid examples of the logits its
+    forward pass gives, and the update ignores the invalid examples' labels."""
+    state, step, x, y = _setup(objective="natural", feed="stream")
+    valid = np.ones(16, bool)
+    valid[[3, 11]] = False
+    images, labels = x[:16], np.asarray(y[:16])
+    copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
+    model = get_model("lenet_digits", 10, 4)
+    logits, _ = apply_model(model, state.params, state.batch_stats,
+                            images.astype(jnp.float32) / 255.0, train=True)
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -logp[np.arange(16), labels]
+    batch = {"image": images, "label": jnp.asarray(labels), "valid": jnp.asarray(valid)}
+    a, m = step(copy(state), batch)
+    assert int(m["skipped"]) == 2
+    np.testing.assert_allclose(float(m["ce"]), ce[valid].mean(), rtol=1e-5)
+    acc = (logits.argmax(-1) == labels)[valid].mean()
+    np.testing.assert_allclose(float(m["train_acc"]), acc, rtol=1e-6)
+    other = labels.copy()
+    other[3], other[11] = (other[3] + 1) % 10, (other[11] + 5) % 10
+    b, _ = step(copy(state), dict(batch, label=jnp.asarray(other)))
+    for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    other[0] = (other[0] + 1) % 10  # a valid example's label does count
+    c, _ = step(copy(state), dict(batch, label=jnp.asarray(other)))
+    assert any(not np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(
+        jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(c.params)))
+
+
+def test_an_unknown_feed_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="feed='disk'.*device.*stream"):
+        _setup(feed="disk")

@@ -167,7 +167,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         for step in range(start + 1, total + 1):
             epoch = -(-step // spe)
-            state, metrics = train_step(state, *run.train)
+            state, metrics = train_step(state, run.train)
             history.append(dict(metrics, step=step))
             if step == start + 1:  # compiled: time the rest apart (one sync per phase)
                 jax.block_until_ready(state.step)

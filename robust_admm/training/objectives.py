@@ -1,7 +1,8 @@
 """Training objectives of adversarial training, as small pure functions of logits.
 
 Each objective takes the clean logits (None where it needs none), the logits of the
-attack's point and the labels, and returns the batch's mean loss; `attack_loss` is what
+attack's point and the labels, and returns the batch's mean loss (`mean`: the plain
+mean, or `weighted_mean` of a streamed batch's valid examples); `attack_loss` is what
 its inner maximisation ascends (a per-example function, as the attacks take it).
 
 - `pgd_at` (Madry et al. 2018): cross-entropy at the adversarial point; the attack
@@ -46,21 +47,28 @@ def kl_attack_loss(adv_logits, y, clean_logits):
     return kl_clean_adv(jax.lax.stop_gradient(clean_logits), adv_logits)
 
 
-def pgd_at(clean_logits, adv_logits, y, beta: float = 0.0):
+def weighted_mean(weights):
+    """The mean over the examples whose weight is 1 (a streamed batch's valid ones); a
+    batch with none gives 0."""
+    weights = weights.astype(jnp.float32)
+    return lambda v: (v * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def pgd_at(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean):
     del clean_logits, beta
-    return ce(adv_logits, y).mean()
+    return mean(ce(adv_logits, y))
 
 
-def natural(clean_logits, adv_logits, y, beta: float = 0.0):
+def natural(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean):
     del adv_logits, beta
-    return ce(clean_logits, y).mean()
+    return mean(ce(clean_logits, y))
 
 
-def trades(clean_logits, adv_logits, y, beta: float = 6.0):
-    return ce(clean_logits, y).mean() + beta * kl_clean_adv(clean_logits, adv_logits).mean()
+def trades(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean):
+    return mean(ce(clean_logits, y)) + beta * mean(kl_clean_adv(clean_logits, adv_logits))
 
 
-def mart(clean_logits, adv_logits, y, beta: float = 6.0):
+def mart(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean):
     adv_probs = jax.nn.softmax(adv_logits)
     # The strongest wrong class at the adversarial point.
     wrong = jnp.where(jax.nn.one_hot(y, adv_logits.shape[-1], dtype=bool), -jnp.inf,
@@ -70,12 +78,12 @@ def mart(clean_logits, adv_logits, y, beta: float = 6.0):
     clean_probs = jax.nn.softmax(clean_logits)
     p_true = jnp.take_along_axis(clean_probs, y[:, None], axis=1)[:, 0]
     kl = (xlogy(clean_probs, clean_probs) - clean_probs * jnp.log(adv_probs + 1e-12)).sum(-1)
-    return boosted_ce.mean() + beta * (kl * (1.0000001 - p_true)).mean()
+    return mean(boosted_ce) + beta * mean(kl * (1.0000001 - p_true))
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """`loss(clean_logits, adv_logits, y, beta)`; `attack_loss(adv_logits, y,
+    """`loss(clean_logits, adv_logits, y, beta, mean=jnp.mean)`; `attack_loss(adv_logits, y,
     clean_logits)` per example (None: the configured `attack.loss`, a name);
     `attack_start_std` > 0: the attack starts at x + that * N(0, 1); `needs_clean`:
     whether `loss` reads the clean logits (a clean forward pass in the step)."""

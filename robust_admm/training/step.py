@@ -1,8 +1,8 @@
 """The compiled adversarial train step.
 
-The `train_step` does, for one batch: pick the batch from the on-device dataset (a
-permutation per epoch, derived from the state's key, so the data position is just the
-step), PGD inner maximisation, the adversarial loss plus the ADMM penalty, gradients,
+The `train_step` does, for one batch: take the batch (picked from the split on the
+device by a permutation per epoch derived from the state's key, so the data position is
+just the step; or given, streamed from the host), PGD inner maximisation, the adversarial loss plus the ADMM penalty, gradients,
 gradient masking, the optax update and re-masking of the weights. On GPU and TPU that is
 one compiled program with the PGD loop as a `lax.fori_loop`; on CPU, where XLA runs
 rolled loop bodies slower, the PGD steps are separate compiled calls dispatched from
@@ -30,6 +30,8 @@ from robust_admm.training import augment, objectives
 from robust_admm.training.attack import TrainAttack
 from robust_admm.training.state import TrainState
 
+FEEDS = ("device", "stream")  # where the step's batch comes from (make_train_step)
+
 
 def attack_logits_fn(model, params, batch_stats) -> Callable:
     """Logits as the attack sees them: batch statistics, running averages untouched."""
@@ -42,11 +44,17 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                     cpu_convolutions: str = "auto", objective: str = "pgd_at",
                     beta: float = 6.0, constraints: admm_lib.Specs | None = None,
                     quantize_update: str = "project",
-                    augmentation: str = "none") -> CompiledStep:
-    """Builds `train_step(state, images_u8, labels) -> (state, metrics)`.
+                    augmentation: str = "none", feed: str = "device") -> CompiledStep:
+    """Builds `train_step(state, data) -> (state, metrics)`; the state is donated.
 
-    `images_u8`/`labels` are the whole training split on the device (replicated); the state
-    is donated. With a `mesh`, the batch is split along its `data` axis and the state stays
+    What `data` is depends on `feed` (one of FEEDS):
+    - 'device': `(images_u8, labels)`, the whole training split on the devices
+      (replicated); the step gathers its `batch_size` examples by (state key, step)
+      (`data.batching.batch_indices`).
+    - 'stream': one global batch `{"image": uint8 (batch_size, H, W, C), "label": int32,
+      "valid": bool}` split along the mesh (`data.feed`); the losses and the accuracy are
+      means over its valid examples (a skipped image is invalid), and the metrics count
+      the invalid ones (`skipped`). With a `mesh`, the batch is split along its `data` axis and the state stays
     replicated: XLA inserts the gradient all-reduce, and BatchNorm statistics are global.
     `pgd_loop` ('auto', 'fori', 'host'; see `runtime.compiler.resolve_pgd_loop`) and
     `cpu_convolutions` (see `runtime.compiler`) only change speed. `objective`
@@ -60,6 +68,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     (`training.augment`) transforms each batch with a key of (state key, step).
     """
     constraints = constraints or {}
+    if feed not in FEEDS:
+        raise ValueError(f"feed={feed!r}; allowed: {FEEDS}")
     if augmentation not in augment.AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}")
     if quantize_update not in admm_lib.QUANTIZE_UPDATES:
@@ -83,30 +93,40 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     jit = jit_with_options(cpu_convolutions)
     state_out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
 
-    def begin(state: TrainState, images_u8, labels, q):
-        """The batch and the attack's initial state (None without an attack); `q` as
-        `levels` gives it."""
+    def take(state: TrainState, data):
+        """(images uint8, labels, valid or None) of this step's batch."""
+        if feed == "stream":
+            return data["image"], data["label"], data["valid"]
+        images_u8, labels = data
         key = jax.random.fold_in(state.key, data_key_tag)
         idx = batch_indices(key, state.step, labels.shape[0], batch_size)
-        images = images_u8[idx]
+        return images_u8[idx], labels[idx], None
+
+    def begin(state: TrainState, data, q):
+        """The batch (x, y, valid) and the attack's initial state (None without an
+        attack); `q` as `levels` gives it."""
+        images, labels, valid = take(state, data)
         if augmentation != "none":
             images = augment.augment(augmentation, images, jax.random.fold_in(
                 jax.random.fold_in(state.key, augment_key_tag), state.step))
         x = shard(to_pixels(images))
-        y = shard(labels[idx])
+        y = shard(labels)
+        batch = (x, y, None if valid is None else shard(valid))
         if attack.num_steps == 0:
-            return x, y, None
+            return batch, None
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
                                         state.step)
         logits_fn = attack_logits_fn(model, runs_on(state, q), state.batch_stats)
-        return x, y, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
-                                          attack.scale(state.step)))
+        return batch, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
+                                           attack.scale(state.step)))
 
     def attack_step(params, batch_stats, attack_state, x, y):
         return adv.step(attack_logits_fn(model, params, batch_stats), attack_state, x, y)
 
-    def update(state: TrainState, attack_state, x, y, q):
+    def update(state: TrainState, attack_state, batch, q):
         """The attack's result, the training pass on it and the optimizer update."""
+        x, y, valid = batch
+        mean = jnp.mean if valid is None else objectives.weighted_mean(valid)
         x_adv = x if attack_state is None else adv.finish(
             attack_logits_fn(model, runs_on(state, q), state.batch_stats), attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
@@ -118,7 +138,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             if two_passes:
                 clean_logits, stats = apply_model(model, params, stats, x, True)
             logits, new_stats = apply_model(model, params, stats, x_adv, True)
-            ce = obj.loss(clean_logits if two_passes else logits, logits, y, beta)
+            ce = obj.loss(clean_logits if two_passes else logits, logits, y, beta, mean)
             pen = admm_lib.penalty(params, state.admm)
             return ce + pen, (ce, pen, logits, new_stats)
 
@@ -137,10 +157,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             "loss": ce + pen,
             "ce": ce,
             "admm_penalty": pen,
-            "train_acc": (logits.argmax(-1) == y).mean(),
+            "train_acc": mean(logits.argmax(-1) == y),
             "grad_norm": grad_norm,
             "nonfinite": (~finite).astype(jnp.int32),
         }
+        if valid is not None:
+            metrics["skipped"] = (~valid).sum()
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
@@ -151,14 +173,14 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         return jax.tree_util.tree_map(lambda a: shard(a) if a.ndim else a, tree)
 
     if resolve_pgd_loop(pgd_loop) == "fori" or attack.num_steps == 0:
-        def train_step(state: TrainState, images_u8, labels):
+        def train_step(state: TrainState, data):
             q = levels(state)
-            x, y, attack_state = begin(state, images_u8, labels, q)
+            batch, attack_state = begin(state, data, q)
             if attack.num_steps:
                 attack_state = attacks.run_steps(
                     adv, attack_logits_fn(model, runs_on(state, q), state.batch_stats),
-                    attack_state, x, y)
-            return update(state, attack_state, x, y, q)
+                    attack_state, *batch[:2])
+            return update(state, attack_state, batch, q)
 
         step = jit(train_step, donate_argnums=(0,), **state_out)
         return CompiledStep(step, [step])
@@ -168,13 +190,13 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     update_c = jit(update, donate_argnums=(0,), **state_out)
     levels_c = jit(levels)
 
-    def host_train_step(state: TrainState, images_u8, labels):
+    def host_train_step(state: TrainState, data):
         q = levels_c(state) if ste else None
-        x, y, attack_state = begin_c(state, images_u8, labels, q)
+        batch, attack_state = begin_c(state, data, q)
         for _ in range(attack.num_steps):
             attack_state = attack_step_c(runs_on(state, q), state.batch_stats, attack_state,
-                                         x, y)
-        return update_c(state, attack_state, x, y, q)
+                                         *batch[:2])
+        return update_c(state, attack_state, batch, q)
 
     return CompiledStep(host_train_step, [begin_c, attack_step_c, update_c]
                         + ([levels_c] if ste else []))
