@@ -162,3 +162,23 @@ def make_folder(root, classes=("cat", "dog", "ant"), per_class=2, fmt="PNG"):
                 Image.fromarray(rgb_noise(8, 8, i)).save(
                     os.path.join(root, split, c, f"{i}.{ext}"), format=fmt)
     return root
+
+
+def write_images(root, per_class=(16, 6), seed=0):
+    """Three classes, each showing in its colour; sizes 40-100 px, colour modes RGB, L,
+    P, RGBA, CMYK, as JPEG and PNG."""
+    rng = np.random.default_rng(seed)
+    modes = ("RGB", "L", "P", "RGBA", "CMYK")
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(("ant", "bee", "cat")):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(40, 100)), int(rng.integers(40, 100))
+                a = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+                a[..., c] = 255
+                mode = modes[i % len(modes)]
+                fmt = "JPEG" if mode == "CMYK" or (mode in ("RGB", "L") and i % 2) else "PNG"
+                Image.fromarray(a).convert(mode).save(
+                    os.path.join(root, split, name, f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"),
+                    format=fmt)
+    return root

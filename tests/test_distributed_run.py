@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, cli_command, write_idx
+from helpers import ROOT, cli_command, write_idx, write_images
 from robust_admm.experiments import workdir as workdir_lib
 
 
@@ -98,3 +98,62 @@ def test_two_processes_end_as_one_and_write_metrics_once(tmp_path, idx_dir):
     with open(os.path.join(single, "metrics.jsonl")) as f:
         assert len(lines) == len(f.readlines())
     assert sum(r["kind"] == "done" for r in lines) == 1
+
+
+# Installed in the runs below through PYTHONPATH: records every file a process opens under
+# READS_ROOT (Python's audit hook on `open`), one line per open, in READS_LOG.<process>.
+READS_HOOK = '''
+import os, sys
+_root, _log = os.environ.get("READS_ROOT"), os.environ.get("READS_LOG")
+if _root and _log:
+    _fd = os.open(_log + "." + os.environ.get("ROBUST_ADMM_PROCESS_ID", "single"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    def _hook(event, args):
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(_root):
+            os.write(_fd, (args[0] + "\\n").encode())
+    sys.addaudithook(_hook)
+'''
+
+
+def test_two_processes_stream_only_their_own_files_and_end_as_one(tmp_path):
+    """The streamed path (configs/imagenet.py:smoke from a folder, one epoch of pretrain,
+    evaluation included): 2 processes x 2 devices end with the parameters of 1 process x
+    4 devices, and between them open each image once, none opened by both."""
+    images = write_images(str(tmp_path / "images"))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(READS_HOOK)
+    log = str(tmp_path / "reads")
+    flags = ["--config.data.source=folder", f"--config.data.dir={images}",
+             "--config.data.image_size=32", "--config.stages=pretrain",
+             "--config.pretrain.epochs=1", "--config.data.check_headers=false"]
+
+    def start(workdir, devices, process_id=None, port=None):
+        env = env_with(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                       READS_ROOT=images, READS_LOG=log,
+                       PYTHONPATH=os.pathsep.join([str(hook), ROOT]))
+        if process_id is not None:
+            env.update(ROBUST_ADMM_MULTIHOST="1", ROBUST_ADMM_COORDINATOR=f"localhost:{port}",
+                       ROBUST_ADMM_NUM_PROCESSES="2", ROBUST_ADMM_PROCESS_ID=str(process_id))
+        return subprocess.Popen(cli_command(workdir, *flags, config="configs/imagenet.py:smoke"),
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    port = free_port()
+    procs = [start(single, 4)] + [start(multi, 2, i, port) for i in (0, 1)]
+    for p in procs:
+        finish(p)
+    a = workdir_lib.load_final_state(single, "pretrain")
+    b = workdir_lib.load_final_state(multi, "pretrain")
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+                           a["params"], b["params"])
+    reads = {}
+    for who in ("single", "0", "1"):
+        with open(f"{log}.{who}") as f:
+            reads[who] = f.read().split()
+    every = sorted(os.path.join(d, f) for d, _, files in os.walk(images) for f in files)
+    assert sorted(reads["single"]) == every  # one epoch, one evaluation: each file once
+    assert sorted(reads["0"] + reads["1"]) == every
+    assert not set(reads["0"]) & set(reads["1"])
+    assert 0 < len(reads["0"]) < len(every)

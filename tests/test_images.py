@@ -225,3 +225,18 @@ def test_a_header_after_large_metadata_is_still_read(tmp_path):
     assert os.path.getsize(path) > 200 << 10
     assert check_headers([path]) == 1
     assert im.read_image(path).size == (24, 16)
+
+
+@given(st.integers(4, 40), st.integers(4, 40), st.integers(4, 40),
+       st.integers(0, 255), st.integers(0, 255), st.integers(0, 255))
+@settings(max_examples=25, deadline=None)
+def test_resize_keeps_an_image_at_its_size_and_a_flat_one_flat(h, w, size, r, g, b):
+    a = rgb_noise(h, w, seed=h * 41 + w)
+    img = im.decode(encode(Image.fromarray(a), "PNG"), "x.png")
+    out = im.resize_transform(img, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    if (h, w) == (size, size):
+        np.testing.assert_array_equal(out, a)
+    flat = Image.fromarray(np.full((h, w, 3), (r, g, b), np.uint8))
+    np.testing.assert_array_equal(im.resize_transform(flat, size),
+                                  np.full((size, size, 3), (r, g, b), np.uint8))

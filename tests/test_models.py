@@ -387,3 +387,32 @@ def test_the_pool_backward_keeps_the_next_convolution_out_of_library_fusions():
     fusions = library_fusions(text)
     assert any("reduce" in f for f in fusions)  # the library does take reductions here
     assert not [f for f in fusions if "convolution" in f]
+
+
+def _resnet_count(stem, stages, blocks, num_classes):
+    """As `_resnet18_torch_count`, for any stem width, stage widths and blocks per stage."""
+    conv = lambda cin, cout, k: k * k * cin * cout
+    total, cin = conv(3, stem, 3) + 2 * stem, stem
+    for stage, (cout, n) in enumerate(zip(stages, blocks)):
+        for i in range(n):
+            stride = 2 if stage and i == 0 else 1
+            total += conv(cin, cout, 3) + conv(cout, cout, 3) + 4 * cout
+            if stride != 1 or cin != cout:
+                total += conv(cin, cout, 1) + 2 * cout
+            cin = cout
+    return total + cin * num_classes + num_classes
+
+
+@pytest.mark.parametrize("width,classes", [(1, 10), (2, 5)])
+def test_the_small_resnet_has_its_counted_parameters_at_any_image_size(width, classes):
+    model = get_model("resnet8", classes, width)
+    expected = _resnet_count(16 * width, (16 * width, 32 * width, 64 * width), (1, 1, 1),
+                             classes)
+    assert _resnet_count(64, (64, 128, 256, 512), (2,) * 4, 10) == 11_173_962  # the formula
+    for size in (32, 64):
+        variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, size, size, 3))),
+                                   jax.random.PRNGKey(0))
+        assert _count(variables["params"]) == expected
+        out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, size, size, 3))),
+                             variables)
+        assert out.shape == (2, classes)

@@ -10,6 +10,8 @@ any normalisation inside the model, so attacks see pixel space.
   as torchvision draws it) resized to the size with bilinear filtering, then a horizontal
   flip with probability 1/2.
 - `eval_transform`: the short side resized to `round(size * 256 / 224)`, then a centre crop.
+- `resize_transform`: the whole image resized to the size, for training and evaluation
+  alike (`data.crops='resize'`: images already framed, as digits are).
 
 The randomness of a record comes from `record_rng(seed, epoch, index)`, pure in the three,
 so a resumed run sees the same pixels. Written with PIL (Pillow), whose resampling
@@ -35,6 +37,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")  # their file names, compared in lower ca
 SCALE = (0.08, 1.0)  # RandomResizedCrop's area fraction ...
 RATIO = (3 / 4, 4 / 3)  # ... and aspect ratio (width / height) ranges
 EVAL_RESIZE = 256 / 224  # the short side before the centre crop, relative to the size
+# What `data.crops` may be: 'imagenet' (train_transform / eval_transform) or 'resize'
+# (resize_transform for both splits, no randomness).
+CROPS = ("imagenet", "resize")
 RECORD_STREAM = 1  # the first word of a record's seed: apart from the order's (sampler.py)
 
 
@@ -154,6 +159,15 @@ def eval_transform(img: Image.Image, size: int) -> np.ndarray:
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     return _as_array(out.crop((left, top, left + size, top + size)))
+
+
+def resize_transform(img: Image.Image, size: int) -> np.ndarray:
+    """The whole image resized to `size` x `size` (bilinear; unchanged at that size):
+    uint8 (size, size, 3). For data whose images are already framed (digits), where a
+    random crop or a flip would change what they show."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return _as_array(img)
 
 
 def is_image_name(name: str) -> bool:

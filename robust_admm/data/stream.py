@@ -13,8 +13,9 @@ and batched, then `mp_prefetch` over `num_workers` processes (0: in this process
 
 A file that cannot be decoded follows `bad_images`: 'stop' raises a `DataError` naming it;
 'skip' gives a zero image marked `valid = False` in its batch, for the step to leave out
-of the loss (not yet: the training step does not take these batches yet), and names it in
-the batch's `bad` list, for the log and the metrics.
+of the loss (`training.step`, feed 'stream'), and names it in the batch's `bad` list, for
+the log. `eval_local_batches` reads a split in order for the evaluation, its last batch
+padded with invalid entries.
 """
 import dataclasses
 
@@ -26,8 +27,10 @@ from robust_admm.data import images
 from robust_admm.data.folder import FolderSplit
 from robust_admm.data.formats import DataError
 from robust_admm.data.sampler import IndexSampler
+from robust_admm.runtime.parallel import process_slice
 
 BAD_IMAGES = ("stop", "skip")
+PADDING = (-1, -1, None)  # an entry past a split's last record (grain drops a None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +49,17 @@ class FolderSource:
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """Record -> {image uint8 (size, size, 3), label, valid, bad}: the training crop
-    (keyed by seed, epoch, record) or the evaluation crop."""
+    (keyed by seed, epoch, record) or the evaluation crop, of `crops` (images.CROPS)."""
     size: int
     train: bool
     seed: int = 0
     max_pixels: int = images.MAX_PIXELS
     bad_images: str = "stop"
+    crops: str = "imagenet"
 
     def __post_init__(self):
+        if self.crops not in images.CROPS:
+            raise ValueError(f"data.crops={self.crops!r}; allowed: {', '.join(images.CROPS)}")
         if self.bad_images not in BAD_IMAGES:
             raise ValueError(f"data.bad_images={self.bad_images!r}; allowed: "
                              f"{', '.join(BAD_IMAGES)}")
@@ -61,10 +67,15 @@ class Preprocess:
             raise ValueError(f"image size {self.size} must be >= 1")
 
     def __call__(self, record: tuple) -> dict:
+        if record == PADDING:  # to a whole evaluation batch
+            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
+                    "label": np.int32(0), "valid": False, "bad": ""}
         epoch, index, (data, label, where) = record
         try:
             img = images.decode(data, where, self.max_pixels)
-            if self.train:
+            if self.crops == "resize":
+                pixels = images.resize_transform(img, self.size)
+            elif self.train:
                 pixels = images.train_transform(img, self.size,
                                                 images.record_rng(self.seed, epoch, index))
             else:
@@ -90,6 +101,22 @@ class _ReadPosition:
         return self.sampler.epoch_of(step), index, self.source[index]
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadEvalPosition:
+    """Local position -> (0, record index, the record), or PADDING past the last record:
+    batch b's rows of process p are records b * global + p * local + row."""
+    source: object
+    global_batch: int
+    process_index: int
+    process_count: int
+
+    def __call__(self, position: int):
+        local = self.global_batch // self.process_count
+        batch, row = divmod(int(position), local)
+        index = batch * self.global_batch + self.process_index * local + row
+        return (0, index, self.source[index]) if index < len(self.source) else PADDING
+
+
 def collate(examples) -> dict:
     """A batch of examples: stacked arrays, and the names of the files skipped."""
     return {"image": np.stack([e["image"] for e in examples]),
@@ -110,14 +137,35 @@ def local_batches(source, sampler: IndexSampler, preprocess: Preprocess, start_s
                          f"holds {len(source)}")
     if start_step < 0 or num_steps < 0:
         raise ValueError(f"steps {start_step} + {num_steps} must be >= 0")
-    if num_workers < 0 or num_threads < 1:
-        raise ValueError(f"num_workers={num_workers} must be >= 0 and num_threads="
-                         f"{num_threads} >= 1")
     local = sampler.global_batch // sampler.process_count
     ds = (grain.MapDataset.range(start_step * local, (start_step + num_steps) * local)
           .map(_ReadPosition(source, sampler))
-          .map(preprocess)
-          .batch(local, drop_remainder=True, batch_fn=collate)
+          .map(preprocess))
+    return _batched(ds, local, num_workers, num_threads, buffer_per_worker)
+
+
+def eval_local_batches(source, preprocess: Preprocess, global_batch: int,
+                       process_index: int = 0, process_count: int = 1,
+                       num_workers: int = 0, num_threads: int = 1):
+    """This process's rows of every global batch of `source` read in order, the last
+    batch padded with invalid entries (`valid` False): ceil(len / global_batch) batches."""
+    process_slice(global_batch, process_index, process_count)  # checks the split
+    local = global_batch // process_count
+    num_batches = -(-len(source) // global_batch)
+    ds = (grain.MapDataset.range(num_batches * local)
+          .map(_ReadEvalPosition(source, global_batch, process_index, process_count))
+          .map(preprocess))
+    return _batched(ds, local, num_workers, num_threads)
+
+
+def _batched(ds, local: int, num_workers: int, num_threads: int,
+             buffer_per_worker: int = 2):
+    """Examples -> batches of `local`, read by `num_workers` processes (0: this one) of
+    `num_threads` threads each."""
+    if num_workers < 0 or num_threads < 1:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 and num_threads="
+                         f"{num_threads} >= 1")
+    ds = (ds.batch(local, drop_remainder=True, batch_fn=collate)
           .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                              prefetch_buffer_size=2 * num_threads)))
     if num_workers:

@@ -1,5 +1,6 @@
 """The evaluation during training: natural accuracy and accuracy under the config's PGD,
-over the test split kept on the devices, one compiled step per batch."""
+over the test split's batches (kept on the devices or streamed), one compiled step per
+batch."""
 import functools
 
 import jax
@@ -30,7 +31,7 @@ def eval_attack_label(config) -> str:
 def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
                    pgd_loop: str = "auto", cpu_convolutions: str = "auto") -> CompiledStep:
     """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> (natural correct,
-    adversarial correct) counts over the valid entries of one batch, under any attack of
+    adversarial correct, valid) counts over the valid entries of one batch, under any attack of
     `robust_admm.attacks`. Evaluation uses the running BatchNorm averages (train=False)
     for the attack too; no weight gradients."""
     shard = parallel.batch_constraint(mesh)
@@ -41,6 +42,9 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
     def count(model_args, x, y, valid):
         return ((apply(model_args, x).argmax(-1) == y) & valid).sum()
 
+    def valid_count(valid):
+        return valid.sum()
+
     def prepare(images_u8, labels, valid):
         return shard(to_pixels(images_u8)), shard(labels), shard(valid)
 
@@ -49,14 +53,14 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
             m = (params, batch_stats)
             x, y, valid = prepare(images_u8, labels, valid)
             x_adv = attacks.run(eval_attack, functools.partial(apply, m), x, y, key)
-            return count(m, x, y, valid), count(m, x_adv, y, valid)
+            return count(m, x, y, valid), count(m, x_adv, y, valid), valid_count(valid)
 
         step = jit(eval_step, **out)
         return CompiledStep(step, [step])
 
     def begin(model_args, images_u8, labels, valid):
         x, y, valid = prepare(images_u8, labels, valid)
-        return x, y, valid, count(model_args, x, y, valid)
+        return x, y, valid, count(model_args, x, y, valid), valid_count(valid)
 
     begin_c = jit(begin)  # the batch stays split along the mesh
     runner = attacks.HostRunner(eval_attack, apply, jit, shard)
@@ -64,20 +68,22 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
 
     def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
         m = (params, batch_stats)
-        x, y, valid, nat = begin_c(m, images_u8, labels, valid)
-        return nat, count_c(m, runner(m, x, y, key), y, valid)
+        x, y, valid, nat, num = begin_c(m, images_u8, labels, valid)
+        return nat, count_c(m, runner(m, x, y, key), y, valid), num
 
     return CompiledStep(host_eval_step, [begin_c, *runner.parts, count_c])
 
 
-def evaluate(eval_step, params, batch_stats, test, batch_size: int, key) -> dict:
-    """Natural and adversarial accuracy over the (padded, on-device) test set."""
-    images, labels, valid = test
-    nat = adv = 0
-    for i, start in enumerate(range(0, labels.shape[0], batch_size)):
-        sl = slice(start, start + batch_size)
-        n, a = eval_step(params, batch_stats, images[sl], labels[sl], valid[sl],
-                         jax.random.fold_in(key, i))
-        nat, adv = nat + n, adv + a
-    total = int(valid.sum())
+def evaluate(eval_step, params, batch_stats, batches, key) -> dict:
+    """Natural and adversarial accuracy over `batches` of (images uint8, labels, valid)
+    (`data.feed`: the padded test split on the devices, or streamed); batch i attacked
+    with fold_in(key, i)."""
+    nat = adv = total = 0
+    for i, (images, labels, valid) in enumerate(batches):
+        n, a, v = eval_step(params, batch_stats, images, labels, valid,
+                            jax.random.fold_in(key, i))
+        nat, adv, total = nat + n, adv + a, total + v
+    total = int(total)
+    if total == 0:
+        raise ValueError("the evaluation read no valid test example")
     return {"nat_acc": int(nat) / total, "adv_acc": int(adv) / total, "eval_examples": total}

@@ -6,6 +6,8 @@ line: `--config.admm.rho=0.01`; unknown fields are refused."""
 import ml_collections
 from ml_collections import config_dict
 
+from robust_admm.data.images import MAX_PIXELS
+
 STAGES = ("pretrain", "admm", "retrain")  # the default program's phases
 
 
@@ -92,10 +94,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite.max_consecutive = 10
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = ""  # 'mnist' | 'digits' | 'cifar10' | 'cifar100'
-    c.data.source = "tfds"  # 'tfds' | 'files' (original IDX / CIFAR binary files)
+    # 'mnist' | 'digits' | 'cifar10' | 'cifar100'; with a streamed source, any name (a
+    # label for the logs: the classes come from the data).
+    c.data.name = ""
+    # Kept on the device: 'tfds' | 'files' (original IDX / CIFAR binary files). Streamed
+    # from the host (data/streamed.py): 'folder' (DIR/train/<class>/*, DIR/val/<class>/*;
+    # JPEG, PNG) | 'shards' (what `robust-admm shards` writes from such a folder).
+    c.data.source = "tfds"
     c.data.dir = ""  # files: folder of the original files (CIFAR: or the .tar.gz);
-    # tfds: data_dir ('' = default)
+    # tfds: data_dir ('' = default); folder, shards: the folder (required)
+    # Streamed sources only: the side of the square crops the model sees (training:
+    # RandomResizedCrop and flip; evaluation: short side to 256/224 of it, centre crop).
+    c.data.image_size = 0
+    # 'imagenet' (those crops) | 'resize' (the whole image resized to the size in both
+    # splits, no crop or flip: for images already framed, such as digits).
+    c.data.crops = "imagenet"
+    c.data.check_headers = True  # folder: read every file's header before compiling
+    # An image that cannot be decoded mid-run: 'stop' (an error naming the file) | 'skip'
+    # (logged, left out of the loss and the evaluation, counted as `skipped`).
+    c.data.bad_images = "stop"
+    c.data.max_pixels = MAX_PIXELS  # images above this many pixels are refused unread
+    c.data.num_workers = 0  # reader processes per host (0: read in the training process)
+    c.data.num_threads = 2  # decoding threads per reader (PIL releases the GIL)
+    c.data.prefetch = 2  # global batches on the devices ahead of the step
     c.data.train_examples = 0  # use only the first n training examples (0 = all); for tests
     c.data.test_examples = 0  # evaluate on the first n test examples (0 = all)
     # Training batches only: 'none' | 'crop_flip' (4-pixel zero-padded random crop and
@@ -103,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = "none"
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = ""  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18'
+    c.model.name = ""  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18' | 'resnet8'
     # | 'wrn28_4' | 'wrn34_10' | any 'wrn<depth>_<widen factor>'
     c.model.width = 1  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)

@@ -3,8 +3,10 @@ accuracy, accuracy under each attack and under the AutoAttack ensemble, sparsity
 compression and stored size, and the gradient-masking checks
 (`evaluation/masking.py`). Writes DIR/eval/<stage>.json (and, with an epsilon list,
 <stage>_epsilons.json and .png)."""
+import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -13,6 +15,8 @@ from robust_admm.attacks import suite
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size
 from robust_admm.data import load_dataset
+from robust_admm.data.stream import Preprocess, eval_local_batches
+from robust_admm.data.streamed import STREAMED_SOURCES, FirstRecords, open_streamed
 from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
 from robust_admm.evaluation.robustness import Evaluator, robust_accuracy
@@ -80,6 +84,77 @@ def default_epsilon(config, norm: str) -> float:
                      f"give --epsilon")
 
 
+CHUNK_BYTES = 1 << 30  # a streamed test split is evaluated in chunks of about this much
+
+
+@dataclasses.dataclass
+class TestSplit:
+    """The test images of a run: `chunks()` gives (pixels float32 in [0, 1], labels) of
+    `count` images in order, all at once for a split kept in memory, in chunks of about
+    CHUNK_BYTES (whole attack batches) for a streamed one."""
+    num_classes: int
+    input_shape: tuple
+    count: int
+    chunks: Callable
+    about: str = ""
+
+
+def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
+    """The first `n` (0: all) test images of the run's data (`data_dir`: another folder)."""
+    d = config.data
+    root = data_dir or d.dir or None
+    if d.source not in STREAMED_SOURCES:
+        ds = load_dataset(d.name, d.source, root)
+        count = min(n or len(ds.test), len(ds.test))
+        x = ds.test.images[:count].astype(np.float32) / 255.0
+        y = ds.test.labels[:count]
+        return TestSplit(ds.num_classes, (1,) + x.shape[1:], count, lambda: iter([(x, y)]))
+    ds = open_streamed(d.name, d.source, root, check_headers=False, max_pixels=d.max_pixels)
+    count = min(n or len(ds.test), len(ds.test))
+    size = d.image_size
+    chunk = max(1, CHUNK_BYTES // (size * size * 3 * 4) // batch) * batch
+    pre = Preprocess(size, train=False, max_pixels=d.max_pixels, bad_images=d.bad_images,
+                     crops=d.crops)
+    source = FirstRecords(ds.test, count)
+
+    def chunks():
+        # Every process reads every image: the attacks take host arrays of all of them.
+        for b in eval_local_batches(source, pre, chunk, 0, 1, d.num_workers, d.num_threads):
+            for name in b["bad"]:
+                logs.log(f"[eval] skipped an unreadable image (data.bad_images='skip'): "
+                         f"{name}")
+            keep = b["valid"]
+            yield b["image"][keep].astype(np.float32) / 255.0, b["label"][keep]
+
+    return TestSplit(ds.num_classes, (1, size, size, 3), count, chunks,
+                     f" of {ds.root} ({d.source}, read in chunks of {chunk})")
+
+
+def merge_results(parts: list) -> dict:
+    """`robust_accuracy` results of consecutive chunks as one over all their images
+    (accuracies from the counts, seconds summed); one part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(p["n"] for p in parts)
+    if n == 0:
+        raise ValueError("the evaluation read no valid test image")
+
+    def acc(get) -> float:
+        return sum(int(round(get(p) * p["n"])) for p in parts) / n
+
+    out = dict(parts[0], n=n, natural_acc=acc(lambda p: p["natural_acc"]), attacks={})
+    for label, first in parts[0]["attacks"].items():
+        entry = dict(first, robust_acc=acc(lambda p: p["attacks"][label]["robust_acc"]),
+                     seconds=sum(p["attacks"][label]["seconds"] for p in parts))
+        if "after" in first:
+            entry["after"] = {m: acc(lambda p: p["attacks"][label]["after"][m])
+                              for m in first["after"]}
+            entry["member_seconds"] = {m: sum(p["attacks"][label]["member_seconds"][m]
+                                              for p in parts) for m in first["after"]}
+        out["attacks"][label] = entry
+    return out
+
+
 def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
                      epsilon: float | None = None, epsilons: str = "", n: int = 0,
                      batch: int = 500, seed: int = 0, data_dir: str = "",
@@ -105,13 +180,9 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
         for name in members:
             suite.make(name, eps, norm=norm)
     state = workdir_lib.load_final_state(workdir, stage)
-    ds = load_dataset(config.data.name, config.data.source,
-                           data_dir or config.data.dir or None)
-    test = ds.test
-    count = min(n or len(test), len(test))
-    x = test.images[:count].astype(np.float32) / 255.0
-    y = test.labels[:count]
-    model = get_model(config.model.name, ds.num_classes, config.model.width,
+    test = open_test_split(config, data_dir, n, batch)
+    count = test.count
+    model = get_model(config.model.name, test.num_classes, config.model.width,
                       config.model.dtype)
     mesh = parallel.make_mesh()
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
@@ -121,29 +192,36 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     step_ratio = config.eval.step_size / run_eps if run_eps and norm == "linf" else None
     key = jax.random.PRNGKey(seed)
     t0 = time.time()
-    logs.log(f"[eval] {workdir} stage {stage}: {count} test images, attacks {attacks}, "
-             f"{norm} epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
-    correct = ev.correct(x, y)
-    kw = dict(num_classes=ds.num_classes, pgd_step_ratio=step_ratio, correct=correct,
-              norm=norm)
-    result = robust_accuracy(ev, x, y, items, eps, key, **kw)
-    specs = finished_phase_specs(config, stage, state["params"], ds.num_classes,
-                                        (1,) + x.shape[1:])
+    logs.log(f"[eval] {workdir} stage {stage}: {count} test images{test.about}, attacks "
+             f"{attacks}, {norm} epsilon {eps:g}, batch {batch}, {mesh.size} device(s)")
+    kw = dict(num_classes=test.num_classes, pgd_step_ratio=step_ratio, norm=norm)
+    parts, at_eps_1, curve = [], None, None
+    curve_parts = [[] for e in curve_eps if e > 0]
+    for i, (x, y) in enumerate(test.chunks()):
+        # One chunk (a split kept in memory) draws with `key` itself.
+        chunk_key = key if i == 0 else jax.random.fold_in(key, i)
+        correct = ev.correct(x, y)
+        parts.append(robust_accuracy(ev, x, y, items, eps, chunk_key, correct=correct, **kw))
+        if checks and i == 0:
+            sub = slice(0, min(count, batch))
+            # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
+            at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0, key,
+                                       **dict(kw, correct=correct[sub], pgd_step_ratio=None,
+                                              norm="linf"))
+        for e, part in zip([e for e in curve_eps if e > 0], curve_parts):
+            part.append(robust_accuracy(ev, x, y, items, e, chunk_key, correct=correct, **kw))
+    result = merge_results(parts)
+    specs = finished_phase_specs(config, stage, state["params"], test.num_classes,
+                                 test.input_shape)
     out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
            **model_sizes(state["params"], state.get("masks"), specs)}
-    at_eps_1 = curve = None
-    if checks:
-        sub = slice(0, min(count, batch))
-        # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
-        at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0, key,
-                                   **dict(kw, correct=correct[sub], pgd_step_ratio=None,
-                                          norm="linf"))
+    if at_eps_1 is not None:
         out["check_eps_1"] = at_eps_1
     os.makedirs(workdir_lib.eval_dir(workdir), exist_ok=True)
     if curve_eps:
         curve = [{"epsilon": 0.0, "attacks": {label: {"robust_acc": result["natural_acc"]}
                                               for label, _ in items}}]
-        curve += [robust_accuracy(ev, x, y, items, e, key, **kw) for e in curve_eps if e > 0]
+        curve += [merge_results(part) for part in curve_parts]
         base = workdir_lib.epsilon_curve_base(workdir, stage)
         logs.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
         if logs.is_main_process():

@@ -10,11 +10,14 @@ DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
     values that mean what it ran: no augmentation, float32, the default initialisation,
-    every phase on `attack.*`; before programs, the default program."""
+    the streamed sources' fields at their defaults (unused by the sources it had), every
+    phase on `attack.*`; before programs, the default program."""
     if "init" not in d:
         d = dict(d, init=base_config().init.to_dict())
     if "augment" not in d.get("data", {"augment": None}):
         d = dict(d, data=dict(d["data"], augment="none"))
+    if "image_size" not in d.get("data", {"image_size": None}):  # before streamed sources
+        d = dict(d, data={**base_config().data.to_dict(), **d["data"]})
     if "dtype" not in d.get("model", {"dtype": None}):
         d = dict(d, model=dict(d["model"], dtype="float32"))
     if "program" in d:

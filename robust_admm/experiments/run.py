@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from robust_admm.data import Split, describe, load_dataset
 from robust_admm.data.batching import pad_to_multiple
+from robust_admm.data.feed import DeviceFeed, DeviceTest, StreamFeed, StreamTest
+from robust_admm.data.streamed import STREAMED_SOURCES, describe_streamed, open_streamed
 from robust_admm.evaluation.eval_step import make_eval_attack, make_eval_step
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.inherit import inherited
@@ -37,6 +39,27 @@ def load_data(config):
     return ds, train, test
 
 
+def open_data(config, mesh) -> tuple:
+    """(description, class count, model input shape, training feed, test batches) of the
+    config's data: kept on the devices (tfds, files) or streamed (folder, shards)."""
+    d = config.data
+    if d.source in STREAMED_SOURCES:
+        ds = open_streamed(d.name, d.source, d.dir, d.check_headers, d.max_pixels,
+                           log=logs.log)
+        common = dict(size=d.image_size, mesh=mesh, bad_images=d.bad_images,
+                      max_pixels=d.max_pixels, num_workers=d.num_workers,
+                      num_threads=d.num_threads, prefetch=d.prefetch, crops=d.crops)
+        return (describe_streamed(ds, d.image_size), ds.num_classes,
+                (1, d.image_size, d.image_size, 3),
+                StreamFeed(ds.train, global_batch=config.batch_size, **common),
+                StreamTest(ds.test, **common))
+    ds, train, test = load_data(config)
+    return (describe(ds), ds.num_classes, (1,) + train.images.shape[1:],
+            DeviceFeed(parallel.replicate((train.images, train.labels), mesh)),
+            DeviceTest(pad_to_multiple(test.images, test.labels, config.eval.batch_size,
+                                       mesh)))
+
+
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
     """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
     program, phases = validate_config(config)
@@ -44,16 +67,15 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.check_config(workdir, config, allow_config_change)
     t_start = time.time()
-    ds, train, test = load_data(config)
-    logs.log(describe(ds))
+    about, num_classes, input_shape, train, test = open_data(config, mesh)
+    logs.log(about)
     workdir_lib.write_config(workdir, config)
 
-    model = get_model(config.model.name, ds.num_classes, config.model.width,
+    model = get_model(config.model.name, num_classes, config.model.width,
                       config.model.dtype)
-    input_shape = (1,) + train.images.shape[1:]
     key = jax.random.PRNGKey(config.seed)
     params, batch_stats = initial_variables(config, model, input_shape)
-    specs = phase_specs(config, program, params, ds.num_classes, input_shape)
+    specs = phase_specs(config, program, params, num_classes, input_shape)
 
     eval_attack = make_eval_attack(config)
     masks = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
@@ -67,8 +89,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         run = Run(config=config, model=model, mesh=mesh,
                   checkpoint_dirs={p.name: workdir_lib.stage_dir(workdir, p.name)
                                    for p in program},
-                  train=parallel.replicate((train.images, train.labels), mesh),
-                  test=pad_to_multiple(test.images, test.labels, config.eval.batch_size, mesh),
+                  train=train, test=test,
                   program=program, specs=specs,
                   eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
                                            config.cpu_convolutions),

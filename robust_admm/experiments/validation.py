@@ -7,6 +7,9 @@ from robust_admm.attacks.core import LOSSES
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression.projections import UNIT_KINDS
 from robust_admm.compression.rules import parse_rules
+from robust_admm.data.images import CROPS
+from robust_admm.data.stream import BAD_IMAGES
+from robust_admm.data.streamed import STREAMED_SOURCES
 from robust_admm.models import get_model
 from robust_admm.runtime import compiler, parallel
 from robust_admm.training import augment, initialization, objectives, optim
@@ -53,12 +56,16 @@ def validate_config(config, device_count: int | None = None):
         raise ValueError(f"attack.loss={config.attack.loss!r} with objective='trades': its "
                          f"attack ascends the KL to the clean prediction; leave attack.loss "
                          f"at 'ce'")
-    _require(config.data.name in data.DATASETS, "data.name", config.data.name,
-             f"one of {list(data.DATASETS)}")
-    _require(config.data.source in data.SOURCES, "data.source", config.data.source,
-             f"one of {list(data.SOURCES)}")
+    _require(config.data.source in data.SOURCES + STREAMED_SOURCES, "data.source",
+             config.data.source, f"one of {list(data.SOURCES + STREAMED_SOURCES)}")
     _require(config.data.augment in augment.AUGMENTATIONS, "data.augment", config.data.augment,
              f"one of {augment.AUGMENTATIONS}")
+    if config.data.source in STREAMED_SOURCES:
+        check_streamed(config.data)
+    else:
+        _require(config.data.name in data.DATASETS, "data.name", config.data.name,
+                 f"one of {list(data.DATASETS)} (or a streamed data.source: "
+                 f"{', '.join(STREAMED_SOURCES)})")
     initialization.check(config.init)
     # Names a bad model, width or dtype.
     get_model(config.model.name, 10, config.model.width, config.model.dtype)
@@ -131,3 +138,24 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list:
         elif a != b and field not in RESUMABLE_CHANGES:
             out.append(f"{field}: {a!r} -> {b!r}")
     return out
+
+
+def check_streamed(d) -> None:
+    """The fields of a streamed source (`data.source` folder or shards)."""
+    _require(bool(d.name), "data.name", d.name, "a name for the dataset (e.g. 'imagenet')")
+    _require(bool(d.dir), "data.dir", d.dir, f"the folder of the {d.source}")
+    _require(isinstance(d.image_size, int) and d.image_size >= 8, "data.image_size",
+             d.image_size, "an integer >= 8 (the side of the crops the model sees)")
+    _require(d.augment == "none", "data.augment", d.augment,
+             "'none' with a streamed source (its training crop and flip are "
+             "RandomResizedCrop's, on the host)")
+    _require(d.crops in CROPS, "data.crops", d.crops, f"one of {list(CROPS)}")
+    _require(d.bad_images in BAD_IMAGES, "data.bad_images", d.bad_images,
+             f"one of {list(BAD_IMAGES)}")
+    _require(d.max_pixels >= 1, "data.max_pixels", d.max_pixels, "an integer >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _require(d.num_threads >= 1, "data.num_threads", d.num_threads, "an integer >= 1")
+    _require(d.prefetch >= 1, "data.prefetch", d.prefetch, "an integer >= 1")
+    for field in ("train_examples", "test_examples"):
+        _require(d[field] == 0, f"data.{field}", d[field],
+                 "0 with a streamed source (make a smaller folder instead)")

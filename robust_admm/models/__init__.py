@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from robust_admm.models.apply import apply_model
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
-from robust_admm.models.resnet import BasicBlock, ResNet, resnet18
+from robust_admm.models.resnet import BasicBlock, ResNet, resnet8, resnet18
 from robust_admm.models.vgg import VGG, vgg16
 from robust_admm.models.wrn import WideBasicBlock, WideResNet, wrn28_4, wrn34_10
 
@@ -15,6 +15,7 @@ _BUILDERS = {
     "lenet_digits": lenet_digits,
     "vgg16": vgg16,
     "resnet18": resnet18,
+    "resnet8": resnet8,
     "wrn28_4": wrn28_4,
     "wrn34_10": wrn34_10,
 }
@@ -69,6 +70,7 @@ __all__ = [
     "lenet_adv",
     "lenet_digits",
     "resnet18",
+    "resnet8",
     "vgg16",
     "wrn28_4",
     "wrn34_10",

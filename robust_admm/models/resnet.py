@@ -85,3 +85,12 @@ def resnet18(num_classes: int = 10, width: int = 1) -> ResNet:
     return ResNet(stage_sizes=(2, 2, 2, 2),
                   stage_features=tuple(c * width for c in (64, 128, 256, 512)),
                   stem_features=64 * width, num_classes=num_classes)
+
+
+def resnet8(num_classes: int = 10, width: int = 1) -> ResNet:
+    """A small ResNet (1-1-1 BasicBlocks, 16-32-64 channels, `width` times each) for
+    trying a data path quickly (configs/imagenet.py:smoke), at any image size."""
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"model.width={width!r} must be a positive integer")
+    return ResNet(stage_sizes=(1, 1, 1), stage_features=tuple(c * width for c in (16, 32, 64)),
+                  stem_features=16 * width, num_classes=num_classes)

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from robust_admm.runtime.parallel import is_main_process
@@ -93,6 +94,13 @@ def fmt_duration(seconds: float) -> str:
 def log(msg: str):
     if is_main_process():
         print(msg, flush=True, file=sys.stdout)
+
+
+def log_any(msg: str):
+    """A line from whichever process has something to say (each reads its own files),
+    prefixed with its index in a multi-process run."""
+    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    print(prefix + msg, flush=True, file=sys.stdout)
 
 
 def exit_on_error(fn, *args, errors=()):

@@ -179,6 +179,15 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def all_processes_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: every process must call it);
+    lets a check split across processes fail on all of them, not hang the others."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(ok)))))
+
+
 def is_main_process() -> bool:
     """True on process 0: the one that writes logs, metrics and summaries."""
     return jax.process_index() == 0

@@ -7,6 +7,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from robust_admm.compression import admm as admm_lib
@@ -33,14 +34,20 @@ class Run:
     checkpoint_dirs: dict  # phase name -> the folder of its checkpoints
     model: object
     mesh: object  # jax.sharding.Mesh with one `data` axis over all devices
-    train: tuple  # (images uint8, labels int32) on the devices, replicated
-    test: tuple  # (images, labels, valid) on the device, padded
+    train: object  # data.feed.DeviceFeed | StreamFeed: what each step is given
+    test: object  # data.feed.DeviceTest | StreamTest: the evaluation's batches
     program: list  # every phase of the program (program.Phase), in order
     specs: dict  # phase name -> {leaf path: projection spec}
     eval_step: object
     writer: logs.MetricsWriter
     key: jax.Array
     preempted: list  # set to [signal number] by the SIGTERM handler
+
+
+def data_seed(seed: int, phase_index: int) -> int:
+    """The seed of a phase's streamed record order and crops: apart for each (run seed,
+    phase), as the on-device feed's key is fold_in(run key, phase)."""
+    return int(np.random.SeedSequence([seed, phase_index]).generate_state(1)[0])
 
 
 def compression(params, specs) -> dict:
@@ -118,7 +125,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
     stage = phase.name
     scfg = cfg[stage]
     specs = run.specs[stage]
-    n_train = run.train[1].shape[0]
+    n_train = run.train.num_records
     spe = n_train // cfg.batch_size
     if spe == 0:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples")
@@ -127,6 +134,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
     state = initial_state(run, phase, tx, params, batch_stats, masks)
     mngr = checkpoint.manager(run.checkpoint_dirs[stage], cfg.checkpoint.keep)
     eval_key = jax.random.fold_in(run.key, 100 + phase.index)
+    feed = None
     try:
         restored = checkpoint.restore_latest(mngr, state)
         last_ckpt = None
@@ -148,7 +156,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             cfg.objective, cfg.objective_beta,
             constraints=specs if phase.kind == "retrain" else None,
             quantize_update=scfg.get("quantize_update", "project"),
-            augmentation=cfg.data.augment)
+            augmentation=cfg.data.augment, feed=run.train.kind)
         # The model a phase evaluates and ends with: its latent weights on their levels
         # under the straight-through estimator, else the weights themselves.
         ste = (phase.kind == "retrain" and scfg.quantize_update == "ste"
@@ -165,9 +173,13 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
-        for step in range(start + 1, total + 1):
+        feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start)
+        for step, given in zip(range(start + 1, total + 1), feed):
             epoch = -(-step // spe)
-            state, metrics = train_step(state, run.train)
+            state, metrics = train_step(state, given.data)
+            for where in given.bad:
+                logs.log_any(f"[{stage}] step {step}: skipped an unreadable image "
+                             f"(data.bad_images='skip'): {where}")
             history.append(dict(metrics, step=step))
             if step == start + 1:  # compiled: time the rest apart (one sync per phase)
                 jax.block_until_ready(state.step)
@@ -177,6 +189,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 streak = check_nonfinite(stage, history, streak, cfg.nonfinite, last_ckpt)
                 m = logs.mean_metrics(history)
                 m.pop("step")
+                if "skipped" in m:  # a count over the window, not a mean
+                    m["skipped"] = int(sum(h["skipped"] for h in history))
                 history = []
                 speed = progress.update(step)
                 run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m, **speed,
@@ -197,8 +211,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                     state = admm_step(run, stage, admm_update, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
                     result = evaluate(run.eval_step, on_levels(state.params, state.masks),
-                                      state.batch_stats, run.test,
-                                      cfg.eval.batch_size, jax.random.fold_in(eval_key, epoch))
+                                      state.batch_stats, run.test.batches(cfg.eval.batch_size),
+                                      jax.random.fold_in(eval_key, epoch))
                     run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
                                      adv_attack=eval_attack_label(cfg))
                     logs.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
@@ -214,8 +228,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 last_ckpt = step
         if result is None:  # a stage with 0 epochs
             result = evaluate(run.eval_step, on_levels(state.params, state.masks),
-                              state.batch_stats, run.test,
-                              cfg.eval.batch_size, jax.random.fold_in(eval_key, scfg.epochs))
+                              state.batch_stats, run.test.batches(cfg.eval.batch_size),
+                              jax.random.fold_in(eval_key, scfg.epochs))
         state = state.replace(params=on_levels(state.params, state.masks))
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
@@ -223,6 +237,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                   "first_step_s": progress.compile_s}
         return state, result, timing
     finally:
+        if feed is not None:
+            feed.close()  # stops a streamed reader (its threads, its worker processes)
         mngr.close()
 
 

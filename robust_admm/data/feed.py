@@ -1,0 +1,177 @@
+"""What the train step is given at each step, from one of two feeders behind one interface
+(`steps(seed, start_step, num_steps)`, an iterator of `Step`):
+
+- `DeviceFeed`: the whole split on the devices as uint8 (MNIST, digits, CIFAR); every
+  step is given the same arrays and gathers its batch inside the compiled program
+  (`training.step`, feed 'device').
+- `StreamFeed`: image records read, decoded and cropped by this process for its slice of
+  every global batch (`data.stream`), assembled into the global batch across processes
+  (`jax.make_array_from_process_local_data`) and put on the devices by a thread that keeps
+  `prefetch` batches ahead of the step, so the step waits only when the host is slower
+  (feed 'stream').
+
+And the evaluation's side: `DeviceTest` slices the padded test split kept on the devices;
+`StreamTest` reads the test split in padded global batches, never whole.
+"""
+import dataclasses
+import queue
+import threading
+
+import jax
+import numpy as np
+
+from robust_admm.data import stream
+from robust_admm.data.sampler import IndexSampler
+from robust_admm.runtime import parallel
+
+PREFETCH = 2  # global batches on the devices ahead of the step
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one step is given (`data`) and the files this process skipped in it."""
+    data: object
+    bad: tuple = ()
+
+
+class DeviceFeed:
+    """The split on the devices, replicated: (images uint8, labels int32)."""
+    kind = "device"
+
+    def __init__(self, arrays: tuple):
+        self.arrays = arrays
+
+    @property
+    def num_records(self) -> int:
+        return int(self.arrays[1].shape[0])
+
+    def steps(self, seed: int, start_step: int, num_steps: int):
+        del seed, start_step  # the step draws its batch from its own key and step
+        step = Step(self.arrays)
+        for _ in range(num_steps):
+            yield step
+
+
+@dataclasses.dataclass
+class StreamFeed:
+    """Streamed training batches of `source` (random access to (bytes, label, where)),
+    preprocessed at `size` pixels; each process reads its rows of every global batch."""
+    source: object
+    size: int
+    global_batch: int
+    mesh: object
+    bad_images: str = "stop"
+    max_pixels: int = stream.images.MAX_PIXELS
+    num_workers: int = 0
+    num_threads: int = 1
+    prefetch: int = PREFETCH
+    crops: str = "imagenet"
+    kind = "stream"
+
+    @property
+    def num_records(self) -> int:
+        return len(self.source)
+
+    def sampler(self, seed: int) -> IndexSampler:
+        return IndexSampler(len(self.source), self.global_batch, seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+    def steps(self, seed: int, start_step: int, num_steps: int):
+        """Steps start_step .. start_step + num_steps - 1 of a phase whose records are
+        drawn and cropped with `seed`; a generator: closing it stops the reader."""
+        pre = stream.Preprocess(self.size, train=True, seed=seed, max_pixels=self.max_pixels,
+                                bad_images=self.bad_images, crops=self.crops)
+        local = stream.local_batches(self.source, self.sampler(seed), pre, start_step,
+                                     num_steps, self.num_workers, self.num_threads)
+        yield from on_devices(local, self.mesh, self.prefetch)
+
+
+def on_devices(local_batches, mesh, prefetch: int = PREFETCH):
+    """`Step`s of global batches {image, label, valid} on the mesh, from this process's
+    batches of `stream.collate`'s form, converted up to `prefetch` ahead by a thread.
+    An error of the reader is raised here, at the step that needed the batch."""
+    if prefetch < 1:
+        raise ValueError(f"data.prefetch={prefetch} must be >= 1")
+    ready = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill():
+        try:
+            for batch in local_batches:
+                arrays = {k: batch[k] for k in ("image", "label", "valid")}
+                if not put(Step(parallel.host_local_batch_to_global(arrays, mesh),
+                                tuple(batch["bad"]))):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, raised at its next step
+            put(e)
+
+    thread = threading.Thread(target=fill, name="robust_admm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        close = getattr(local_batches, "close", None)
+        if close is not None:
+            close()
+
+
+class DeviceTest:
+    """The test split on the devices, padded to whole batches: (images, labels, valid)."""
+
+    def __init__(self, arrays: tuple):
+        self.arrays = arrays
+
+    def batches(self, batch_size: int):
+        images, labels, valid = self.arrays
+        for start in range(0, labels.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            yield images[sl], labels[sl], valid[sl]
+
+
+@dataclasses.dataclass
+class StreamTest:
+    """The test split of `source`, read in order in global batches padded with invalid
+    entries, each process reading its rows; the evaluation crop at `size` pixels."""
+    source: object
+    size: int
+    mesh: object
+    bad_images: str = "stop"
+    max_pixels: int = stream.images.MAX_PIXELS
+    num_workers: int = 0
+    num_threads: int = 1
+    prefetch: int = PREFETCH
+    crops: str = "imagenet"
+
+    def batches(self, batch_size: int):
+        pre = stream.Preprocess(self.size, train=False, max_pixels=self.max_pixels,
+                                bad_images=self.bad_images, crops=self.crops)
+        local = stream.eval_local_batches(
+            self.source, pre, batch_size, jax.process_index(),
+            jax.process_count(), self.num_workers, self.num_threads)
+        for step in on_devices(local, self.mesh, self.prefetch):
+            yield step.data["image"], step.data["label"], step.data["valid"]
+
+
+def padded_size(num_records: int, batch_size: int) -> int:
+    """Records rounded up to whole evaluation batches."""
+    return int(np.ceil(num_records / batch_size)) * batch_size
