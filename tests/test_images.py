@@ -240,3 +240,29 @@ def test_resize_keeps_an_image_at_its_size_and_a_flat_one_flat(h, w, size, r, g,
     flat = Image.fromarray(np.full((h, w, 3), (r, g, b), np.uint8))
     np.testing.assert_array_equal(im.resize_transform(flat, size),
                                   np.full((size, size, 3), (r, g, b), np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (7, 9, 1), (7, 9, 3), (7, 9, 4)])
+def test_a_decoded_array_becomes_rgb_as_its_file_would(shape):
+    a = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    out = np.asarray(im.from_array(a, "rec 0"))
+    mode = {2: "L", 1: "L", 3: "RGB", 4: "RGBA"}[len(shape) if len(shape) == 2 else shape[2]]
+    src = Image.fromarray(a[..., 0] if shape[-1:] == (1,) else a, mode)
+    np.testing.assert_array_equal(out, np.asarray(src.convert("RGB")))
+    assert out.shape == (7, 9, 3)
+
+
+@pytest.mark.parametrize("a,message", [
+    (np.zeros((4, 4, 3), np.float32), "float32"),
+    (np.zeros((4, 4, 2), np.uint8), r"\(4, 4, 2\)"),
+    (np.zeros((4,), np.uint8), r"\(4,\)"),
+])
+def test_a_bad_array_is_refused_naming_the_record(a, message):
+    with pytest.raises(DataError, match=f"rec 3: .*{message}"):
+        im.from_array(a, "rec 3")
+
+
+def test_an_array_above_the_pixel_cap_is_refused():
+    with pytest.raises(DataError, match="rec 4: 10 x 10 pixels, above the cap of 99"):
+        im.from_array(np.zeros((10, 10, 3), np.uint8), "rec 4", max_pixels=99)
+    assert im.from_array(np.zeros((9, 11, 3), np.uint8), "rec 5", max_pixels=99).size == (11, 9)

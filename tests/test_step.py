@@ -170,10 +170,32 @@ def test_host_driven_eval_matches_the_compiled_one():
     counts = {}
     for loop in ("fori", "host"):
         step = make_eval_step(model, pgd, pgd_loop=loop)
-        counts[loop] = [int(c) for c in step(params, {}, images, labels, valid,
-                                             jax.random.PRNGKey(4))]
+        counts[loop] = {k: int(c) for k, c in step(params, {}, images, labels, valid,
+                                                    jax.random.PRNGKey(4)).items()}
     assert counts["fori"] == counts["host"]
-    assert counts["fori"][1] <= counts["fori"][0] <= 29 == counts["fori"][2]
+    assert counts["fori"]["adv"] <= counts["fori"]["nat"] <= 29 == counts["fori"]["valid"]
+
+
+@pytest.mark.parametrize("loop", ["fori", "host"])
+def test_top5_counts_the_label_among_the_five_largest_logits(loop):
+    """With 12 classes: natural top-1 and top-5 counts against numpy on the model's own
+    logits (valid entries only); under the attack, top-5 >= top-1."""
+    model = get_model("lenet_digits", 12, 4)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (32, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 12, 32).astype(np.int32)
+    valid = np.arange(32) < 27
+    logits = np.asarray(apply_model(model, params, {}, jnp.asarray(images) / 255.0,
+                                    train=False)[0], np.float64)
+    rank = (logits > logits[np.arange(32), labels][:, None]).sum(-1)  # classes above it
+    pgd = attacks.Pgd(epsilon=0.1, step_size=0.03, num_steps=2)
+    step = make_eval_step(model, pgd, pgd_loop=loop, top5=True)
+    c = {k: int(v) for k, v in step(params, {}, jnp.asarray(images), jnp.asarray(labels),
+                                    jnp.asarray(valid), jax.random.PRNGKey(1)).items()}
+    assert c["nat"] == int(((rank == 0) & valid).sum())
+    assert c["nat_top5"] == int(((rank < 5) & valid).sum()) > c["nat"]
+    assert c["adv"] <= c["adv_top5"] <= 27 == c["valid"]
 
 
 def test_pgd_loop_resolves_by_backend():

@@ -8,8 +8,9 @@ import shutil
 import signal
 
 import pytest
+from PIL import Image
 
-from helpers import assert_same_results, run_and_signal, run_cli, write_images
+from helpers import assert_same_results, rgb_noise, run_and_signal, run_cli, write_images
 from robust_admm.data import folder as folder_lib
 from robust_admm.data import shards as shards_lib
 from robust_admm.experiments import evaluate as evaluate_lib
@@ -189,3 +190,77 @@ def test_the_imagenet_config_offers_only_its_smoke_preset():
         imagenet.get_config("")
     with pytest.raises(ValueError, match="unknown preset 'resnet50'"):
         imagenet.get_config("resnet50")
+
+
+def test_with_more_than_ten_classes_top5_is_reported(tmp_path):
+    """Twelve classes: the training's evaluation and the eval command report top-5
+    accuracy beside top-1 (at least as high)."""
+    root = str(tmp_path / "twelve")
+    for split, n in (("train", 2), ("val", 1)):
+        for c in range(12):
+            os.makedirs(os.path.join(root, split, f"c{c:02d}"))
+            for i in range(n):
+                Image.fromarray(rgb_noise(20, 24, seed=c * 10 + i)).save(
+                    os.path.join(root, split, f"c{c:02d}", f"{i}.png"))
+    workdir = str(tmp_path / "w")
+    summary = run_lib.train_and_evaluate(_smoke(root), workdir)
+    stage = summary["stages"]["pretrain"]
+    assert stage["nat_top5"] >= stage["nat_acc"] and stage["adv_top5"] >= stage["adv_acc"]
+    assert abs(stage["nat_top5"] * 12 - round(stage["nat_top5"] * 12)) < 1e-9  # of 12 images
+    result = evaluate_lib.evaluate_workdir(workdir, attacks="pgd2", checks=False, batch=4)
+    assert result["natural_top5"] == pytest.approx(stage["nat_top5"])
+
+
+def test_the_share_of_time_waiting_for_input_is_measured(monkeypatch):
+    """Progress's input-wait share: the waits reported in an interval over its length
+    (a controlled clock), reset at each interval and after the compiling first step."""
+    now = [0.0]
+    monkeypatch.setattr(logs.time, "perf_counter", lambda: now[0])
+    p = logs.Progress(total_steps=10, batch_size=4)
+    p.waited(5.0)  # before the first step finished: not part of any interval
+    now[0] = 10.0
+    p.compiled(1)
+    p.waited(1.0)
+    p.waited(0.5)
+    now[0] = 14.0
+    speed = p.update(3)
+    assert speed["input_wait_share"] == pytest.approx(1.5 / 4.0)
+    assert speed["img_per_s"] == pytest.approx(2 * 4 / 4.0)
+    now[0] = 16.0
+    assert p.update(4)["input_wait_share"] == 0.0
+
+
+def test_a_streamed_run_logs_its_input_wait(reference):
+    workdir, out = reference
+    train = [r for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+             if r["kind"] == "train"]
+    assert all(0.0 <= r["input_wait_share"] <= 1.0 for r in train)
+    assert re.search(r"img/s ETA \S+ \(input wait \d+%\)", out)
+
+
+def test_a_tfds_dataset_other_than_the_small_ones_is_streamed(tmp_path, capsys):
+    """data.source=tfds with imagenet2012 (TFDS's mock: random images of random sizes,
+    1,000 classes) trains through the streamed path and evaluates its validation split,
+    top-5 included."""
+    import tensorflow_datasets as tfds
+    cfg = _smoke("")
+    cfg.data.source, cfg.data.name, cfg.data.dir = "tfds", "imagenet2012", ""
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = run_lib.train_and_evaluate(cfg, str(tmp_path / "w"))
+    out = capsys.readouterr().out
+    assert "imagenet2012: 20 train / 20 val images" in out and "1000 classes" in out
+    stage = summary["stages"]["pretrain"]
+    assert 0 <= stage["nat_acc"] <= stage["nat_top5"] <= 1
+    evals = [r for r in logs.read_jsonl(os.path.join(tmp_path, "w", "metrics.jsonl"))
+             if r["kind"] == "eval"]
+    assert [r["eval_examples"] for r in evals] == [20]
+
+
+def test_a_tfds_dataset_that_is_not_there_is_named_with_how_to_prepare_it(tmp_path):
+    from robust_admm.data import DataError
+    from robust_admm.data.streamed import open_tfds
+    with pytest.raises(DataError, match="not a TFDS dataset"):
+        open_tfds("no_such_dataset_anywhere", str(tmp_path))
+    with pytest.raises(DataError, match="(?s)TFDS imagenet2012 in .*tfds build imagenet2012 "
+                                        "--file_format=array_record"):
+        open_tfds("imagenet2012", str(tmp_path))

@@ -91,6 +91,22 @@ def decode(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> Image.Image
     return img
 
 
+def from_array(a, where: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The RGB image of an already decoded uint8 array (H, W), (H, W, 1), (H, W, 3) or
+    (H, W, 4) (a TFDS record's image), checked as a file's would be."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3
+                                                       and a.shape[2] not in (1, 3, 4)):
+        raise DataError(f"{where}: an image array of shape {a.shape} and dtype {a.dtype}; "
+                        f"expected uint8 (H, W) or (H, W, 1|3|4)")
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise DataError(f"{where}: {a.shape[1]} x {a.shape[0]} pixels, above the cap of "
+                        f"{max_pixels:,} (data.max_pixels)")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    return Image.fromarray(a).convert("RGB")
+
+
 def read_bytes(path: str) -> bytes:
     """The bytes of the file at `path`; an error naming it if it cannot be read."""
     try:

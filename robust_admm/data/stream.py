@@ -72,7 +72,8 @@ class Preprocess:
                     "label": np.int32(0), "valid": False, "bad": ""}
         epoch, index, (data, label, where) = record
         try:
-            img = images.decode(data, where, self.max_pixels)
+            img = (images.decode(data, where, self.max_pixels) if isinstance(data, bytes)
+                   else images.from_array(data, where, self.max_pixels))
             if self.crops == "resize":
                 pixels = images.resize_transform(img, self.size)
             elif self.train:

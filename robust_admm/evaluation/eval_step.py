@@ -12,6 +12,8 @@ from robust_admm.models import apply_model
 from robust_admm.runtime import parallel
 from robust_admm.runtime.compiler import CompiledStep, jit_with_options, resolve_pgd_loop
 
+TOP5_ABOVE_CLASSES = 10  # top-5 accuracy is reported too for more classes than this
+
 
 def make_eval_attack(config) -> attacks.Pgd:
     """The PGD of the evaluation during training: `eval.*` only (and the speed-only unroll)."""
@@ -29,21 +31,25 @@ def eval_attack_label(config) -> str:
 
 
 def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
-                   pgd_loop: str = "auto", cpu_convolutions: str = "auto") -> CompiledStep:
-    """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> (natural correct,
-    adversarial correct, valid) counts over the valid entries of one batch, under any attack of
-    `robust_admm.attacks`. Evaluation uses the running BatchNorm averages (train=False)
-    for the attack too; no weight gradients."""
+                   pgd_loop: str = "auto", cpu_convolutions: str = "auto",
+                   top5: bool = False) -> CompiledStep:
+    """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> counts over the
+    valid entries of one batch: {"nat": natural correct, "adv": adversarial correct,
+    "valid": valid entries}, with `top5` also "nat_top5", "adv_top5" (the label among the
+    5 largest logits), under any attack of `robust_admm.attacks`. Evaluation uses the
+    running BatchNorm averages (train=False) for the attack too; no weight gradients."""
     shard = parallel.batch_constraint(mesh)
     jit = jit_with_options(cpu_convolutions)
     out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
     apply = lambda model_args, xa: apply_model(model, *model_args, xa, train=False)[0]
 
-    def count(model_args, x, y, valid):
-        return ((apply(model_args, x).argmax(-1) == y) & valid).sum()
-
-    def valid_count(valid):
-        return valid.sum()
+    def count(model_args, x, y, valid, name):
+        logits = apply(model_args, x)
+        counts = {name: ((logits.argmax(-1) == y) & valid).sum()}
+        if top5:
+            top = jax.lax.top_k(logits, 5)[1]
+            counts[name + "_top5"] = ((top == y[:, None]).any(-1) & valid).sum()
+        return counts
 
     def prepare(images_u8, labels, valid):
         return shard(to_pixels(images_u8)), shard(labels), shard(valid)
@@ -53,37 +59,43 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
             m = (params, batch_stats)
             x, y, valid = prepare(images_u8, labels, valid)
             x_adv = attacks.run(eval_attack, functools.partial(apply, m), x, y, key)
-            return count(m, x, y, valid), count(m, x_adv, y, valid), valid_count(valid)
+            return {**count(m, x, y, valid, "nat"), **count(m, x_adv, y, valid, "adv"),
+                    "valid": valid.sum()}
 
         step = jit(eval_step, **out)
         return CompiledStep(step, [step])
 
     def begin(model_args, images_u8, labels, valid):
         x, y, valid = prepare(images_u8, labels, valid)
-        return x, y, valid, count(model_args, x, y, valid), valid_count(valid)
+        return x, y, valid, {**count(model_args, x, y, valid, "nat"), "valid": valid.sum()}
 
     begin_c = jit(begin)  # the batch stays split along the mesh
     runner = attacks.HostRunner(eval_attack, apply, jit, shard)
-    count_c = jit(count, **out)
+    count_c = jit(functools.partial(count, name="adv"), **out)
 
     def host_eval_step(params, batch_stats, images_u8, labels, valid, key):
         m = (params, batch_stats)
-        x, y, valid, nat, num = begin_c(m, images_u8, labels, valid)
-        return nat, count_c(m, runner(m, x, y, key), y, valid), num
+        x, y, valid, nat = begin_c(m, images_u8, labels, valid)
+        return {**nat, **count_c(m, runner(m, x, y, key), y, valid)}
 
     return CompiledStep(host_eval_step, [begin_c, *runner.parts, count_c])
 
 
 def evaluate(eval_step, params, batch_stats, batches, key) -> dict:
-    """Natural and adversarial accuracy over `batches` of (images uint8, labels, valid)
-    (`data.feed`: the padded test split on the devices, or streamed); batch i attacked
-    with fold_in(key, i)."""
-    nat = adv = total = 0
+    """Natural and adversarial accuracy (top-1; top-5 too where the step counts it) over
+    `batches` of (images uint8, labels, valid) (`data.feed`: the padded test split on
+    the devices, or streamed); batch i attacked with fold_in(key, i)."""
+    totals = {}
     for i, (images, labels, valid) in enumerate(batches):
-        n, a, v = eval_step(params, batch_stats, images, labels, valid,
-                            jax.random.fold_in(key, i))
-        nat, adv, total = nat + n, adv + a, total + v
-    total = int(total)
+        counts = eval_step(params, batch_stats, images, labels, valid,
+                           jax.random.fold_in(key, i))
+        totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    total = int(totals.get("valid", 0))
     if total == 0:
         raise ValueError("the evaluation read no valid test example")
-    return {"nat_acc": int(nat) / total, "adv_acc": int(adv) / total, "eval_examples": total}
+    result = {"nat_acc": int(totals["nat"]) / total, "adv_acc": int(totals["adv"]) / total,
+              "eval_examples": total}
+    if "nat_top5" in totals:
+        result.update(nat_top5=int(totals["nat_top5"]) / total,
+                      adv_top5=int(totals["adv_top5"]) / total)
+    return result

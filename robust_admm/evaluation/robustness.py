@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from robust_admm.attacks import core, suite
+from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES
 from robust_admm.models import apply_model
 from robust_admm.runtime import logs, parallel
 from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
@@ -120,6 +121,8 @@ class Evaluator:
             raise ValueError(f"--batch={self.batch} must be >= 1")
         self._predict = jit_with_options(self.cpu_convolutions)(
             lambda m, x: apply_model(self.model, *m, x, train=False)[0].argmax(-1))
+        self._top5 = jit_with_options(self.cpu_convolutions)(
+            lambda m, x: jax.lax.top_k(apply_model(self.model, *m, x, train=False)[0], 5)[1])
         self._fooled = {}
 
     @property
@@ -159,6 +162,14 @@ class Evaluator:
             out[b[:n]] = pred[:n] == y[b[:n]]
         return out
 
+    def correct_top5(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether each point's label is among its 5 largest logits (natural)."""
+        out = np.zeros(len(y), bool)
+        for b, n in self._batches(np.arange(len(y))):
+            top = np.asarray(self._top5(self.model_args, self._place(x[b])))
+            out[b[:n]] = (top[:n] == y[b[:n], None]).any(-1)
+        return out
+
     def fooled_fn(self, attack: core.Attack):
         if attack not in self._fooled:
             self._fooled[attack] = make_fooled_fn(self.model, attack, self.mesh, self.loop,
@@ -195,10 +206,14 @@ def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
     accuracy under it at L-inf radius `epsilon`; ensembles also report the accuracy
     after each member (cumulative, as AutoAttack prints it) and the time each took.
     `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps);
-    `norm`: the threat model, 'linf' or 'l2'."""
+    `norm`: the threat model, 'linf' or 'l2'. With more than 10 classes, the natural
+    top-5 accuracy too (the attacks count top-1 errors, as AutoAttack does)."""
     n = len(y)
     correct = ev.correct(x, y) if correct is None else correct
-    result = {"n": n, "epsilon": epsilon, "norm": norm, "natural_acc": float(correct.mean()), "attacks": {}}
+    result = {"n": n, "epsilon": epsilon, "norm": norm, "natural_acc": float(correct.mean()),
+              "attacks": {}}
+    if num_classes > TOP5_ABOVE_CLASSES:
+        result["natural_top5"] = float(ev.correct_top5(x, y).mean())
     for label, members in items:
         robust = correct.copy()
         after, seconds = {}, {}

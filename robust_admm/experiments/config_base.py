@@ -94,12 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite.max_consecutive = 10
 
     c.data = ml_collections.ConfigDict()
-    # 'mnist' | 'digits' | 'cifar10' | 'cifar100'; with a streamed source, any name (a
-    # label for the logs: the classes come from the data).
+    # 'mnist' | 'digits' | 'cifar10' | 'cifar100'; with a folder or shards, any name (a
+    # label for the logs: the classes come from the data); with tfds, the TFDS name.
     c.data.name = ""
     # Kept on the device: 'tfds' | 'files' (original IDX / CIFAR binary files). Streamed
     # from the host (data/streamed.py): 'folder' (DIR/train/<class>/*, DIR/val/<class>/*;
-    # JPEG, PNG) | 'shards' (what `robust-admm shards` writes from such a folder).
+    # JPEG, PNG) | 'shards' (what `robust-admm shards` writes from such a folder) | 'tfds'
+    # with any other TFDS image-classification dataset (e.g. data.name='imagenet2012',
+    # prepared in the ArrayRecord format).
     c.data.source = "tfds"
     c.data.dir = ""  # files: folder of the original files (CIFAR: or the .tar.gz);
     # tfds: data_dir ('' = default); folder, shards: the folder (required)

@@ -16,7 +16,7 @@ from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size
 from robust_admm.data import load_dataset
 from robust_admm.data.stream import Preprocess, eval_local_batches
-from robust_admm.data.streamed import STREAMED_SOURCES, FirstRecords, open_streamed
+from robust_admm.data.streamed import FirstRecords, open_streamed, streamed
 from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
 from robust_admm.evaluation.robustness import Evaluator, robust_accuracy
@@ -56,6 +56,8 @@ def model_sizes(params, masks, specs) -> dict:
 def table(result: dict) -> str:
     rows = [("attack", "epsilon", "robust accuracy", "seconds"),
             ("natural", "0", f"{100 * result['natural_acc']:.2f}%", "")]
+    if "natural_top5" in result:
+        rows.append(("natural (top-5)", "0", f"{100 * result['natural_top5']:.2f}%", ""))
     for label, r in result["attacks"].items():
         for name, acc in (r.get("after") or {}).items():
             rows.append((f"  {label}: after {name}", f"{r['epsilon']:g}", f"{100 * acc:.2f}%",
@@ -103,7 +105,7 @@ def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
     """The first `n` (0: all) test images of the run's data (`data_dir`: another folder)."""
     d = config.data
     root = data_dir or d.dir or None
-    if d.source not in STREAMED_SOURCES:
+    if not streamed(d.source, d.name):
         ds = load_dataset(d.name, d.source, root)
         count = min(n or len(ds.test), len(ds.test))
         x = ds.test.images[:count].astype(np.float32) / 255.0
@@ -143,6 +145,8 @@ def merge_results(parts: list) -> dict:
         return sum(int(round(get(p) * p["n"])) for p in parts) / n
 
     out = dict(parts[0], n=n, natural_acc=acc(lambda p: p["natural_acc"]), attacks={})
+    if "natural_top5" in out:
+        out["natural_top5"] = acc(lambda p: p["natural_top5"])
     for label, first in parts[0]["attacks"].items():
         entry = dict(first, robust_acc=acc(lambda p: p["attacks"][label]["robust_acc"]),
                      seconds=sum(p["attacks"][label]["seconds"] for p in parts))

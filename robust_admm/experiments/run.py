@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from robust_admm.data import Split, describe, load_dataset
 from robust_admm.data.batching import pad_to_multiple
 from robust_admm.data.feed import DeviceFeed, DeviceTest, StreamFeed, StreamTest
-from robust_admm.data.streamed import STREAMED_SOURCES, describe_streamed, open_streamed
-from robust_admm.evaluation.eval_step import make_eval_attack, make_eval_step
+from robust_admm.data.streamed import describe_streamed, open_streamed, streamed
+from robust_admm.evaluation.eval_step import (TOP5_ABOVE_CLASSES, make_eval_attack,
+                                              make_eval_step)
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.inherit import inherited
 from robust_admm.experiments.validation import validate_config
@@ -43,7 +44,7 @@ def open_data(config, mesh) -> tuple:
     """(description, class count, model input shape, training feed, test batches) of the
     config's data: kept on the devices (tfds, files) or streamed (folder, shards)."""
     d = config.data
-    if d.source in STREAMED_SOURCES:
+    if streamed(d.source, d.name):
         ds = open_streamed(d.name, d.source, d.dir, d.check_headers, d.max_pixels,
                            log=logs.log)
         common = dict(size=d.image_size, mesh=mesh, bad_images=d.bad_images,
@@ -92,7 +93,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
                   train=train, test=test,
                   program=program, specs=specs,
                   eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
-                                           config.cpu_convolutions),
+                                           config.cpu_convolutions,
+                                           top5=num_classes > TOP5_ABOVE_CLASSES),
                   writer=logs.MetricsWriter(workdir_lib.metrics_path(workdir)), key=key,
                   preempted=preempted)
         if phases[0].index > 0:

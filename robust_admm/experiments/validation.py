@@ -9,7 +9,7 @@ from robust_admm.compression.projections import UNIT_KINDS
 from robust_admm.compression.rules import parse_rules
 from robust_admm.data.images import CROPS
 from robust_admm.data.stream import BAD_IMAGES
-from robust_admm.data.streamed import STREAMED_SOURCES
+from robust_admm.data.streamed import STREAMED_SOURCES, streamed
 from robust_admm.models import get_model
 from robust_admm.runtime import compiler, parallel
 from robust_admm.training import augment, initialization, objectives, optim
@@ -60,12 +60,12 @@ def validate_config(config, device_count: int | None = None):
              config.data.source, f"one of {list(data.SOURCES + STREAMED_SOURCES)}")
     _require(config.data.augment in augment.AUGMENTATIONS, "data.augment", config.data.augment,
              f"one of {augment.AUGMENTATIONS}")
-    if config.data.source in STREAMED_SOURCES:
+    if streamed(config.data.source, config.data.name):
         check_streamed(config.data)
     else:
         _require(config.data.name in data.DATASETS, "data.name", config.data.name,
                  f"one of {list(data.DATASETS)} (or a streamed data.source: "
-                 f"{', '.join(STREAMED_SOURCES)})")
+                 f"{', '.join(STREAMED_SOURCES)}, or any TFDS dataset with tfds)")
     initialization.check(config.init)
     # Names a bad model, width or dtype.
     get_model(config.model.name, 10, config.model.width, config.model.dtype)
@@ -141,9 +141,10 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def check_streamed(d) -> None:
-    """The fields of a streamed source (`data.source` folder or shards)."""
+    """The fields of a streamed source (`data.streamed.streamed`)."""
     _require(bool(d.name), "data.name", d.name, "a name for the dataset (e.g. 'imagenet')")
-    _require(bool(d.dir), "data.dir", d.dir, f"the folder of the {d.source}")
+    if d.source != "tfds":  # TFDS has its default data_dir
+        _require(bool(d.dir), "data.dir", d.dir, f"the folder of the {d.source}")
     _require(isinstance(d.image_size, int) and d.image_size >= 8, "data.image_size",
              d.image_size, "an integer >= 8 (the side of the crops the model sees)")
     _require(d.augment == "none", "data.augment", d.augment,

@@ -65,19 +65,28 @@ class Progress:
         self.step_last = start_step
         self.compile_s = None
         self.rates = []  # img/s of each interval since the first step
+        self.wait = 0.0  # seconds spent waiting for input in this interval
 
     def compiled(self, step: int):
         """The first step (`step`) has finished, compilation included."""
         now = time.perf_counter()
         self.compile_s, self.t_last, self.step_last = now - self.t0, now, step
+        self.wait = 0.0
+
+    def waited(self, seconds: float):
+        """The loop waited `seconds` for a step's input."""
+        self.wait += seconds
 
     def update(self, step: int) -> dict:
+        """img/s, ETA and the share of the interval spent waiting for input."""
         now = time.perf_counter()
-        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+        elapsed = max(now - self.t_last, 1e-9)
+        rate = (step - self.step_last) / elapsed
+        share, self.wait = min(self.wait / elapsed, 1.0), 0.0
         self.t_last, self.step_last = now, step
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         self.rates.append(rate * self.batch)
-        return {"img_per_s": rate * self.batch, "eta_s": eta}
+        return {"img_per_s": rate * self.batch, "eta_s": eta, "input_wait_share": share}
 
     def median_img_per_s(self) -> float | None:
         return float(np.median(self.rates)) if self.rates else None

@@ -4,6 +4,7 @@ bit for bit) and SIGTERM. Where checkpoints and metrics go is given to it (`Run`
 import contextlib
 import dataclasses
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -174,8 +175,11 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         history, result = [], None
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start)
-        for step, given in zip(range(start + 1, total + 1), feed):
+        for step in range(start + 1, total + 1):
             epoch = -(-step // spe)
+            t_fetch = time.perf_counter()
+            given = next(feed)
+            progress.waited(time.perf_counter() - t_fetch)
             state, metrics = train_step(state, given.data)
             for where in given.bad:
                 logs.log_any(f"[{stage}] step {step}: skipped an unreadable image "
@@ -198,7 +202,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 logs.log(
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
-                    f"{speed['img_per_s']:.0f} img/s ETA {logs.fmt_duration(speed['eta_s'])}")
+                    f"{speed['img_per_s']:.0f} img/s ETA {logs.fmt_duration(speed['eta_s'])}"
+                    + (f" (input wait {100 * speed['input_wait_share']:.0f}%)"
+                       if run.train.kind == "stream" else ""))
                 # At the second interval: the first runs slower while buffers and caches
                 # warm up (up to 2x on LeNet-5; benchmarks/NOTES.md).
                 if len(progress.rates) == 2 and step < total:
@@ -215,8 +221,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                                       jax.random.fold_in(eval_key, epoch))
                     run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
                                      adv_attack=eval_attack_label(cfg))
-                    logs.log(f"[{stage}] epoch {epoch}: natural {100 * result['nat_acc']:.2f}%"
-                             f"  PGD-{cfg.eval.num_steps} {100 * result['adv_acc']:.2f}%")
+                    logs.log(f"[{stage}] epoch {epoch}: {accuracy_line(result, cfg)}")
             if run.preempted and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 mngr.wait_until_finished()
@@ -242,6 +247,16 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         mngr.close()
 
 
+def accuracy_line(result: dict, cfg) -> str:
+    """'natural 91.20%  PGD-20 45.10%' (and the top-5 figures where measured)."""
+    attack = f"PGD-{cfg.eval.num_steps}"
+    line = f"natural {100 * result['nat_acc']:.2f}%  {attack} {100 * result['adv_acc']:.2f}%"
+    if "nat_top5" in result:
+        line += (f"  (top-5: natural {100 * result['nat_top5']:.2f}%  {attack} "
+                 f"{100 * result['adv_top5']:.2f}%)")
+    return line
+
+
 def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
     """The Z- and U-updates at the end of an ADMM interval, with residuals logged."""
     new_admm, res = admm_update(state.params, state.admm, state.masks)
@@ -261,6 +276,7 @@ def stage_summary(run: Run, phase: Phase, state, result) -> dict:
         "rules": phase.rules,
         "nat_acc": result["nat_acc"],
         "adv_acc": result["adv_acc"],
+        **{k: result[k] for k in ("nat_top5", "adv_top5") if k in result},
         "adv_attack": eval_attack_label(run.config),
         "compression_rate": compression(host, specs),
         "sparsity": size.sparsity_report(host, jax.device_get(state.masks)),
