@@ -216,3 +216,14 @@ def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
         del old[name]["attack_steps"], old[name]["attack_step_size"]
     assert config_differences(old, new)
     assert config_differences(migrate.upgrade_config_dict(old), new) == []
+
+
+def test_a_config_json_from_before_streamed_sources_reads_as_a_new_one():
+    from robust_admm.experiments.validation import config_differences
+    new = mnist_config.get_config("cpu").to_dict()
+    old = json.loads(json.dumps(new))
+    for field in ("image_size", "check_headers", "bad_images", "max_pixels", "num_workers",
+                  "num_threads", "prefetch", "crops"):
+        del old["data"][field]
+    assert config_differences(old, new)
+    assert config_differences(migrate.upgrade_config_dict(old), new) == []

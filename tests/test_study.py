@@ -292,3 +292,23 @@ def test_the_default_scheme_is_flax_init_and_a_bad_one_is_refused():
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref["params"])
     with pytest.raises(ValueError, match="init.scheme='he'.*xavier_uniform"):
         initialization.initial_variables(_config("he"), model, shape)
+
+
+def test_a_study_file_of_an_older_release_is_read_with_the_fields_added_since(tmp_path):
+    """study.json whose cells lack the streamed-data fields (as the previous release wrote
+    it) is the same study; a real change is still refused."""
+    s = load_study("configs/studies/mnist_width.py", "cpu")
+    workdir = str(tmp_path)
+    study.check_study_file(workdir, s, allow_change=False)
+    path = workdir_lib.study_path(workdir)
+    stored = logs.read_json(path)
+    new_fields = ("image_size", "check_headers", "bad_images", "max_pixels", "num_workers",
+                  "num_threads", "prefetch", "crops")
+    for cell in stored["cells"].values():
+        for field in new_fields:
+            del cell["train"]["data"][field]
+    logs.write_json(path, stored)
+    study.check_study_file(workdir, s, allow_change=False)
+    s.cells.w2.train.pretrain.epochs += 1
+    with pytest.raises(ValueError, match="cells.w2.train.pretrain.epochs"):
+        study.check_study_file(workdir, s, allow_change=False)

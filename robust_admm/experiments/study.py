@@ -28,6 +28,7 @@ import ml_collections
 
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.evaluate import evaluate_workdir
+from robust_admm.experiments.migrate import upgrade_config_dict
 from robust_admm.experiments import report as report_lib
 from robust_admm.experiments.run import train_and_evaluate
 from robust_admm.experiments.study_config import CELL_INITS
@@ -145,7 +146,12 @@ def check_shared_phase(study, name: str, program: list):
 def check_study_file(workdir: str, study, allow_change: bool):
     path = workdir_lib.study_path(workdir)
     if os.path.exists(path):
-        diffs = config_differences(read_json(path), json.loads(study.to_json()))
+        stored = read_json(path)
+        for cell in (stored.get("cells") or {}).values():
+            # A study an older release wrote: its cells' configs with the fields added since.
+            if isinstance(cell, dict) and isinstance(cell.get("train"), dict):
+                cell["train"] = upgrade_config_dict(cell["train"])
+        diffs = config_differences(stored, json.loads(study.to_json()))
         # Where the data are read from may change between machines and reruns.
         diffs = [d for d in diffs if not d.startswith(("data.", "poll_s", "clock_every_s"))]
         if diffs and not allow_change:
