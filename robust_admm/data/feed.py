@@ -18,7 +18,6 @@ import queue
 import threading
 
 import jax
-import numpy as np
 
 from robust_admm.data import stream
 from robust_admm.data.sampler import IndexSampler
@@ -52,13 +51,12 @@ class DeviceFeed:
             yield step
 
 
-@dataclasses.dataclass
-class StreamFeed:
-    """Streamed training batches of `source` (random access to (bytes, label, where)),
-    preprocessed at `size` pixels; each process reads its rows of every global batch."""
-    source: object
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How streamed records are read (the `data.*` fields of a streamed source): crops of
+    `size` pixels on the `mesh`, `num_workers` reader processes of `num_threads` threads,
+    `prefetch` global batches ahead of the step."""
     size: int
-    global_batch: int
     mesh: object
     bad_images: str = "stop"
     max_pixels: int = stream.images.MAX_PIXELS
@@ -66,6 +64,27 @@ class StreamFeed:
     num_threads: int = 1
     prefetch: int = PREFETCH
     crops: str = "imagenet"
+
+    @classmethod
+    def of_config(cls, data, mesh) -> "Reading":
+        """From a config's `data` section."""
+        return cls(size=data.image_size, mesh=mesh, bad_images=data.bad_images,
+                   max_pixels=data.max_pixels, num_workers=data.num_workers,
+                   num_threads=data.num_threads, prefetch=data.prefetch, crops=data.crops)
+
+    def preprocess(self, train: bool, seed: int = 0) -> stream.Preprocess:
+        return stream.Preprocess(self.size, train=train, seed=seed,
+                                 max_pixels=self.max_pixels, bad_images=self.bad_images,
+                                 crops=self.crops)
+
+
+@dataclasses.dataclass
+class StreamFeed:
+    """Streamed training batches of `source` (random access to (bytes, label, where));
+    each process reads its rows of every global batch."""
+    source: object
+    global_batch: int
+    reading: Reading
     kind = "stream"
 
     @property
@@ -80,11 +99,11 @@ class StreamFeed:
     def steps(self, seed: int, start_step: int, num_steps: int):
         """Steps start_step .. start_step + num_steps - 1 of a phase whose records are
         drawn and cropped with `seed`; a generator: closing it stops the reader."""
-        pre = stream.Preprocess(self.size, train=True, seed=seed, max_pixels=self.max_pixels,
-                                bad_images=self.bad_images, crops=self.crops)
-        local = stream.local_batches(self.source, self.sampler(seed), pre, start_step,
-                                     num_steps, self.num_workers, self.num_threads)
-        yield from on_devices(local, self.mesh, self.prefetch)
+        r = self.reading
+        local = stream.local_batches(self.source, self.sampler(seed),
+                                     r.preprocess(True, seed), start_step, num_steps,
+                                     r.num_workers, r.num_threads)
+        yield from on_devices(local, r.mesh, r.prefetch)
 
 
 def on_devices(local_batches, mesh, prefetch: int = PREFETCH):
@@ -151,27 +170,14 @@ class DeviceTest:
 @dataclasses.dataclass
 class StreamTest:
     """The test split of `source`, read in order in global batches padded with invalid
-    entries, each process reading its rows; the evaluation crop at `size` pixels."""
+    entries, each process reading its rows; the evaluation crop."""
     source: object
-    size: int
-    mesh: object
-    bad_images: str = "stop"
-    max_pixels: int = stream.images.MAX_PIXELS
-    num_workers: int = 0
-    num_threads: int = 1
-    prefetch: int = PREFETCH
-    crops: str = "imagenet"
+    reading: Reading
 
     def batches(self, batch_size: int):
-        pre = stream.Preprocess(self.size, train=False, max_pixels=self.max_pixels,
-                                bad_images=self.bad_images, crops=self.crops)
-        local = stream.eval_local_batches(
-            self.source, pre, batch_size, jax.process_index(),
-            jax.process_count(), self.num_workers, self.num_threads)
-        for step in on_devices(local, self.mesh, self.prefetch):
+        r = self.reading
+        local = stream.eval_local_batches(self.source, r.preprocess(False), batch_size,
+                                          jax.process_index(), jax.process_count(),
+                                          r.num_workers, r.num_threads)
+        for step in on_devices(local, r.mesh, r.prefetch):
             yield step.data["image"], step.data["label"], step.data["valid"]
-
-
-def padded_size(num_records: int, batch_size: int) -> int:
-    """Records rounded up to whole evaluation batches."""
-    return int(np.ceil(num_records / batch_size)) * batch_size

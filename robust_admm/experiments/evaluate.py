@@ -15,7 +15,8 @@ from robust_admm.attacks import suite
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size
 from robust_admm.data import load_dataset
-from robust_admm.data.stream import Preprocess, eval_local_batches
+from robust_admm.data.feed import Reading
+from robust_admm.data.stream import eval_local_batches
 from robust_admm.data.streamed import FirstRecords, open_streamed, streamed
 from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
@@ -115,8 +116,7 @@ def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
     count = min(n or len(ds.test), len(ds.test))
     size = d.image_size
     chunk = max(1, CHUNK_BYTES // (size * size * 3 * 4) // batch) * batch
-    pre = Preprocess(size, train=False, max_pixels=d.max_pixels, bad_images=d.bad_images,
-                     crops=d.crops)
+    pre = Reading.of_config(d, mesh=None).preprocess(train=False)
     source = FirstRecords(ds.test, count)
 
     def chunks():

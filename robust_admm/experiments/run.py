@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from robust_admm.data import Split, describe, load_dataset
 from robust_admm.data.batching import pad_to_multiple
-from robust_admm.data.feed import DeviceFeed, DeviceTest, StreamFeed, StreamTest
+from robust_admm.data.feed import DeviceFeed, DeviceTest, Reading, StreamFeed, StreamTest
 from robust_admm.data.streamed import describe_streamed, open_streamed, streamed
 from robust_admm.evaluation.eval_step import (TOP5_ABOVE_CLASSES, make_eval_attack,
                                               make_eval_step)
@@ -47,13 +47,10 @@ def open_data(config, mesh) -> tuple:
     if streamed(d.source, d.name):
         ds = open_streamed(d.name, d.source, d.dir, d.check_headers, d.max_pixels,
                            log=logs.log)
-        common = dict(size=d.image_size, mesh=mesh, bad_images=d.bad_images,
-                      max_pixels=d.max_pixels, num_workers=d.num_workers,
-                      num_threads=d.num_threads, prefetch=d.prefetch, crops=d.crops)
+        reading = Reading.of_config(d, mesh)
         return (describe_streamed(ds, d.image_size), ds.num_classes,
                 (1, d.image_size, d.image_size, 3),
-                StreamFeed(ds.train, global_batch=config.batch_size, **common),
-                StreamTest(ds.test, **common))
+                StreamFeed(ds.train, config.batch_size, reading), StreamTest(ds.test, reading))
     ds, train, test = load_data(config)
     return (describe(ds), ds.num_classes, (1,) + train.images.shape[1:],
             DeviceFeed(parallel.replicate((train.images, train.labels), mesh)),
