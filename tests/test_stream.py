@@ -154,3 +154,24 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(folder):
                        num_workers=2)
     with pytest.raises(DataError, match="a data worker process died while reading batches"):
         list(it)
+
+
+def test_the_evaluation_reads_in_order_padded_each_process_its_rows(folder):
+    """9 val records, global batch 4, 2 processes: 3 batches; process p reads rows
+    2p, 2p + 1 of each; the entries past the last record are invalid zero images."""
+    from robust_admm.data.stream import eval_local_batches
+    source = FolderSource(folder.val)
+    pre = Preprocess(16, False)
+    whole = list(eval_local_batches(source, pre, 4))
+    assert [int(b["valid"].sum()) for b in whole] == [4, 4, 1]
+    labels = np.concatenate([b["label"][b["valid"]] for b in whole])
+    assert labels.tolist() == list(folder.val.labels)
+    assert not whole[-1]["image"][1:].any()
+    opened = {0: [], 1: []}
+    parts = {p: list(eval_local_batches(Recording(source, opened[p]), pre, 4, p, 2))
+             for p in (0, 1)}
+    for i, b in enumerate(whole):
+        for k in ("image", "label", "valid"):
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][i][k], parts[1][i][k]]), b[k])
+    assert opened[0] == [0, 1, 4, 5, 8] and opened[1] == [2, 3, 6, 7]
