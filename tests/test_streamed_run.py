@@ -264,3 +264,16 @@ def test_a_tfds_dataset_that_is_not_there_is_named_with_how_to_prepare_it(tmp_pa
     with pytest.raises(DataError, match="(?s)TFDS imagenet2012 in .*tfds build imagenet2012 "
                                         "--file_format=array_record"):
         open_tfds("imagenet2012", str(tmp_path))
+
+
+def test_a_subset_of_a_streamed_split_spreads_over_its_classes(reference):
+    from robust_admm.data.streamed import SpreadRecords
+    records = list(range(18))  # 6 of each class, in class order, as a folder lists them
+    assert [SpreadRecords(records, 3)[i] for i in range(3)] == [0, 6, 12]
+    assert [SpreadRecords(records, 4)[i] for i in range(4)] == [0, 4, 9, 13]
+    assert len(SpreadRecords(records, 40)) == 18
+    with pytest.raises(IndexError):
+        SpreadRecords(records, 3)[3]
+    result = evaluate_lib.evaluate_workdir(reference[0], attacks="pgd2", checks=False,
+                                           batch=4, n=3)
+    assert result["n"] == 3

@@ -84,8 +84,10 @@ def describe_streamed(ds: StreamedDataset, size: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class FirstRecords:
-    """The first `count` records of a random-access source."""
+class SpreadRecords:
+    """`count` records spread evenly over a random-access source (record i * len //
+    count): a subset with every class in its share, where the first records of a folder
+    or shards would all be of the first classes (they are in class order)."""
     source: object
     count: int
 
@@ -95,7 +97,7 @@ class FirstRecords:
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} of {len(self)}")
-        return self.source[index]
+        return self.source[index * len(self.source) // len(self)]
 
 
 @dataclasses.dataclass

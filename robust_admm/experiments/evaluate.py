@@ -17,7 +17,7 @@ from robust_admm.compression import size
 from robust_admm.data import load_dataset
 from robust_admm.data.feed import Reading
 from robust_admm.data.stream import eval_local_batches
-from robust_admm.data.streamed import FirstRecords, open_streamed, streamed
+from robust_admm.data.streamed import SpreadRecords, open_streamed, streamed
 from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
 from robust_admm.evaluation.robustness import Evaluator, robust_accuracy
@@ -103,7 +103,9 @@ class TestSplit:
 
 
 def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
-    """The first `n` (0: all) test images of the run's data (`data_dir`: another folder)."""
+    """`n` (0: all) test images of the run's data (`data_dir`: another folder): the first
+    n of a split kept in memory, n spread evenly over a streamed one (whose records are
+    in class order)."""
     d = config.data
     root = data_dir or d.dir or None
     if not streamed(d.source, d.name):
@@ -117,7 +119,7 @@ def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
     size = d.image_size
     chunk = max(1, CHUNK_BYTES // (size * size * 3 * 4) // batch) * batch
     pre = Reading.of_config(d, mesh=None).preprocess(train=False)
-    source = FirstRecords(ds.test, count)
+    source = SpreadRecords(ds.test, count)
 
     def chunks():
         # Every process reads every image: the attacks take host arrays of all of them.
