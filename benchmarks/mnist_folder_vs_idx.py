@@ -8,9 +8,11 @@ training speed of each.
 
 Writes the PNG folder (benchmarks/mnist_to_folder.py) under --work if it is not there,
 then for each recipe of configs/mnist.py trains its pretrain phase for --epochs from each
-source and prints one table. The folder is read with `data.crops=resize` (the digits
-unchanged at 28 px: the IDX path has no augmentation either) as RGB: the model's first
-layer sees three equal channels instead of one, the only difference between the two.
+source and prints one table. The folder is read with `data.crops=resize` and
+`data.channels=1`: the digits unchanged at 28 px in one channel (the PNGs hold the IDX
+pixels exactly), so the two runs differ only in the order the records are drawn (the
+device feed's permutation against the streamed sampler's). A run or evaluation already
+in --work is reused (delete its folder to redo it).
 """
 import argparse
 import json
@@ -40,7 +42,8 @@ def main():
     sources = {
         "idx": ["--config.data.source=files", f"--config.data.dir={args.idx}"],
         "folder": ["--config.data.source=folder", f"--config.data.dir={png}",
-                   "--config.data.image_size=28", "--config.data.crops=resize"],
+                   "--config.data.image_size=28", "--config.data.crops=resize",
+                   "--config.data.channels=1"],
     }
     rows = []
     for recipe in args.recipes.split(","):
@@ -50,9 +53,11 @@ def main():
                  f"--config=configs/mnist.py:{recipe}", f"--workdir={workdir}",
                  "--config.stages=pretrain", f"--config.pretrain.epochs={args.epochs}",
                  *flags])
-            run([sys.executable, "-m", "robust_admm.eval", f"--workdir={workdir}",
-                 "--stage=pretrain", "--attacks=pgd40,aa-standard", f"--n={args.n}",
-                 "--checks=false"])
+            done = os.path.join(workdir, "eval", "pretrain.json")
+            if not (os.path.exists(done) and json.load(open(done))["n"] == args.n):
+                run([sys.executable, "-m", "robust_admm.eval", f"--workdir={workdir}",
+                     "--stage=pretrain", "--attacks=pgd40,aa-standard", f"--n={args.n}",
+                     "--checks=false"])
             with open(os.path.join(workdir, "summary.json")) as f:
                 stage = json.load(f)["stages"]["pretrain"]
             with open(os.path.join(workdir, "eval", "pretrain.json")) as f:

@@ -266,3 +266,21 @@ def test_an_array_above_the_pixel_cap_is_refused():
     with pytest.raises(DataError, match="rec 4: 10 x 10 pixels, above the cap of 99"):
         im.from_array(np.zeros((10, 10, 3), np.uint8), "rec 4", max_pixels=99)
     assert im.from_array(np.zeros((9, 11, 3), np.uint8), "rec 5", max_pixels=99).size == (11, 9)
+
+
+def test_a_gray_png_read_in_one_channel_keeps_its_exact_values():
+    """A grayscale file (MNIST written as PNGs) through RGB and back to one channel:
+    the luma weights sum to one, so every value is the file's."""
+    from robust_admm.data.stream import Preprocess
+    a = np.random.default_rng(4).integers(0, 256, (28, 28), dtype=np.uint8)
+    data = encode(Image.fromarray(a, "L"), "PNG")
+    out = Preprocess(28, False, crops="resize", channels=1)((0, 0, (data, 3, "x.png")))
+    assert out["image"].shape == (28, 28, 1) and out["label"] == 3 and out["valid"]
+    np.testing.assert_array_equal(out["image"][..., 0], a)
+    rgb = rgb_noise(5, 6)
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    gray = im.to_gray(rgb)[..., 0].astype(np.int64)
+    expected = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+    np.testing.assert_array_equal(gray, expected)
+    with pytest.raises(ValueError, match="data.channels=2"):
+        Preprocess(28, False, channels=2)

@@ -15,6 +15,7 @@ from robust_admm.data import folder as folder_lib
 from robust_admm.data import shards as shards_lib
 from robust_admm.experiments import evaluate as evaluate_lib
 from robust_admm.experiments import run as run_lib
+from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.runtime import logs
 
 CONFIG = "configs/imagenet.py:smoke"
@@ -277,3 +278,11 @@ def test_a_subset_of_a_streamed_split_spreads_over_its_classes(reference):
     result = evaluate_lib.evaluate_workdir(reference[0], attacks="pgd2", checks=False,
                                            batch=4, n=3)
     assert result["n"] == 3
+
+
+def test_one_channel_images_train_a_one_channel_model(images, tmp_path):
+    workdir = str(tmp_path / "w")
+    run_lib.train_and_evaluate(_smoke(images, data__channels=1, data__crops="resize"),
+                               workdir)
+    state = workdir_lib.load_final_state(workdir, "pretrain")
+    assert state["params"]["conv1"]["kernel"].shape[2] == 1

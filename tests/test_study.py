@@ -303,7 +303,7 @@ def test_a_study_file_of_an_older_release_is_read_with_the_fields_added_since(tm
     path = workdir_lib.study_path(workdir)
     stored = logs.read_json(path)
     new_fields = ("image_size", "check_headers", "bad_images", "max_pixels", "num_workers",
-                  "num_threads", "prefetch", "crops")
+                  "num_threads", "prefetch", "crops", "channels")
     for cell in stored["cells"].values():
         for field in new_fields:
             del cell["train"]["data"][field]

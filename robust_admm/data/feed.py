@@ -64,18 +64,20 @@ class Reading:
     num_threads: int = 1
     prefetch: int = PREFETCH
     crops: str = "imagenet"
+    channels: int = 3
 
     @classmethod
     def of_config(cls, data, mesh) -> "Reading":
         """From a config's `data` section."""
         return cls(size=data.image_size, mesh=mesh, bad_images=data.bad_images,
                    max_pixels=data.max_pixels, num_workers=data.num_workers,
-                   num_threads=data.num_threads, prefetch=data.prefetch, crops=data.crops)
+                   num_threads=data.num_threads, prefetch=data.prefetch, crops=data.crops,
+                   channels=data.channels)
 
     def preprocess(self, train: bool, seed: int = 0) -> stream.Preprocess:
         return stream.Preprocess(self.size, train=train, seed=seed,
                                  max_pixels=self.max_pixels, bad_images=self.bad_images,
-                                 crops=self.crops)
+                                 crops=self.crops, channels=self.channels)
 
 
 @dataclasses.dataclass

@@ -40,6 +40,7 @@ EVAL_RESIZE = 256 / 224  # the short side before the centre crop, relative to th
 # What `data.crops` may be: 'imagenet' (train_transform / eval_transform) or 'resize'
 # (resize_transform for both splits, no randomness).
 CROPS = ("imagenet", "resize")
+CHANNELS = (3, 1)  # what `data.channels` may be: RGB, or grayscale (to_gray)
 RECORD_STREAM = 1  # the first word of a record's seed: apart from the order's (sampler.py)
 
 
@@ -184,6 +185,12 @@ def resize_transform(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return _as_array(img)
+
+
+def to_gray(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> grayscale (H, W, 1) by PIL's ITU-R 601-2 luma, whose weights
+    sum to one: a gray image keeps its values exactly."""
+    return np.asarray(Image.fromarray(pixels, "RGB").convert("L"), np.uint8)[..., None]
 
 
 def is_image_name(name: str) -> bool:

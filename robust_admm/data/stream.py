@@ -48,16 +48,21 @@ class FolderSource:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Record -> {image uint8 (size, size, 3), label, valid, bad}: the training crop
-    (keyed by seed, epoch, record) or the evaluation crop, of `crops` (images.CROPS)."""
+    """Record -> {image uint8 (size, size, channels), label, valid, bad}: the training
+    crop (keyed by seed, epoch, record) or the evaluation crop, of `crops` (images.CROPS),
+    in RGB or (channels 1) grayscale."""
     size: int
     train: bool
     seed: int = 0
     max_pixels: int = images.MAX_PIXELS
     bad_images: str = "stop"
     crops: str = "imagenet"
+    channels: int = 3
 
     def __post_init__(self):
+        if self.channels not in images.CHANNELS:
+            raise ValueError(f"data.channels={self.channels!r}; allowed: "
+                             f"{', '.join(map(str, images.CHANNELS))}")
         if self.crops not in images.CROPS:
             raise ValueError(f"data.crops={self.crops!r}; allowed: {', '.join(images.CROPS)}")
         if self.bad_images not in BAD_IMAGES:
@@ -68,7 +73,7 @@ class Preprocess:
 
     def __call__(self, record: tuple) -> dict:
         if record == PADDING:  # to a whole evaluation batch
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
+            return {"image": np.zeros((self.size, self.size, self.channels), np.uint8),
                     "label": np.int32(0), "valid": False, "bad": ""}
         epoch, index, (data, label, where) = record
         try:
@@ -84,8 +89,10 @@ class Preprocess:
         except DataError:
             if self.bad_images == "stop":
                 raise
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
+            return {"image": np.zeros((self.size, self.size, self.channels), np.uint8),
                     "label": np.int32(label), "valid": False, "bad": where}
+        if self.channels == 1:
+            pixels = images.to_gray(pixels)
         return {"image": pixels, "label": np.int32(label), "valid": True, "bad": ""}
 
 

@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     # 'imagenet' (those crops) | 'resize' (the whole image resized to the size in both
     # splits, no crop or flip: for images already framed, such as digits).
     c.data.crops = "imagenet"
+    c.data.channels = 3  # 3: RGB | 1: grayscale (e.g. digits stored as images)
     c.data.check_headers = True  # folder: read every file's header before compiling
     # An image that cannot be decoded mid-run: 'stop' (an error naming the file) | 'skip'
     # (logged, left out of the loss and the evaluation, counted as `skipped`).

@@ -130,7 +130,7 @@ def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
             keep = b["valid"]
             yield b["image"][keep].astype(np.float32) / 255.0, b["label"][keep]
 
-    return TestSplit(ds.num_classes, (1, size, size, 3), count, chunks,
+    return TestSplit(ds.num_classes, (1, size, size, d.channels), count, chunks,
                      f" of {ds.root} ({d.source}, read in chunks of {chunk})")
 
 

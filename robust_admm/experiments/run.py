@@ -49,7 +49,7 @@ def open_data(config, mesh) -> tuple:
                            log=logs.log)
         reading = Reading.of_config(d, mesh)
         return (describe_streamed(ds, d.image_size), ds.num_classes,
-                (1, d.image_size, d.image_size, 3),
+                (1, d.image_size, d.image_size, d.channels),
                 StreamFeed(ds.train, config.batch_size, reading), StreamTest(ds.test, reading))
     ds, train, test = load_data(config)
     return (describe(ds), ds.num_classes, (1,) + train.images.shape[1:],

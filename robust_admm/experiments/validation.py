@@ -7,7 +7,7 @@ from robust_admm.attacks.core import LOSSES
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression.projections import UNIT_KINDS
 from robust_admm.compression.rules import parse_rules
-from robust_admm.data.images import CROPS
+from robust_admm.data.images import CHANNELS, CROPS
 from robust_admm.data.stream import BAD_IMAGES
 from robust_admm.data.streamed import STREAMED_SOURCES, streamed
 from robust_admm.models import get_model
@@ -151,6 +151,7 @@ def check_streamed(d) -> None:
              "'none' with a streamed source (its training crop and flip are "
              "RandomResizedCrop's, on the host)")
     _require(d.crops in CROPS, "data.crops", d.crops, f"one of {list(CROPS)}")
+    _require(d.channels in CHANNELS, "data.channels", d.channels, f"one of {list(CHANNELS)}")
     _require(d.bad_images in BAD_IMAGES, "data.bad_images", d.bad_images,
              f"one of {list(BAD_IMAGES)}")
     _require(d.max_pixels >= 1, "data.max_pixels", d.max_pixels, "an integer >= 1")
