@@ -16,7 +16,9 @@ def upgrade_config_dict(d: dict) -> dict:
         d = dict(d, init=base_config().init.to_dict())
     if "augment" not in d.get("data", {"augment": None}):
         d = dict(d, data=dict(d["data"], augment="none"))
-    if "image_size" not in d.get("data", {"image_size": None}):  # before streamed sources
+    if "data" in d and set(base_config().data) - set(d["data"]):
+        # Before streamed sources (and each data field since): what it lacks, at the
+        # defaults, which read the data as it did.
         d = dict(d, data={**base_config().data.to_dict(), **d["data"]})
     if "dtype" not in d.get("model", {"dtype": None}):
         d = dict(d, model=dict(d["model"], dtype="float32"))
