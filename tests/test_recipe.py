@@ -227,3 +227,14 @@ def test_a_config_json_from_before_streamed_sources_reads_as_a_new_one():
         del old["data"][field]
     assert config_differences(old, new)
     assert config_differences(migrate.upgrade_config_dict(old), new) == []
+
+
+def test_a_config_json_lacking_some_data_fields_only_gets_those():
+    from robust_admm.experiments.validation import config_differences
+    new = mnist_config.get_config("cpu").to_dict()
+    old = json.loads(json.dumps(new))
+    del old["data"]["channels"]  # written after image_size, before channels
+    old["data"]["image_size"] = 28  # a field it has keeps its value
+    upgraded = migrate.upgrade_config_dict(old)
+    assert upgraded["data"]["channels"] == 3 and upgraded["data"]["image_size"] == 28
+    assert config_differences(upgraded, new) == ["data.image_size: 28 -> 0"]
