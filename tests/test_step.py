@@ -296,3 +296,23 @@ def test_invalid_examples_of_a_streamed_batch_are_left_out_of_the_loss():
 def test_an_unknown_feed_is_refused_naming_the_allowed_ones():
     with pytest.raises(ValueError, match="feed='disk'.*device.*stream"):
         _setup(feed="disk")
+
+
+def test_an_epoch_order_given_by_the_feed_trains_as_the_step_drawing_it_itself():
+    """`DeviceFeed` draws each epoch's order once and gives it to every step; the step
+    then ends bit for bit where drawing the order itself at each step ends (5 steps of 4
+    an epoch: across an epoch boundary)."""
+    from jax.sharding import Mesh
+    from robust_admm.data.feed import DeviceFeed
+    state, step, x, y = _setup()
+    copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
+    a, b = copy(state), copy(state)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    feed = DeviceFeed((x, y), 16, mesh)
+    for given in feed.steps(0, 0, 5, key=jnp.copy(state.key)):
+        assert len(given.data) == 3
+        a, _ = step(a, given.data)
+        b, _ = step(b, (x, y))
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert int(a.step) == 5

@@ -13,13 +13,24 @@ def to_pixels(images_u8: jnp.ndarray) -> jnp.ndarray:
     return images_u8.astype(jnp.float32) / 255.0
 
 
-def batch_indices(key, step, num_examples: int, batch_size: int):
-    """Indices of batch `step`: epoch e uses permutation(fold_in(key, e)), batches in order,
-    the last partial batch dropped. Pure in (key, step), so resuming needs only the step."""
+DATA_KEY_TAG = 0  # the data order's key is fold_in(train state key, DATA_KEY_TAG)
+
+
+def epoch_order(key, epoch, num_examples: int):
+    """The order of the examples in `epoch`: permutation(fold_in(key, epoch))."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def batch_indices(key, step, num_examples: int, batch_size: int, order=None):
+    """Indices of batch `step`: epoch e uses `epoch_order(key, e)`, batches in order, the
+    last partial batch dropped. Pure in (key, step), so resuming needs only the step.
+    `order`: that epoch's order, given (computed once per epoch, where drawing it costs a
+    sort of the whole split at every step)."""
     steps_per_epoch = num_examples // batch_size
     epoch, i = step // steps_per_epoch, step % steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-    return jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+    if order is None:
+        order = epoch_order(key, epoch, num_examples)
+    return jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
 
 
 def pad_to_multiple(images, labels, multiple: int, mesh):

@@ -20,6 +20,7 @@ import threading
 import jax
 
 from robust_admm.data import stream
+from robust_admm.data.batching import DATA_KEY_TAG, epoch_order
 from robust_admm.data.sampler import IndexSampler
 from robust_admm.runtime import parallel
 
@@ -34,21 +35,33 @@ class Step:
 
 
 class DeviceFeed:
-    """The split on the devices, replicated: (images uint8, labels int32)."""
+    """The split on the devices, replicated: (images uint8, labels int32), and each
+    epoch's order of the examples, drawn once per epoch from the train state's key (the
+    step gathers its batch from it: `data.batching.batch_indices`)."""
     kind = "device"
 
-    def __init__(self, arrays: tuple):
-        self.arrays = arrays
+    def __init__(self, arrays: tuple, batch_size: int, mesh):
+        self.arrays, self.batch_size = arrays, batch_size
+        n = self.num_records
+        self._order = jax.jit(lambda key, epoch: epoch_order(
+            jax.random.fold_in(key, DATA_KEY_TAG), epoch, n),
+            out_shardings=parallel.replicated(mesh))
 
     @property
     def num_records(self) -> int:
         return int(self.arrays[1].shape[0])
 
-    def steps(self, seed: int, start_step: int, num_steps: int):
-        del seed, start_step  # the step draws its batch from its own key and step
-        step = Step(self.arrays)
-        for _ in range(num_steps):
-            yield step
+    def steps(self, seed: int, start_step: int, num_steps: int, key=None):
+        """`key`: the phase's train state key (the order's); `seed` is the streamed
+        feed's."""
+        del seed
+        per_epoch = self.num_records // self.batch_size
+        epoch = order = None
+        for step in range(start_step, start_step + num_steps):
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                order = self._order(key, epoch)
+            yield Step(self.arrays + (order,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +111,11 @@ class StreamFeed:
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
 
-    def steps(self, seed: int, start_step: int, num_steps: int):
+    def steps(self, seed: int, start_step: int, num_steps: int, key=None):
         """Steps start_step .. start_step + num_steps - 1 of a phase whose records are
-        drawn and cropped with `seed`; a generator: closing it stops the reader."""
+        drawn and cropped with `seed` (`key` is the device feed's); a generator: closing
+        it stops the reader."""
+        del key
         r = self.reading
         local = stream.local_batches(self.source, self.sampler(seed),
                                      r.preprocess(True, seed), start_step, num_steps,

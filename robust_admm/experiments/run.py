@@ -53,7 +53,8 @@ def open_data(config, mesh) -> tuple:
                 StreamFeed(ds.train, config.batch_size, reading), StreamTest(ds.test, reading))
     ds, train, test = load_data(config)
     return (describe(ds), ds.num_classes, (1,) + train.images.shape[1:],
-            DeviceFeed(parallel.replicate((train.images, train.labels), mesh)),
+            DeviceFeed(parallel.replicate((train.images, train.labels), mesh),
+                       config.batch_size, mesh),
             DeviceTest(pad_to_multiple(test.images, test.labels, config.eval.batch_size,
                                        mesh)))
 

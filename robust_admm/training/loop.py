@@ -174,7 +174,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
-        feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start)
+        # The feed keeps its own copy of the key: the step donates the state's buffers.
+        feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start,
+                               key=jnp.copy(state.key))
         for step in range(start + 1, total + 1):
             epoch = -(-step // spe)
             t_fetch = time.perf_counter()

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from robust_admm import attacks
 from robust_admm.compression import admm as admm_lib
-from robust_admm.data.batching import batch_indices, to_pixels
+from robust_admm.data.batching import DATA_KEY_TAG, batch_indices, to_pixels
 from robust_admm.models import apply_model
 from robust_admm.runtime import parallel
 from robust_admm.runtime.compiler import CompiledStep, jit_with_options, resolve_pgd_loop
@@ -48,9 +48,11 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     """Builds `train_step(state, data) -> (state, metrics)`; the state is donated.
 
     What `data` is depends on `feed` (one of FEEDS):
-    - 'device': `(images_u8, labels)`, the whole training split on the devices
+    - 'device': `(images_u8, labels[, order])`, the whole training split on the devices
       (replicated); the step gathers its `batch_size` examples by (state key, step)
-      (`data.batching.batch_indices`).
+      (`data.batching.batch_indices`), from `order`, the epoch's order of the examples,
+      where the feed gives it (`data.feed.DeviceFeed`, once per epoch), else drawing
+      that order itself (the same batches, at the cost of a sort of the split per step).
     - 'stream': one global batch `{"image": uint8 (batch_size, H, W, C), "label": int32,
       "valid": bool}` split along the mesh (`data.feed`); the losses and the accuracy are
       means over its valid examples (a skipped image is invalid), and the metrics count
@@ -87,7 +89,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
 
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
-    data_key_tag, attack_key_tag, augment_key_tag = 0, 1, 2
+    attack_key_tag, augment_key_tag = 1, 2  # and DATA_KEY_TAG = 0
     shard = parallel.batch_constraint(mesh)
     adv = attack.attack
     jit = jit_with_options(cpu_convolutions)
@@ -97,9 +99,10 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         """(images uint8, labels, valid or None) of this step's batch."""
         if feed == "stream":
             return data["image"], data["label"], data["valid"]
-        images_u8, labels = data
-        key = jax.random.fold_in(state.key, data_key_tag)
-        idx = batch_indices(key, state.step, labels.shape[0], batch_size)
+        images_u8, labels, *order = data
+        key = jax.random.fold_in(state.key, DATA_KEY_TAG)
+        idx = batch_indices(key, state.step, labels.shape[0], batch_size,
+                            order[0] if order else None)
         return images_u8[idx], labels[idx], None
 
     def begin(state: TrainState, data, q):
