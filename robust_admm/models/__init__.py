@@ -4,6 +4,8 @@ import re
 import jax.numpy as jnp
 
 from robust_admm.models.apply import apply_model
+from robust_admm.models.imagenet_resnet import (ImageNetResNet, imagenet_resnet18,
+                                                imagenet_resnet50)
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet8, resnet18
 from robust_admm.models.vgg import VGG, vgg16
@@ -16,6 +18,8 @@ _BUILDERS = {
     "vgg16": vgg16,
     "resnet18": resnet18,
     "resnet8": resnet8,
+    "imagenet_resnet18": imagenet_resnet18,
+    "imagenet_resnet50": imagenet_resnet50,
     "wrn28_4": wrn28_4,
     "wrn34_10": wrn34_10,
 }
@@ -66,6 +70,9 @@ __all__ = [
     "DTYPES",
     "apply_model",
     "get_model",
+    "ImageNetResNet",
+    "imagenet_resnet18",
+    "imagenet_resnet50",
     "lenet5",
     "lenet_adv",
     "lenet_digits",
