@@ -255,7 +255,7 @@ def _eval_iteration(args, model, variables, images, labels, attack_setting):
         counts = eval_step(params, batch_stats, x, y, valid, jax.random.fold_in(key, done))
         done += 1
         if block:
-            assert all(0 <= int(c) <= batch for c in counts), counts
+            assert all(0 <= int(c) <= batch for c in counts.values()), counts
 
     return iteration, eval_step.compilations, 2 * steps + 2
 
