@@ -1,9 +1,9 @@
 """What the train step is given at each step, from one of two feeders behind one interface
-(`steps(seed, start_step, num_steps)`, an iterator of `Step`):
+(`steps(seed, start_step, num_steps, key)`, an iterator of `Step`):
 
-- `DeviceFeed`: the whole split on the devices as uint8 (MNIST, digits, CIFAR); every
-  step is given the same arrays and gathers its batch inside the compiled program
-  (`training.step`, feed 'device').
+- `DeviceFeed`: the whole split on the devices as uint8 (MNIST, digits, CIFAR) and the
+  epoch's order of its examples, drawn once per epoch from `key`; the step gathers its
+  batch inside the compiled program (`training.step`, feed 'device').
 - `StreamFeed`: image records read, decoded and cropped by this process for its slice of
   every global batch (`data.stream`), assembled into the global batch across processes
   (`jax.make_array_from_process_local_data`) and put on the devices by a thread that keeps

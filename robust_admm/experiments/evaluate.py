@@ -117,7 +117,7 @@ def open_test_split(config, data_dir: str, n: int, batch: int) -> TestSplit:
     ds = open_streamed(d.name, d.source, root, check_headers=False, max_pixels=d.max_pixels)
     count = min(n or len(ds.test), len(ds.test))
     size = d.image_size
-    chunk = max(1, CHUNK_BYTES // (size * size * 3 * 4) // batch) * batch
+    chunk = max(1, CHUNK_BYTES // (size * size * d.channels * 4) // batch) * batch
     pre = Reading.of_config(d, mesh=None).preprocess(train=False)
     source = SpreadRecords(ds.test, count)
 
