@@ -105,7 +105,7 @@ def _pretrained(config, model, key, input_shape):
     params, batch_stats = pretrained.from_torch(
         config.model.name, state, variables["params"], variables.get("batch_stats", {}), head,
         f"init.pretrained={path!r}")
-    flavour = pretrained.checkpoint_format(config.model.name, state)
-    logs.log(f"initial weights: {path} ({len(state)} tensors, {flavour}'s names); "
-             f"classifier: {'drawn afresh' if head == 'new' else 'pretrained'}")
+    timm = pretrained.checkpoint_format(config.model.name, state) == "timm"
+    logs.log(f"initial weights: {path} ({len(state)} tensors{', timm names' if timm else ''}"
+             f"); classifier: {'drawn afresh' if head == 'new' else 'pretrained'}")
     return jax.tree_util.tree_map(jnp.asarray, (params, batch_stats))
