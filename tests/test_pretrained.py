@@ -325,3 +325,34 @@ def test_an_old_config_json_reads_without_pretrained_weights_or_normalisation():
     assert upgraded["init"]["pretrained"] == "" and upgraded["model"]["normalize"] == "none"
     assert config_differences(upgraded, new) == ["init.scheme: 'orthogonal' -> 'default'"]
     assert len(config_differences(old, new)) == 4
+
+
+def torchvision_vgg16_bn_shapes(num_classes=1000):
+    """{torchvision vgg16_bn state_dict name: shape}, parameters and buffers."""
+    shapes, i, cin = {}, 0, 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"):
+        if v == "M":
+            i += 1
+            continue
+        shapes[f"features.{i}.weight"], shapes[f"features.{i}.bias"] = (v, cin, 3, 3), (v,)
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"features.{i + 1}.{k}"] = (v,)
+        shapes[f"features.{i + 1}.num_batches_tracked"] = ()
+        i, cin = i + 3, v
+    for j, (o, c) in zip((0, 3, 6), ((4096, 512 * 49), (4096, 4096), (num_classes, 4096))):
+        shapes[f"classifier.{j}.weight"], shapes[f"classifier.{j}.bias"] = (o, c), (o,)
+    return shapes
+
+
+def test_the_vgg16_bn_model_takes_torchvisions_names_and_shapes():
+    """The model itself (where this tree has it): the checkpoint it reads is torchvision's
+    vgg16_bn, name for name and shape for shape."""
+    try:
+        model = get_model("imagenet_vgg16_bn", 1000)
+    except ValueError:
+        pytest.skip("imagenet_vgg16_bn is not in this tree")
+    v = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                       jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    shapes = torchvision_vgg16_bn_shapes()
+    assert P.check_fit("imagenet_vgg16_bn", shapes, v["params"], v["batch_stats"])
