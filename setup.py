@@ -37,6 +37,9 @@ setup(
         "pillow>=10",
         # Streamed batches read by worker processes (robust_admm/data/stream.py).
         "grain>=0.2.12",
+        # init.pretrained: torchvision's and timm's weights saved as safetensors, read
+        # into numpy without PyTorch (robust_admm/models/pretrained.py).
+        "safetensors>=0.4",
     ],
     # `robust-admm train|eval|export|study|report`, as `python -m robust_admm.<verb>`.
     entry_points={"console_scripts": ["robust-admm = robust_admm.cli:main"]},

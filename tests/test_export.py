@@ -185,7 +185,7 @@ def test_write_export_rebuilds_identical_logits_and_a_matching_small_model(tmp_p
     with open(files["json"], encoding="utf-8") as f:
         assert json.load(f) == side
     assert side["model"] == {"name": "lenet_adv", "num_classes": 10, "width": 1,
-                             "builder": "robust_admm.models.get_model"}
+                             "normalize": "none", "builder": "robust_admm.models.get_model"}
     assert side["input"]["shape"] == [1, 28, 28, 1] and side["input"]["range"] == [0.0, 1.0]
     assert "inside the model" in side["input"]["normalisation"]
     assert side["layouts"]["conv_kernel"] == "(kh, kw, in, out)"

@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Compute precision: 'float32' | 'bfloat16' (for GPU and TPU; parameters, optimizer and
     # ADMM state stay float32, logits are float32).
     c.model.dtype = "float32"
+    # Pixels normalised inside the model, before its first layer (attacks still act on
+    # [0, 1] pixels): 'none' | 'imagenet' (ImageNet's per-channel mean and std, what
+    # torchvision's and timm's weights expect; the imagenet_* models only).
+    c.model.normalize = "none"
 
     # Initial weights (training/initialization.py; inheriting: experiments/inherit.py).
     # `scheme` draws every kernel (conv and dense; biases 0) with 'default' (flax's LeCun
@@ -141,6 +145,13 @@ def base_config() -> ml_collections.ConfigDict:
     # 'lecun_uniform' | 'orthogonal'.
     c.init = ml_collections.ConfigDict()
     c.init.scheme = "default"
+    # A safetensors file of torchvision's or timm's weights (their names and layouts) to
+    # start from ('' = none): imagenet_resnet18, imagenet_resnet50, imagenet_vgg16_bn, with
+    # model.normalize='imagenet'; not with a non-default `scheme` or with `inherit_from`.
+    c.init.pretrained = ""
+    # Its classifier: 'keep' (the checkpoint's; its class count must be the data's) |
+    # 'new' (this model's freshly drawn classifier, every other layer pretrained).
+    c.init.pretrained_head = "keep"
     # A finished run's workdir: start from the sparse model it pruned (same model.name and
     # model.width; its masks stay fixed in every phase of this run) ...
     c.init.inherit_from = ""

@@ -163,7 +163,8 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
     dataset = config["data"]["name"]
     inp = _input_spec(dataset)
     num_classes = input_shape(dataset)[1]
-    model = get_model(model_cfg["name"], num_classes, model_cfg["width"])
+    normalize = model_cfg.get("normalize", "none")  # absent: written before the field
+    model = get_model(model_cfg["name"], num_classes, model_cfg["width"], normalize=normalize)
     params, batch_stats = state["params"], state.get("batch_stats") or {}
     masks = state.get("masks") or None
     os.makedirs(os.path.dirname(os.path.abspath(files["npz"])), exist_ok=True)
@@ -171,7 +172,8 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
     sidecar = {
         "format_version": FORMAT_VERSION,
         "model": {"name": model_cfg["name"], "num_classes": num_classes,
-                  "width": model_cfg["width"], "builder": "robust_admm.models.get_model"},
+                  "width": model_cfg["width"], "normalize": normalize,
+                  "builder": "robust_admm.models.get_model"},
         "input": inp, "layouts": LAYOUTS, "weights_file": os.path.basename(files["npz"]),
         "prune": {k: prune.get(k) for k in ("kind", "ratios", "to_width") if k in prune},
         "specs": specs or {},  # leaf path -> the compression set the weights lie on
@@ -249,7 +251,8 @@ def rebuild(npz_path: str, sidecar_path: str):
                       num_classes=a["num_classes"], kernel_size=a["kernel_size"],
                       padding=a["padding"])
     else:
-        model = get_model(m["name"], m["num_classes"], m["width"])
+        model = get_model(m["name"], m["num_classes"], m["width"],
+                          normalize=m.get("normalize", "none"))
     loaded = load_npz(npz_path)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros(side["input"]["shape"], jnp.float32))

@@ -9,19 +9,22 @@ DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation, float32, the default initialisation,
-    the streamed sources' fields at their defaults (unused by the sources it had), every
-    phase on `attack.*`; before programs, the default program."""
-    if "init" not in d:
-        d = dict(d, init=base_config().init.to_dict())
+    values that mean what it ran: no augmentation, float32 and no normalisation in the
+    model, the default initialisation (no pretrained weights), the streamed sources'
+    fields at their defaults (unused by the sources it had), every phase on `attack.*`;
+    before programs, the default program."""
+    if "init" not in d or set(base_config().init) - set(d["init"]):
+        # Before init (and each init field since, e.g. init.pretrained): the defaults.
+        d = dict(d, init={**base_config().init.to_dict(), **d.get("init", {})})
     if "augment" not in d.get("data", {"augment": None}):
         d = dict(d, data=dict(d["data"], augment="none"))
     if "data" in d and set(base_config().data) - set(d["data"]):
         # Before streamed sources (and each data field since): what it lacks, at the
         # defaults, which read the data as it did.
         d = dict(d, data={**base_config().data.to_dict(), **d["data"]})
-    if "dtype" not in d.get("model", {"dtype": None}):
-        d = dict(d, model=dict(d["model"], dtype="float32"))
+    if "model" in d and set(base_config().model) - set(d["model"]):
+        # model.dtype, model.normalize: float32, 'none'.
+        d = dict(d, model={**base_config().model.to_dict(), **d["model"]})
     if "program" in d:
         for name in comma_list(d["program"]):  # phase fields added since programs
             if name in d and "attack_steps" not in d[name]:

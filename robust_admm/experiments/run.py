@@ -71,7 +71,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     workdir_lib.write_config(workdir, config)
 
     model = get_model(config.model.name, num_classes, config.model.width,
-                      config.model.dtype)
+                      config.model.dtype, config.model.normalize)
     key = jax.random.PRNGKey(config.seed)
     params, batch_stats = initial_variables(config, model, input_shape)
     specs = phase_specs(config, program, params, num_classes, input_shape)

@@ -67,8 +67,11 @@ def validate_config(config, device_count: int | None = None):
                  f"one of {list(data.DATASETS)} (or a streamed data.source: "
                  f"{', '.join(STREAMED_SOURCES)}, or any TFDS dataset with tfds)")
     initialization.check(config.init)
-    # Names a bad model, width or dtype.
-    get_model(config.model.name, 10, config.model.width, config.model.dtype)
+    # Names a bad model, width, dtype or normalisation.
+    get_model(config.model.name, 10, config.model.width, config.model.dtype,
+              config.model.normalize)
+    if config.init.pretrained:
+        initialization.check_pretrained(config, *_input_of(config))
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
         _require(a.num_steps >= 0, f"{prefix}.num_steps", a.num_steps, "an integer >= 0")
         _require(a.step_size > 0, f"{prefix}.step_size", a.step_size, "a number > 0")
@@ -120,6 +123,16 @@ def validate_config(config, device_count: int | None = None):
              config.nonfinite.policy, f"one of {NONFINITE_POLICIES}")
     _require(config.log_every_steps >= 1, "log_every_steps", config.log_every_steps, ">= 1")
     return phases_all, phases
+
+
+def _input_of(config) -> tuple:
+    """(model input shape, class count or None where the data will tell) of a valid data
+    config, without reading the data."""
+    d = config.data
+    if streamed(d.source, d.name):
+        return (1, d.image_size, d.image_size, d.channels), None
+    shape, classes = data.input_shape(d.name)
+    return (1, *shape), classes
 
 
 # Fields that may change between runs in one workdir without changing the results.

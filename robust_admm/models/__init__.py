@@ -1,4 +1,5 @@
 """Model zoo: flax.linen modules with stable layer names, built by name from a config."""
+import dataclasses
 import re
 
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 from robust_admm.models.apply import apply_model
 from robust_admm.models.imagenet_resnet import (ImageNetResNet, imagenet_resnet18,
                                                 imagenet_resnet50)
+from robust_admm.models.layers import NORMALIZATIONS
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet8, resnet18
 from robust_admm.models.vgg import VGG, vgg16
@@ -33,13 +35,30 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
-def get_model(name: str, num_classes: int = 10, width: int = 1, dtype: str = "float32"):
+def get_model(name: str, num_classes: int = 10, width: int = 1, dtype: str = "float32",
+              normalize: str = "none"):
     """Builds the model `name`; `width` is the paper's width multiplier `w` where it applies;
-    `dtype` the compute precision (one of DTYPES; bfloat16 for GPU and TPU)."""
+    `dtype` the compute precision (one of DTYPES; bfloat16 for GPU and TPU); `normalize`
+    the per-channel normalisation of the pixels inside the model (NORMALIZATIONS; only
+    models with a `normalize` field have it)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not allowed; allowed: {list(DTYPES)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"model.normalize={normalize!r} is not allowed; allowed: "
+                         f"{list(NORMALIZATIONS)}")
     model = _build(name, num_classes, width)
+    if normalize != "none":
+        if not _normalizes(model):
+            with_it = sorted(n for n, b in _BUILDERS.items() if _normalizes(b(num_classes=10)))
+            raise ValueError(f"model.normalize={normalize!r}: model.name={name!r} has no "
+                             f"normalisation layer; models with one: {with_it} (or "
+                             f"model.normalize='none')")
+        model = model.clone(normalize=normalize)
     return model if DTYPES[dtype] is None else model.clone(dtype=DTYPES[dtype])
+
+
+def _normalizes(model) -> bool:
+    return "normalize" in {f.name for f in dataclasses.fields(model)}
 
 
 def _build(name: str, num_classes: int, width: int):
@@ -68,6 +87,7 @@ __all__ = [
     "WideBasicBlock",
     "WideResNet",
     "DTYPES",
+    "NORMALIZATIONS",
     "apply_model",
     "get_model",
     "ImageNetResNet",

@@ -7,15 +7,16 @@ torchvision's checkpoints.
 Layer names: `conv1`, `bn1`, `fc`, and per block `layer{stage}_{index}/{conv1,bn1,conv2,
 bn2[,conv3,bn3]}` plus `downsample_conv`, `downsample_bn` where the block projects its
 shortcut (torchvision's `layer1.0.conv1`, `layer2.0.downsample.0`, ...). Inputs are NHWC
-pixels in [0, 1]; normalisation (ImageNet's mean and std) is the caller's, in pixel space,
-so attacks see pixels. Padding is explicit, as PyTorch pads, at any input size.
+pixels in [0, 1]; `normalize='imagenet'` subtracts ImageNet's mean and divides by its std
+as the model's first operation (what torchvision's and timm's weights expect), so attacks
+still act on pixels. Padding is explicit, as PyTorch pads, at any input size.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import Conv, float32_logits
+from robust_admm.models.layers import Conv, float32_logits, normalize_pixels
 
 
 def _bn(train: bool, name: str, dtype=None) -> nn.BatchNorm:
@@ -65,9 +66,11 @@ class ImageNetResNet(nn.Module):
     num_classes: int = 1000
     width: int = 1
     dtype: Any = None  # compute dtype (None: float32); see models.get_model
+    normalize: str = "none"  # a key of layers.NORMALIZATIONS, applied to the pixels
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = normalize_pixels(x, self.normalize)
         x = _conv(64 * self.width, 7, 2, "conv1", self.dtype)(x)
         x = nn.relu(_bn(train, "bn1", self.dtype)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -8,6 +8,29 @@ import jax.numpy as jnp
 from robust_admm.models import conv
 
 
+# model.normalize -> the per-channel (mean, std) a model subtracts and divides by, inside the
+# model so that attacks act on [0, 1] pixels; 'imagenet': the statistics torchvision's and
+# timm's ImageNet weights were trained with.
+NORMALIZATIONS = {
+    "none": None,
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def normalize_pixels(x: jnp.ndarray, normalize: str) -> jnp.ndarray:
+    """(x - mean) / std per channel (the last axis) for NORMALIZATIONS[normalize]; x itself
+    for 'none' (the model's program is then unchanged)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"model.normalize={normalize!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    if NORMALIZATIONS[normalize] is None:
+        return x
+    mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATIONS[normalize])
+    if x.shape[-1] != mean.shape[0]:
+        raise ValueError(f"model.normalize={normalize!r} has statistics for {mean.shape[0]} "
+                         f"channels; the input has {x.shape[-1]}")
+    return (x - mean) / std
+
+
 def float32_logits(logits: jnp.ndarray) -> jnp.ndarray:
     """Logits in float32 whatever the compute dtype, so losses and attacks read them at full
     precision (a no-op for float32 models: their programs are unchanged)."""
