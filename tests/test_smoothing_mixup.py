@@ -21,7 +21,7 @@ from robust_admm.data.batching import batch_indices
 from robust_admm.models import apply_model, get_model
 from robust_admm.runtime.logs import read_jsonl
 from robust_admm.training import augment, objectives
-from robust_admm.training.attack import make_attack
+from robust_admm.training.attack import TrainAttack, make_attack
 from robust_admm.training.state import TrainState
 from robust_admm.training.step import make_train_step
 
@@ -134,8 +134,8 @@ def test_mixing_and_smoothing_properties(logits, seed, lam, eps):
         np.testing.assert_array_equal(loss(z, adv, y, BETA, smoothing=0.0),
                                       loss(z, adv, y, BETA))
         one = objectives.MixedLabels(y, partner, jnp.float32(1.0))
-        np.testing.assert_allclose(objectives.mixed(lambda t: loss(z, adv, t, BETA, smoothing=eps), one),
-                                   loss(z, adv, y, BETA, smoothing=eps), rtol=1e-6)
+        smoothed = lambda t: loss(z, adv, t, BETA, smoothing=eps)  # noqa: B023
+        np.testing.assert_allclose(objectives.mixed(smoothed, one), smoothed(y), rtol=1e-6)
     labels = objectives.MixedLabels(y, partner, jnp.float32(lam))
     soft = (lam * objectives.smoothed_targets(y, k, eps)
             + (1 - lam) * objectives.smoothed_targets(partner, k, eps))
@@ -271,7 +271,6 @@ def test_the_training_attack_ascends_the_mixed_loss():
         lambda lab: trades.init(fn, x, lab, jax.random.PRNGKey(0)), labels)
     assert make_attack(cfg, "natural", 0, "pgd_at").mixed().attack is None
     with pytest.raises(NotImplementedError, match="mixup with a Square training attack"):
-        from robust_admm.training.attack import TrainAttack
         TrainAttack(attacks.Square(epsilon=0.1, num_steps=2)).mixed()
 
 

@@ -144,9 +144,10 @@ def mart(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean,
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """`loss(clean_logits, adv_logits, y, beta, mean=jnp.mean, smoothing=0.0)`;
-    `attack_loss(adv_logits, y, clean_logits)` per example (None: the configured `attack.loss`, a name);
-    `attack_start_std` > 0: the attack starts at x + that * N(0, 1); `needs_clean`:
-    whether `loss` reads the clean logits (a clean forward pass in the step)."""
+    `attack_loss(adv_logits, y, clean_logits)` per example (None: the configured
+    `attack.loss`, a name); `attack_start_std` > 0: the attack starts at x + that *
+    N(0, 1); `needs_clean`: whether `loss` reads the clean logits (a clean forward pass
+    in the step)."""
 
     name: str
     loss: Callable
