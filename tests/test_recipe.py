@@ -218,6 +218,20 @@ def test_an_old_config_json_reads_as_the_config_a_new_run_writes():
     assert config_differences(migrate.upgrade_config_dict(old), new) == []
 
 
+def test_a_config_json_from_before_smoothing_and_mixup_reads_with_both_off():
+    from robust_admm.experiments.validation import config_differences
+    new = mnist_config.get_config("cpu").to_dict()
+    old = json.loads(json.dumps(new))
+    del old["label_smoothing"], old["mixup_alpha"]
+    assert config_differences(old, new)
+    upgraded = migrate.upgrade_config_dict(old)
+    assert (upgraded["label_smoothing"], upgraded["mixup_alpha"]) == (0.0, 0.0)
+    assert config_differences(upgraded, new) == []
+    # A config that has them keeps them.
+    new["label_smoothing"], new["mixup_alpha"] = 0.1, 0.2
+    assert migrate.upgrade_config_dict(dict(new))["mixup_alpha"] == 0.2
+
+
 def test_a_config_json_from_before_streamed_sources_reads_as_a_new_one():
     from robust_admm.experiments.validation import config_differences
     new = mnist_config.get_config("cpu").to_dict()

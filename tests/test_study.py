@@ -112,6 +112,7 @@ def test_a_study_that_cannot_run_is_refused_naming_the_cell(tmp_path):
     refused(lambda s: setattr(s.cells.w4_to_w2.train.model, "width", 3), "w4_to_w2",
             "model.width")
     refused(lambda s: setattr(s.cells.w4_to_w2.train.pretrain, "lr", 0.5), "pretrain.lr")
+    refused(lambda s: setattr(s.cells.w4_to_w2.train, "mixup_alpha", 0.2), "mixup_alpha")
     refused(lambda s: setattr(s.cells.w2.train.model, "name", "nope"), "cell 'w2'", "nope")
     refused(lambda s: setattr(s.cells.w2.labels, "init", "magic"), "magic")
     refused(lambda s: s.cells.__delattr__("w2") or [s.cells.__delattr__(n) for n in

@@ -18,8 +18,10 @@ class Pgd(core.Attack):
 
     `loss` is a name of `core.LOSSES` or a function `(logits, y, clean_logits) ->
     (batch,)` (TRADES's KL to the clean prediction: the clean logits are computed once
-    at init and held fixed). `start_std > 0` replaces the uniform start by x + start_std *
-    N(0, 1), unclipped, as TRADES's code starts (0.001)."""
+    at init and held fixed); with `loss_reads_clean=False`, a function `(logits, y) ->
+    (batch,)` as the named ones, and no clean pass (`y` may then be any pytree the function
+    reads, e.g. mixup's labels). `start_std > 0` replaces the uniform start by x +
+    start_std * N(0, 1), unclipped, as TRADES's code starts (0.001)."""
 
     epsilon: float
     step_size: float
@@ -30,6 +32,7 @@ class Pgd(core.Attack):
     unroll: int = 1  # `lax.fori_loop` unroll factor (speed only)
     norm: str = "linf"  # 'linf' | 'l2'
     start_std: float = 0.0
+    loss_reads_clean: bool = True  # a callable `loss` is given the clean logits
 
     def __post_init__(self):
         if not callable(self.loss):
@@ -58,15 +61,17 @@ class Pgd(core.Attack):
             x_adv = core.project_linf(x + noise, x, eps)
         state = {"x_adv": x_adv, "eps": jnp.asarray(eps, x.dtype),
                  "alpha": jnp.asarray(alpha, x.dtype)}
-        if callable(self.loss):
+        if self._reads_clean:
             state["clean_logits"] = jax.lax.stop_gradient(logits_fn(x))
         return state
 
+    @property
+    def _reads_clean(self) -> bool:
+        return callable(self.loss) and self.loss_reads_clean
+
     def step(self, logits_fn, state, x, y):
-        if callable(self.loss):
-            loss, args = self.loss, (y, state["clean_logits"])
-        else:
-            loss, args = core.loss_fn(self.loss), (y,)
+        loss = self.loss if callable(self.loss) else core.loss_fn(self.loss)
+        args = (y, state["clean_logits"]) if self._reads_clean else (y,)
         _, grad, _ = core.loss_and_grad(logits_fn, loss, state["x_adv"], *args)
         x_adv = state["x_adv"] + state["alpha"] * core.ascent_direction(grad, self.norm)
         return dict(state, x_adv=core.project(x_adv, x, state["eps"], self.norm))

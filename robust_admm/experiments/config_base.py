@@ -71,6 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
     # 'natural' (no attack; the same as setting='natural').
     c.objective = "pgd_at"
     c.objective_beta = 6.0  # TRADES's and MART's beta
+    # Label smoothing eps of the objective's cross-entropy terms: targets 1 - eps on the
+    # label, eps / (classes - 1) on each other class (Ye et al.'s `smooth_eps`); 0 = off.
+    # The KL terms and the attack keep the hard labels.
+    c.label_smoothing = 0.0
+    # mixup (Ye et al.'s `alpha`): each batch mixed with a permutation of itself,
+    # lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha) per batch, the loss (and the
+    # training attack's) lam * L(y) + (1 - lam) * L(y[perm]); 0 = off.
+    c.mixup_alpha = 0.0
     c.batch_size = 64  # global training batch
     c.log_every_steps = 50  # metrics line + progress (img/s, ETA) every this many steps
     # Speed only, CPU only: 'xla' compiles the steps with XLA:CPU's own convolutions (the

@@ -9,10 +9,13 @@ DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation, float32 and no normalisation in the
-    model, the default initialisation (no pretrained weights), the streamed sources'
-    fields at their defaults (unused by the sources it had), every phase on `attack.*`;
-    before programs, the default program."""
+    values that mean what it ran: no augmentation, no label smoothing or mixup, float32
+    and no normalisation in the model, the default initialisation (no pretrained
+    weights), the streamed sources' fields at their defaults (unused by the sources it
+    had), every phase on `attack.*`; before programs, the default program."""
+    for field in ("label_smoothing", "mixup_alpha"):  # both off before they existed
+        if field not in d:
+            d = dict(d, **{field: 0.0})
     if "init" not in d or set(base_config().init) - set(d["init"]):
         # Before init (and each init field since, e.g. init.pretrained): the defaults.
         d = dict(d, init={**base_config().init.to_dict(), **d.get("init", {})})

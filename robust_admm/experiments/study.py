@@ -39,8 +39,9 @@ from robust_admm.training.program import parse_program
 
 # What a cell's shared first phase depends on: configs of a cell and its `start_from` must
 # agree on these (and on the shared phase's own field).
-SHARED_FIELDS = ("seed", "setting", "objective", "objective_beta", "batch_size", "data",
-                 "model", "attack", "init", "cpu_convolutions")
+SHARED_FIELDS = ("seed", "setting", "objective", "objective_beta", "label_smoothing",
+                 "mixup_alpha", "batch_size", "data", "model", "attack", "init",
+                 "cpu_convolutions")
 CELL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -30,6 +30,10 @@ def _field(config, dotted: str):
     return config
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _require(ok: bool, field: str, value, allowed: str):
     if not ok:
         raise ValueError(f"{field}={value!r} is not allowed: {allowed}")
@@ -49,6 +53,10 @@ def validate_config(config, device_count: int | None = None):
     _require(config.objective in objectives.OBJECTIVES, "objective", config.objective,
              f"one of {objectives.OBJECTIVES}")
     _require(config.objective_beta >= 0, "objective_beta", config.objective_beta, ">= 0")
+    _require(_is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
+             "label_smoothing", config.label_smoothing, "a number in [0, 1) (0: off)")
+    _require(_is_number(config.mixup_alpha) and config.mixup_alpha >= 0, "mixup_alpha",
+             config.mixup_alpha, "a number >= 0 (0: off)")
     if config.setting == "natural" and config.objective in ("trades", "mart"):
         raise ValueError(f"objective={config.objective!r} needs an attack; setting='natural' "
                          f"trains without one (use setting='adversarial')")

@@ -31,6 +31,21 @@ class TrainAttack:
     def num_steps(self) -> int:
         return 0 if self.attack is None or self.attack.is_identity else self.attack.num_steps
 
+    def mixed(self) -> "TrainAttack":
+        """The same attack ascending its loss under mixup: `objectives.mixed_attack_loss`
+        of it, given `objectives.MixedLabels` as its labels (TRADES's KL reads no label,
+        so the mixture leaves it the KL)."""
+        a = self.attack
+        if a is None:
+            return self
+        if not isinstance(a, attacks.Pgd):
+            raise NotImplementedError(f"mixup with a {type(a).__name__} training attack: "
+                                      f"only PGD's loss is mixed")
+        base = a.loss if callable(a.loss) else attacks.loss_fn(a.loss)
+        return dataclasses.replace(self, attack=dataclasses.replace(
+            a, loss=objectives.mixed_attack_loss(base),
+            loss_reads_clean=callable(a.loss) and a.loss_reads_clean))
+
     def describe(self) -> str:
         """In words, for the log: 'PGD-10 (eps 0.3, step 0.05)' or 'none'."""
         a = self.attack

@@ -1,9 +1,11 @@
-"""Training-time augmentation (CIFAR's random crop and flip) as pure, jit-compatible JAX.
+"""Training-time augmentation (CIFAR's random crop and flip; mixup's draws and mix) as pure,
+jit-compatible JAX.
 
-It runs inside the compiled train step, so the data stays uint8 on the device, and its only
-randomness is the key it is given: the step passes one derived from (run key, step), so a
-resumed run sees the batches an uninterrupted one would. Evaluation is never augmented.
-Static shapes (a vmap of dynamic_slice, a where for the flip), no host callbacks.
+It runs inside the compiled train step, so the data stays uint8 on the device (crop and
+flip on uint8; mixup after them, on the pixels), and its only randomness is the keys it is
+given: the step passes ones derived from (run key, step), so a resumed run sees the
+batches an uninterrupted one would. Evaluation is never augmented. Static shapes (a vmap
+of dynamic_slice, a where for the flip, a permutation by argsort), no host callbacks.
 """
 import jax
 import jax.numpy as jnp
@@ -73,3 +75,32 @@ def augment(name, images_u8, key):
     if name == "crop_flip":
         return random_crop_flip(images_u8, key, pad=4)
     raise ValueError(f"unknown augmentation {name!r}; allowed: {', '.join(AUGMENTATIONS)}")
+
+
+def mixup_partners(key, n: int, valid=None):
+    """A random permutation of the batch for mixup (each example's partner); with a
+    streamed batch's `valid` mask, the valid examples are permuted among themselves and
+    each invalid one is its own partner, so an invalid image never enters a valid
+    example's mix. From one uniform draw per example (its argsort), so an all-valid
+    mask gives the permutation of no mask."""
+    u = jax.random.uniform(key, (n,))
+    if valid is None:
+        return jnp.argsort(u)
+    slots = jnp.argsort(~valid, stable=True)  # the valid indices first, in order
+    first = jnp.arange(n) < valid.sum()
+    order = jnp.argsort(jnp.where(first, u, jnp.inf), stable=True)  # permutes the first
+    return jnp.zeros(n, slots.dtype).at[slots].set(slots[order])
+
+
+def mixup_draw(key, alpha: float, n: int, valid=None):
+    """(lam, perm) of one batch: lam ~ Beta(alpha, alpha) (float32 scalar) from the first
+    half of `jax.random.split(key)`, `mixup_partners` from the second."""
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha={alpha!r}; allowed: > 0")
+    lam_key, perm_key = jax.random.split(key)
+    return jax.random.beta(lam_key, alpha, alpha), mixup_partners(perm_key, n, valid)
+
+
+def mixup(x, lam, perm):
+    """mixup's images (Zhang et al. 2018): lam * x + (1 - lam) * x[perm], in pixels."""
+    return lam * x + (1.0 - lam) * x[perm]

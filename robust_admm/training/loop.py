@@ -157,7 +157,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             cfg.objective, cfg.objective_beta,
             constraints=specs if phase.kind == "retrain" else None,
             quantize_update=scfg.get("quantize_update", "project"),
-            augmentation=cfg.data.augment, feed=run.train.kind)
+            augmentation=cfg.data.augment, feed=run.train.kind,
+            label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha)
         # The model a phase evaluates and ends with: its latent weights on their levels
         # under the straight-through estimator, else the weights themselves.
         ste = (phase.kind == "retrain" and scfg.quantize_update == "ste"

@@ -18,9 +18,25 @@ its inner maximisation ascends (a per-example function, as the attacks take it).
 
 The constants (1e-12, 1.0001, 1.0000001) are those of the authors' code, kept so that
 results compare.
+
+Two options of every objective, as in Ye et al.'s code (`smooth_eps`, `alpha`):
+- label smoothing (`smoothing` = eps): every cross-entropy term of the loss (PGD-AT's and
+  natural's CE, TRADES's clean CE, the CE part of MART's boosted CE) is taken against
+  `smoothed_targets`, 1 - eps on the label and eps / (classes - 1) on each other class
+  (their `CrossEntropyLossMaybeSmooth`; not optax's eps / classes on every class). The KL
+  terms, MART's margin term and its weight (1 - p_clean of the label) read the hard
+  label, and the attacks ascend their losses with hard labels: smoothing is of the
+  training loss only.
+- mixup (Zhang et al. 2018): the batch is mixed with a permutation of itself,
+  lam * x + (1 - lam) * x[perm] (`training.augment.mixup`), and the loss is `mixed`:
+  lam * loss(y) + (1 - lam) * loss(y[perm]) for every objective (their `mixup_criterion`;
+  for CE that is CE against the mixed targets). The labels travel as `MixedLabels`, and
+  the training attack ascends its own loss mixed the same way (`mixed_attack_loss`;
+  Ye et al.'s ascends the CE of y alone).
 """
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +46,48 @@ from jax.scipy.special import xlogy
 OBJECTIVES = ("pgd_at", "trades", "mart", "natural")
 
 
-def ce(logits, y):
-    """Per-example cross-entropy."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+def smoothed_targets(y, num_classes: int, smoothing: float):
+    """Label-smoothed targets (batch, classes): 1 - smoothing on the label, smoothing /
+    (num_classes - 1) on each other class (Ye et al.'s `CrossEntropyLossMaybeSmooth`)."""
+    if num_classes < 2:
+        raise ValueError(f"label smoothing needs at least 2 classes; got {num_classes}")
+    one_hot = jax.nn.one_hot(y, num_classes)
+    return one_hot * (1.0 - smoothing) + (1.0 - one_hot) * (smoothing / (num_classes - 1))
+
+
+def ce(logits, y, smoothing: float = 0.0):
+    """Per-example cross-entropy; against `smoothed_targets` where `smoothing` > 0 (a
+    Python number: at 0 the plain integer-label CE is traced)."""
+    if smoothing == 0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return optax.softmax_cross_entropy(logits, smoothed_targets(y, logits.shape[-1], smoothing))
+
+
+class MixedLabels(NamedTuple):
+    """mixup's labels (a pytree): every example is lam of its own (`y`) and 1 - lam of its
+    partner's (`partner`, the labels permuted as the images were)."""
+
+    y: jnp.ndarray
+    partner: jnp.ndarray
+    lam: jnp.ndarray  # float32 scalar, one per batch
+
+    def major(self):
+        """The label of the larger weight (y where lam >= 0.5): what train_acc counts."""
+        return jnp.where(self.lam >= 0.5, self.y, self.partner)
+
+
+def mixed(loss: Callable, labels: MixedLabels):
+    """mixup's loss, `loss(labels)` a function of integer labels:
+    lam * loss(y) + (1 - lam) * loss(partner)."""
+    return labels.lam * loss(labels.y) + (1.0 - labels.lam) * loss(labels.partner)
+
+
+def mixed_attack_loss(base: Callable) -> Callable:
+    """A per-example attack loss `base(logits, y, *rest)` made to take `MixedLabels`: the
+    same mixture per example (what a training attack ascends under mixup)."""
+    def loss(logits, labels: MixedLabels, *rest):
+        return mixed(lambda t: base(logits, t, *rest), labels)
+    return loss
 
 
 def kl_clean_adv(clean_logits, adv_logits):
@@ -54,27 +109,32 @@ def weighted_mean(weights):
     return lambda v: (v * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def pgd_at(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean):
+def pgd_at(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean,
+           smoothing: float = 0.0):
     del clean_logits, beta
-    return mean(ce(adv_logits, y))
+    return mean(ce(adv_logits, y, smoothing))
 
 
-def natural(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean):
+def natural(clean_logits, adv_logits, y, beta: float = 0.0, mean=jnp.mean,
+            smoothing: float = 0.0):
     del adv_logits, beta
-    return mean(ce(clean_logits, y))
+    return mean(ce(clean_logits, y, smoothing))
 
 
-def trades(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean):
-    return mean(ce(clean_logits, y)) + beta * mean(kl_clean_adv(clean_logits, adv_logits))
+def trades(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean,
+           smoothing: float = 0.0):
+    return (mean(ce(clean_logits, y, smoothing))
+            + beta * mean(kl_clean_adv(clean_logits, adv_logits)))
 
 
-def mart(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean):
+def mart(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean,
+         smoothing: float = 0.0):
     adv_probs = jax.nn.softmax(adv_logits)
     # The strongest wrong class at the adversarial point.
     wrong = jnp.where(jax.nn.one_hot(y, adv_logits.shape[-1], dtype=bool), -jnp.inf,
                       adv_probs).argmax(-1)
     p_wrong = jnp.take_along_axis(adv_probs, wrong[:, None], axis=1)[:, 0]
-    boosted_ce = ce(adv_logits, y) - jnp.log(1.0001 - p_wrong + 1e-12)
+    boosted_ce = ce(adv_logits, y, smoothing) - jnp.log(1.0001 - p_wrong + 1e-12)
     clean_probs = jax.nn.softmax(clean_logits)
     p_true = jnp.take_along_axis(clean_probs, y[:, None], axis=1)[:, 0]
     kl = (xlogy(clean_probs, clean_probs) - clean_probs * jnp.log(adv_probs + 1e-12)).sum(-1)
@@ -83,10 +143,11 @@ def mart(clean_logits, adv_logits, y, beta: float = 6.0, mean=jnp.mean):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """`loss(clean_logits, adv_logits, y, beta, mean=jnp.mean)`; `attack_loss(adv_logits, y,
-    clean_logits)` per example (None: the configured `attack.loss`, a name);
-    `attack_start_std` > 0: the attack starts at x + that * N(0, 1); `needs_clean`:
-    whether `loss` reads the clean logits (a clean forward pass in the step)."""
+    """`loss(clean_logits, adv_logits, y, beta, mean=jnp.mean, smoothing=0.0)`;
+    `attack_loss(adv_logits, y, clean_logits)` per example (None: the configured
+    `attack.loss`, a name); `attack_start_std` > 0: the attack starts at x + that *
+    N(0, 1); `needs_clean`: whether `loss` reads the clean logits (a clean forward pass
+    in the step)."""
 
     name: str
     loss: Callable

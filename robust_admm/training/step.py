@@ -44,7 +44,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                     cpu_convolutions: str = "auto", objective: str = "pgd_at",
                     beta: float = 6.0, constraints: admm_lib.Specs | None = None,
                     quantize_update: str = "project",
-                    augmentation: str = "none", feed: str = "device") -> CompiledStep:
+                    augmentation: str = "none", feed: str = "device",
+                    label_smoothing: float = 0.0, mixup_alpha: float = 0.0) -> CompiledStep:
     """Builds `train_step(state, data) -> (state, metrics)`; the state is donated.
 
     What `data` is depends on `feed` (one of FEEDS):
@@ -68,8 +69,25 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     latent weights with the model, attack included, run on their levels ('ste'); see
     `admm.keep_constraints` and `admm.straight_through`. `augmentation`
     (`training.augment`) transforms each batch with a key of (state key, step).
+
+    `label_smoothing` (eps in [0, 1)): the objective's cross-entropy terms against smoothed
+    targets (`objectives.smoothed_targets`); the attack keeps the hard labels.
+    `mixup_alpha` > 0: after augmentation the batch becomes lam * x + (1 - lam) * x[perm],
+    (lam, perm) = `augment.mixup_draw(fold_in(fold_in(state key, 3), step), alpha, ...)`,
+    partners drawn among the valid examples of a streamed batch; the attack starts from
+    the mixed batch and ascends its loss mixed the same way (`TrainAttack.mixed`), the
+    training loss is lam * L(y) + (1 - lam) * L(y[perm]) (`objectives.mixed`), and
+    train_acc counts the label of the larger weight. At 0 (both) the step is traced as
+    without them.
     """
     constraints = constraints or {}
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing={label_smoothing!r}; allowed: 0 <= it < 1")
+    if not mixup_alpha >= 0:
+        raise ValueError(f"mixup_alpha={mixup_alpha!r}; allowed: >= 0 (0: no mixup)")
+    mixup = mixup_alpha > 0
+    if mixup:
+        attack = attack.mixed()
     if feed not in FEEDS:
         raise ValueError(f"feed={feed!r}; allowed: {FEEDS}")
     if augmentation not in augment.AUGMENTATIONS:
@@ -89,7 +107,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
 
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
-    attack_key_tag, augment_key_tag = 1, 2  # and DATA_KEY_TAG = 0
+    attack_key_tag, augment_key_tag, mixup_key_tag = 1, 2, 3  # and DATA_KEY_TAG = 0
     shard = parallel.batch_constraint(mesh)
     adv = attack.attack
     jit = jit_with_options(cpu_convolutions)
@@ -114,7 +132,14 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                 jax.random.fold_in(state.key, augment_key_tag), state.step))
         x = shard(to_pixels(images))
         y = shard(labels)
-        batch = (x, y, None if valid is None else shard(valid))
+        valid = None if valid is None else shard(valid)
+        if mixup:
+            lam, perm = augment.mixup_draw(jax.random.fold_in(
+                jax.random.fold_in(state.key, mixup_key_tag), state.step), mixup_alpha,
+                y.shape[0], valid)
+            x = shard(augment.mixup(x, lam, perm))
+            y = objectives.MixedLabels(y, shard(y[perm]), lam)
+        batch = (x, y, valid)
         if attack.num_steps == 0:
             return batch, None
         attack_key = jax.random.fold_in(jax.random.fold_in(state.key, attack_key_tag),
@@ -122,6 +147,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         logits_fn = attack_logits_fn(model, runs_on(state, q), state.batch_stats)
         return batch, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
                                            attack.scale(state.step)))
+
+    def objective_loss(clean_logits, logits, y, mean):
+        """The objective's batch loss; under mixup, mixed over `y`'s two labels."""
+        def loss(labels):
+            return obj.loss(clean_logits, logits, labels, beta, mean, smoothing=label_smoothing)
+        return objectives.mixed(loss, y) if mixup else loss(y)
 
     def attack_step(params, batch_stats, attack_state, x, y):
         return adv.step(attack_logits_fn(model, params, batch_stats), attack_state, x, y)
@@ -141,7 +172,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             if two_passes:
                 clean_logits, stats = apply_model(model, params, stats, x, True)
             logits, new_stats = apply_model(model, params, stats, x_adv, True)
-            ce = obj.loss(clean_logits if two_passes else logits, logits, y, beta, mean)
+            ce = objective_loss(clean_logits if two_passes else logits, logits, y, mean)
             pen = admm_lib.penalty(params, state.admm)
             return ce + pen, (ce, pen, logits, new_stats)
 
@@ -160,7 +191,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             "loss": ce + pen,
             "ce": ce,
             "admm_penalty": pen,
-            "train_acc": mean(logits.argmax(-1) == y),
+            "train_acc": mean(logits.argmax(-1) == (y.major() if mixup else y)),
             "grad_norm": grad_norm,
             "nonfinite": (~finite).astype(jnp.int32),
         }
