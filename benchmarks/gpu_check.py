@@ -12,7 +12,8 @@ Rows, each timed by the project's public pieces (no second timer: `benchmarks/st
      device), then reader and step together, timed as the training loop times them
      (`runtime.logs.Progress`: img/s and the share of the time spent waiting for input).
   b. PGD-10 adversarial training (eps 8/255, step 2/255, ADMM penalty on every conv) of
-     VGG-16, ResNet-18 and WRN-34-10 at 32 px, float32 and bfloat16.
+     VGG-16, ResNet-18 and WRN-34-10 at 32 px, float32 (at JAX's default matmul
+     precision, which lets recent NVIDIA GPUs use TensorFloat-32) and bfloat16.
   c. AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; Linf eps 8/255) on 1,000
      random 32 px images with a ResNet-18 of random weights, the labels set to the
      model's own predictions so every image is attacked (natural accuracy 100%); a random

@@ -125,7 +125,7 @@ def test_gpu_check_skips_the_rows_the_budget_cannot_hold(tmp_path):
         assert r["status"].startswith("skipped: ") and "img_per_s" not in r, r
 
 
-def test_gpu_check_script_is_shellcheck_clean_and_needs_out():
+def test_gpu_check_script_lints_and_stops_at_its_limit(tmp_path):
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed; install it (apt-get install shellcheck) to "
                     "lint benchmarks/gpu_check.sh, as tests/test_launch.py lints launch.sh")
@@ -133,3 +133,12 @@ def test_gpu_check_script_is_shellcheck_clean_and_needs_out():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = subprocess.run([GPU_CHECK], capture_output=True, text=True)
     assert proc.returncode == 2 and "--out DIR is required" in proc.stderr, proc.stderr
+    proc = subprocess.run([GPU_CHECK, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("The project's speeds"), proc.stdout
+    # Past its limit the wrapper stops the run, says so and shows what was finished (here
+    # nothing: 1 s ends it before the first row).
+    proc = subprocess.run([GPU_CHECK, "--out", str(tmp_path), "--shrink"], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_LIMIT_S": "1"})
+    assert proc.returncode == 124, proc.stdout + proc.stderr
+    assert "stopped at the 1 s limit" in proc.stderr and "(none: " in proc.stdout, proc
