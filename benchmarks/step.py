@@ -6,8 +6,11 @@
 
 One iteration = PGD with random start (k steps), CE + ADMM penalty on every conv kernel,
 gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIST
-(lenet_adv) or CIFAR-10 (vgg16, resnet18, wrn28_4). BatchNorm uses batch statistics during the
-attack, as in the peer.
+(lenet_adv), CIFAR-10 (vgg16, resnet18, resnet8, wrn28_4, wrn34_10) or ImageNet
+(imagenet_resnet18, imagenet_resnet50: 1000 classes, `--image-size` px, default 224).
+BatchNorm uses batch statistics during the attack, as in the peer. `--steps 0` times
+natural training (no attack); `--dtype bfloat16` runs the model in bfloat16 (model.dtype).
+`--max-seconds` stops the timed repeats once that long has passed (at least one runs).
 
     python benchmarks/step.py --model lenet_adv --width 4 --steps 40 --batch 64 --iters 5
     python benchmarks/step.py --all --torch-python ~/torchvenv/bin/python \\
@@ -38,18 +41,40 @@ CONFIGS = (  # (model, width, PGD steps, batch): the reference table of the spee
     ("vgg16", 1, 10, 128), ("resnet18", 1, 10, 128), ("wrn28_4", 1, 10, 128),
 )
 CIFAR_ATTACK = (8 / 255, 2 / 255, 10, 128)
+IMAGENET_ATTACK = (4 / 255, 2.5 / 255, 2, 256)  # the radius and step of configs/imagenet.py
 EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": CIFAR_ATTACK, "resnet18": CIFAR_ATTACK,
-       "wrn28_4": CIFAR_ATTACK}  # epsilon, step size, default k and batch
+       "resnet8": CIFAR_ATTACK, "wrn28_4": CIFAR_ATTACK, "wrn34_10": CIFAR_ATTACK,
+       "imagenet_resnet18": IMAGENET_ATTACK,
+       "imagenet_resnet50": IMAGENET_ATTACK}  # epsilon, step size, default k and batch
+IMAGENET_MODELS = ("imagenet_resnet18", "imagenet_resnet50")  # 1000 classes, --image-size px
 
 
-def parse():
+def image_shape(model: str, image_size: int | None = None) -> tuple:
+    """(H, W, C) of the random images `model` is timed on."""
+    if model in IMAGENET_MODELS:
+        size = 224 if image_size is None else image_size
+        return (size, size, 3)
+    if image_size is not None:
+        raise ValueError(f"--image-size applies to {', '.join(IMAGENET_MODELS)}, not {model}")
+    return (28, 28, 1) if model == "lenet_adv" else (32, 32, 3)
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="train", choices=["train", "eval"],
                    help="train: the training step; eval: evaluation under attack")
     p.add_argument("--model", default="lenet_adv", choices=list(EPS))
     p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
-    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 40 mnist / 10 cifar)")
-    p.add_argument("--batch", type=int, default=None, help="default 64 mnist / 128 cifar")
+    p.add_argument("--steps", type=int, default=None,
+                   help="PGD steps (default 40 mnist / 10 cifar / 2 imagenet; 0: natural training)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="default 64 mnist / 128 cifar / 256 imagenet")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's compute dtype (model.dtype)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="ImageNet models: the side of the images (default 224)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop the timed repeats once this long has passed (at least one runs)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=2)
@@ -77,7 +102,15 @@ def parse():
                         "MALLOC_TRIM_THRESHOLD_=68719476736'")
     p.add_argument("--only", default=None,
                    help="--all: comma-separated subset, e.g. 'lenet_adv:4,vgg16'")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 0:
+        p.error(f"--steps {args.steps} must be >= 0")
+    if args.mode == "eval" and args.steps == 0:
+        p.error("--mode eval times evaluation under attack: --steps must be >= 1")
+    try:
+        image_shape(args.model, args.image_size)
+    except ValueError as e:
+        p.error(str(e))
     if args.threads is not None:
         cpus = sorted(os.sched_getaffinity(0))
         if not 1 <= args.threads <= len(cpus):
@@ -143,21 +176,59 @@ def run_one(args):
     malloc_note = host_memory.configure(  # before JAX starts its threads
         host_memory.resolve(args.host_malloc, args.model))
     import jax
-    import numpy as np
 
-    from robust_admm.models import get_model
     from robust_admm.runtime.compiler import resolve_pgd_loop
 
+    r = measure(args)
+    print(f"compile+first step {r['compile_s']:.1f} s; img/s per repeat "
+          f"{', '.join(f'{x:.1f}' for x in r['rates'])}; backend {jax.default_backend()}, "
+          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}, cpu convolutions "
+          f"{args.cpu_convolutions}; {malloc_note}")
+    print(f"RESULT impl=robust_admm mode={args.mode} model={args.model} width={r['width']} "
+          f"steps={r['steps']} batch={r['batch']} dtype={args.dtype} "
+          f"compile_s={r['compile_s']:.1f} gflop_per_img={r['gflop_per_img']:.4f} "
+          f"gflops={r['img_per_s'] * r['gflop_per_img']:.1f} img/s={r['img_per_s']:.2f}",
+          flush=True)
+
+
+def setting(args) -> tuple:
+    """(epsilon, step size, PGD steps, batch) of `args`, the model's defaults filled in."""
     eps, step_size, k_def, b_def = EPS[args.model]
-    steps = k_def if args.steps is None else args.steps
-    batch = b_def if args.batch is None else args.batch
-    shape = (28, 28, 1) if args.model == "lenet_adv" else (32, 32, 3)
+    return (eps, step_size, k_def if args.steps is None else args.steps,
+            b_def if args.batch is None else args.batch)
+
+
+def make_model(args):
+    """(model, initial variables, image shape, width) that `args` describe: 10 classes,
+    1000 for the ImageNet models."""
+    import jax
+
+    from robust_admm.models import get_model
+
+    shape = image_shape(args.model, args.image_size)
     width = args.width if args.model == "lenet_adv" else 1
-    model = get_model(args.model, 10, width)
+    classes = 1000 if args.model in IMAGENET_MODELS else 10
+    model = get_model(args.model, classes, width, args.dtype)
+    # One compiled program: run eagerly, the init compiles each of its small operations.
+    variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed),
+                                    jax.numpy.zeros((1,) + shape))
+    return model, variables, shape, width
+
+
+def measure(args) -> dict:
+    """Times the step `args` describe on a random split of 4 batches kept on the device:
+    compile_s (compilation and the first step), img/s of each timed repeat (`rates`) and
+    their median (`img_per_s`), the FLOPs of an image (`gflop_per_img`); width, steps and
+    batch as run."""
+    import jax
+    import numpy as np
+
+    eps, step_size, steps, batch = setting(args)
+    model, variables, shape, width = make_model(args)
+    classes = 1000 if args.model in IMAGENET_MODELS else 10
     rng = np.random.default_rng(args.seed)
     images = jax.numpy.asarray(rng.integers(0, 256, (batch * 4,) + shape, dtype=np.uint8))
-    labels = jax.numpy.asarray(rng.integers(0, 10, batch * 4).astype(np.int32))
-    variables = model.init(jax.random.PRNGKey(args.seed), jax.numpy.zeros((1,) + shape))
+    labels = jax.numpy.asarray(rng.integers(0, classes, batch * 4).astype(np.int32))
     make = _eval_iteration if args.mode == "eval" else _train_iteration
     iteration, compilations, passes = make(args, model, variables, images, labels,
                                           (eps, step_size, steps, batch))
@@ -169,37 +240,34 @@ def run_one(args):
     for _ in range(args.warmup):
         iteration()
     rates = []
+    t_timed = time.perf_counter()
     for _ in range(args.repeats):
+        if (rates and args.max_seconds is not None
+                and time.perf_counter() - t_timed > args.max_seconds):
+            break
         t = time.perf_counter()
         for _ in range(args.iters - 1):
             iteration(block=False)
         iteration()  # waits for the last result
         rates.append(batch * args.iters / (time.perf_counter() - t))
     assert compilations() == compiled, "the step recompiled"
-    rate = statistics.median(rates)
     flops = passes * forward_flops(model, variables, shape)
-    print(f"compile+first step {compile_s:.1f} s; img/s per repeat "
-          f"{', '.join(f'{r:.1f}' for r in rates)}; backend {jax.default_backend()}, "
-          f"pgd loop {resolve_pgd_loop(args.pgd_loop)}, cpu convolutions "
-          f"{args.cpu_convolutions}; {malloc_note}")
-    print(f"RESULT impl=robust_admm mode={args.mode} model={args.model} width={width} "
-          f"steps={steps} batch={batch} compile_s={compile_s:.1f} "
-          f"gflop_per_img={flops / 1e9:.4f} gflops={rate * flops / 1e9:.1f} img/s={rate:.2f}",
-          flush=True)
+    return {"compile_s": compile_s, "rates": rates, "img_per_s": statistics.median(rates),
+            "gflop_per_img": flops / 1e9, "width": width, "steps": steps, "batch": batch}
 
 
-def _train_iteration(args, model, variables, images, labels, attack_setting):
-    """One training iteration of `make_train_step` on the held state, its count of
-    compiled programs, and its cost in forward passes: k PGD steps of forward + input gradient, and
-    the training pass (forward, input and weight gradients), (2k + 3) in all."""
+def train_state_and_step(args, model, variables, attack_setting, feed="device", mesh=None):
+    """The train state and `make_train_step`'s step the benchmark runs: ADMM auxiliaries
+    on every conv kernel, as the peer; natural training when the setting has 0 PGD steps;
+    `feed` and `mesh` as make_train_step takes them (the state is replicated on `mesh`)."""
     import jax
     import jax.numpy as jnp
     import ml_collections
-    import numpy as np
 
     from robust_admm.compression import admm
     from robust_admm.compression import rules as rules_lib
     from robust_admm.experiments.config_base import stage_config
+    from robust_admm.runtime import parallel
     from robust_admm.training import optim
     from robust_admm.training.attack import make_attack
     from robust_admm.training.state import TrainState
@@ -211,22 +279,39 @@ def _train_iteration(args, model, variables, images, labels, attack_setting):
     cfg = stage_config(epochs=1, lr=lr, optimizer=args.opt, schedule="constant")
     schedule = optim.make_schedule(cfg, 1)
     tx = optim.make_optimizer(cfg, schedule)
-    # ADMM auxiliaries on every conv kernel, as the peer does.
     specs = rules_lib.match_rules(params, {"*conv*": {"kind": "irregular", "ratio": 0.5}})
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=eps, step_size=step_size, num_steps=steps, random_start=True, loss="ce",
-        unroll=args.unroll)), "adversarial")
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params),
-                       masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
-                       admm=admm.init(params, specs, args.rho), key=jax.random.PRNGKey(1))
-    train_step = make_train_step(model, tx, attack, batch, schedule, pgd_loop=args.pgd_loop,
-                                 cpu_convolutions=args.cpu_convolutions)
+        unroll=args.unroll)), "adversarial" if steps else "natural")
+    # One compiled program: run eagerly, the ADMM init compiles each of its operations.
+    state = jax.jit(lambda params, batch_stats: TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
+        admm=admm.init(params, specs, args.rho), key=jax.random.PRNGKey(1)))(
+            params, batch_stats)
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+    train_step = make_train_step(model, tx, attack, batch, schedule, mesh, pgd_loop=args.pgd_loop,
+                                 cpu_convolutions=args.cpu_convolutions, feed=feed)
+    return state, train_step
+
+
+def _train_iteration(args, model, variables, images, labels, attack_setting):
+    """One training iteration of `make_train_step` on the held state, its count of
+    compiled programs, and its cost in forward passes: k PGD steps of forward + input gradient, and
+    the training pass (forward, input and weight gradients), (2k + 3) in all."""
+    import jax
+    import numpy as np
+
+    steps = attack_setting[2]
+    state, train_step = train_state_and_step(args, model, variables, attack_setting)
 
     def iteration(block=True):
         nonlocal state
         state, metrics = train_step(state, (images, labels))
         if block:
+            jax.block_until_ready((state, metrics))
             assert np.isfinite(float(metrics["loss"])), "the benchmark step diverged"
 
     return iteration, train_step.compilations, 2 * steps + 3
