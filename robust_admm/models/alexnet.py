@@ -21,6 +21,7 @@ identity at those sizes) comes first, so any input of at least 63 px runs with t
 parameters; the flatten is channel-major, so `fc1`'s kernel is the original's weight
 transposed.
 """
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -38,9 +39,13 @@ def _bn(train: bool, name: str, dtype) -> nn.BatchNorm:
 
 
 class AlexNetBN(nn.Module):
-    """The original's AlexNet_BN (see the module docstring); no dropout."""
+    """The original's AlexNet_BN (see the module docstring); no dropout. `features` (the
+    five convs' output channels) and `hidden` (fc1's and fc2's) default to the original's;
+    narrower ones run the same layers at a smaller cost."""
 
     num_classes: int = 1000
+    features: Sequence[int] = (96, 256, 384, 384, 256)
+    hidden: int = 4096
     dtype: Any = None  # compute dtype (None: float32); see models.get_model
 
     @nn.compact
@@ -48,10 +53,13 @@ class AlexNetBN(nn.Module):
         if min(x.shape[1:3]) < SMALLEST_INPUT:
             raise ValueError(f"input of {x.shape[1]}x{x.shape[2]} px; alexnet_bn needs at "
                              f"least {SMALLEST_INPUT} px")
-        # (features, kernel, stride, padding, groups, max-pool after)
-        convs = ((96, 11, 4, 2, 1, True), (256, 5, 1, 2, 2, True), (384, 3, 1, 1, 1, False),
-                 (384, 3, 1, 1, 1, False), (256, 3, 1, 1, 1, True))
-        for i, (features, k, stride, pad, groups, pool) in enumerate(convs, start=1):
+        if len(self.features) != 5:
+            raise ValueError(f"features={tuple(self.features)}: AlexNet_BN has 5 convs")
+        # (kernel, stride, padding, groups, max-pool after) of each conv
+        convs = ((11, 4, 2, 1, True), (5, 1, 2, 2, True), (3, 1, 1, 1, False),
+                 (3, 1, 1, 1, False), (3, 1, 1, 1, True))
+        for i, (features, (k, stride, pad, groups, pool)) in enumerate(
+                zip(self.features, convs), start=1):
             x = Conv(features, (k, k), strides=(stride, stride),
                      padding=((pad, pad), (pad, pad)), feature_group_count=groups,
                      dtype=self.dtype, name=f"conv{i}")(x)
@@ -60,7 +68,7 @@ class AlexNetBN(nn.Module):
                 x = nn.max_pool(x, (3, 3), strides=(2, 2))
         x = flatten_chw(adaptive_avg_pool(x, (6, 6)))
         for j in (1, 2):
-            x = nn.Dense(4096, dtype=self.dtype, name=f"fc{j}")(x)
+            x = nn.Dense(self.hidden, dtype=self.dtype, name=f"fc{j}")(x)
             x = nn.relu(_bn(train, f"fc{j}_bn", self.dtype)(x))
         return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x))
 
