@@ -136,7 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18' | 'resnet8'
-    # | 'wrn28_4' | 'wrn34_10' | any 'wrn<depth>_<widen factor>'
+    # | 'wrn28_4' | 'wrn34_10' | any 'wrn<depth>_<widen factor>' | ImageNet, width 1 only for
+    # the last two: 'imagenet_resnet18' | 'imagenet_resnet50' | 'imagenet_vgg16_bn' | 'alexnet_bn'
     c.model.width = 1  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
     # Compute precision: 'float32' | 'bfloat16' (for GPU and TPU; parameters, optimizer and

@@ -4,10 +4,12 @@ import re
 
 import jax.numpy as jnp
 
-from robust_admm.models.apply import apply_model
+from robust_admm.models.alexnet import AlexNetBN, alexnet_bn
+from robust_admm.models.apply import apply_model, uses_dropout
 from robust_admm.models.imagenet_resnet import (ImageNetResNet, imagenet_resnet18,
                                                 imagenet_resnet50)
 from robust_admm.models.layers import NORMALIZATIONS
+from robust_admm.models.imagenet_vgg import ImageNetVGG, imagenet_vgg16_bn
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
 from robust_admm.models.resnet import BasicBlock, ResNet, resnet8, resnet18
 from robust_admm.models.vgg import VGG, vgg16
@@ -22,6 +24,8 @@ _BUILDERS = {
     "resnet8": resnet8,
     "imagenet_resnet18": imagenet_resnet18,
     "imagenet_resnet50": imagenet_resnet50,
+    "imagenet_vgg16_bn": imagenet_vgg16_bn,
+    "alexnet_bn": alexnet_bn,
     "wrn28_4": wrn28_4,
     "wrn34_10": wrn34_10,
 }
@@ -80,6 +84,7 @@ def _build(name: str, num_classes: int, width: int):
 
 
 __all__ = [
+    "AlexNetBN",
     "VGG",
     "BasicBlock",
     "LeNet",
@@ -88,16 +93,20 @@ __all__ = [
     "WideResNet",
     "DTYPES",
     "NORMALIZATIONS",
+    "alexnet_bn",
     "apply_model",
     "get_model",
     "ImageNetResNet",
+    "ImageNetVGG",
     "imagenet_resnet18",
     "imagenet_resnet50",
+    "imagenet_vgg16_bn",
     "lenet5",
     "lenet_adv",
     "lenet_digits",
     "resnet18",
     "resnet8",
+    "uses_dropout",
     "vgg16",
     "wrn28_4",
     "wrn34_10",

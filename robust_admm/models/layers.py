@@ -4,6 +4,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from robust_admm.models import conv
 
@@ -35,6 +36,39 @@ def float32_logits(logits: jnp.ndarray) -> jnp.ndarray:
     """Logits in float32 whatever the compute dtype, so losses and attacks read them at full
     precision (a no-op for float32 models: their programs are unchanged)."""
     return logits.astype(jnp.float32)
+
+
+def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) matrix of PyTorch's AdaptiveAvgPool along one axis: row i averages the
+    inputs floor(i*size/out) .. ceil((i+1)*size/out) - 1 (bins may overlap or repeat an
+    input when size is not a multiple of out, or is smaller than out)."""
+    if size < 1 or out < 1:
+        raise ValueError(f"adaptive pooling of {size} inputs to {out} outputs; both must "
+                         f"be at least 1 (is the input smaller than the model's minimum?)")
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-(i + 1) * size // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+    """torchvision's `AdaptiveAvgPool2d(output_size)` on NHWC input, as one einsum with two
+    averaging matrices built when the program is traced; the input itself where its size
+    is already `output_size` (the standard input sizes of the ImageNet models)."""
+    n, h, w, c = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    ah = jnp.asarray(adaptive_pool_matrix(h, oh), x.dtype)
+    aw = jnp.asarray(adaptive_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("nhwc,ih,jw->nijc", x, ah, aw)
+
+
+def flatten_chw(x: jnp.ndarray) -> jnp.ndarray:
+    """NHWC -> (N, C*H*W) in PyTorch's order (channel-major, as `x.view(N, -1)` flattens
+    NCHW), so that a following Dense kernel is PyTorch's Linear weight transposed."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:

@@ -12,6 +12,12 @@ to give the same results.
 BatchNorm during the attack: the attack's forward passes use the batch statistics of the
 perturbed batch without updating the running averages; only the training forward pass
 updates them.
+
+Dropout (models with a `dropout_rate`, `models.uses_dropout`): only the training forward
+pass drops units, with the key fold_in(fold_in(state key, DROPOUT_KEY_TAG), step) (the
+adversarial pass; a clean pass of TRADES or MART draws its own masks with fold_in of that
+key and 1). The attack sees the deterministic network, as evaluation does. Models without
+dropout get no key: their programs are those of a step without dropout.
 """
 from collections.abc import Callable
 
@@ -23,7 +29,7 @@ from jax.sharding import Mesh
 from robust_admm import attacks
 from robust_admm.compression import admm as admm_lib
 from robust_admm.data.batching import DATA_KEY_TAG, batch_indices, to_pixels
-from robust_admm.models import apply_model
+from robust_admm.models import apply_model, uses_dropout
 from robust_admm.runtime import parallel
 from robust_admm.runtime.compiler import CompiledStep, jit_with_options, resolve_pgd_loop
 from robust_admm.training import augment, objectives
@@ -31,6 +37,9 @@ from robust_admm.training.attack import TrainAttack
 from robust_admm.training.state import TrainState
 
 FEEDS = ("device", "stream")  # where the step's batch comes from (make_train_step)
+# The training pass's dropout key is fold_in(state key, DROPOUT_KEY_TAG) folded with the
+# step (the other tags: data 0, attack 1, augment 2, 3 kept for mixup).
+DROPOUT_KEY_TAG = 4
 
 
 def attack_logits_fn(model, params, batch_stats) -> Callable:
@@ -107,6 +116,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
 
     obj = objectives.get(objective)
     two_passes = obj.needs_clean and attack.attack is not None
+    dropout = uses_dropout(model)
     attack_key_tag, augment_key_tag, mixup_key_tag = 1, 2, 3  # and DATA_KEY_TAG = 0
     shard = parallel.batch_constraint(mesh)
     adv = attack.attack
@@ -165,13 +175,19 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             attack_logits_fn(model, runs_on(state, q), state.batch_stats), attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
 
+        key = clean_key = None
+        if dropout:
+            key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_KEY_TAG),
+                                     state.step)
+            clean_key = jax.random.fold_in(key, 1)
+
         def loss_fn(params):
             if q is not None:
                 params = admm_lib.straight_through(params, q)
             stats = state.batch_stats
             if two_passes:
-                clean_logits, stats = apply_model(model, params, stats, x, True)
-            logits, new_stats = apply_model(model, params, stats, x_adv, True)
+                clean_logits, stats = apply_model(model, params, stats, x, True, clean_key)
+            logits, new_stats = apply_model(model, params, stats, x_adv, True, key)
             ce = objective_loss(clean_logits if two_passes else logits, logits, y, mean)
             pen = admm_lib.penalty(params, state.admm)
             return ce + pen, (ce, pen, logits, new_stats)
