@@ -32,11 +32,13 @@ def define_flags():
     flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model. L2 has fgsm, pgd<N>, "
                       "apgd-ce, apgd-dlr, apgd-t, fab-t, square and aa-standard, as L-inf.")
     flags.DEFINE_float("epsilon", None, "Radius in pixels of [0, 1] (default: L-inf MNIST "
-                       "0.3, CIFAR-10 8/255, else the run's eval.epsilon; L2 CIFAR-10 0.5).")
+                       "0.3, CIFAR-10 8/255, ImageNet 4/255, else the run's eval.epsilon; L2 "
+                       "CIFAR-10 0.5).")
     flags.DEFINE_string("epsilons", "", "Also a robust-accuracy-versus-epsilon curve at "
                         "these radii, e.g. 0.1,0.2,0.3 (JSON and PNG in DIR/eval).")
-    flags.DEFINE_integer("n", 0, "Evaluate n test images (0 = all): the first n, or for a "
-                         "streamed source (in class order) n spread evenly over the split.")
+    flags.DEFINE_integer("n", None, "Evaluate n test images (0 = all; default: all, "
+                         "ImageNet 5000): the first n, or for a streamed source (in class "
+                         "order) n spread evenly over the split.")
     flags.DEFINE_integer("batch", 500, "Global batch of the attacks (a multiple of the "
                          "device count).")
     flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and queries.")

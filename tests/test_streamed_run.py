@@ -185,14 +185,6 @@ def test_a_folder_with_a_non_image_is_refused_before_anything_compiles(images, t
     assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
 
 
-def test_the_imagenet_config_offers_only_its_smoke_preset():
-    from configs import imagenet
-    with pytest.raises(NotImplementedError, match="not implemented yet.*smoke"):
-        imagenet.get_config("")
-    with pytest.raises(ValueError, match="unknown preset 'resnet50'"):
-        imagenet.get_config("resnet50")
-
-
 def test_with_more_than_ten_classes_top5_is_reported(tmp_path):
     """Twelve classes: the training's evaluation and the eval command report top-5
     accuracy beside top-1 (at least as high)."""

@@ -29,7 +29,12 @@ from robust_admm.training.program import finished_phase_specs
 # The field's standard radius per dataset and norm; other L-inf cases use the run's own.
 STANDARD_EPSILON = {("mnist", "linf"): 0.3, ("cifar10", "linf"): 8 / 255,
                     ("cifar10", "l2"): 0.5, ("cifar100", "linf"): 8 / 255,
-                    ("cifar100", "l2"): 0.5}
+                    ("cifar100", "l2"): 0.5, ("imagenet", "linf"): 4 / 255,
+                    ("imagenet2012", "linf"): 4 / 255}
+# ImageNet's common protocol: the attacks on a subset of the validation split (spread
+# evenly over its classes), natural top-1 and top-5 on the same images.
+IMAGENET_NAMES = ("imagenet", "imagenet2012")
+IMAGENET_DEFAULT_N = 5000
 DEFAULT_ATTACKS = {"linf": "fgsm,pgd40,aa-standard", "l2": "fgsm,pgd40,aa-standard"}
 
 
@@ -69,6 +74,12 @@ def table(result: dict) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def default_count(config) -> int:
+    """How many test images `--n` means when not given: IMAGENET_DEFAULT_N for ImageNet,
+    else 0 (the whole split)."""
+    return IMAGENET_DEFAULT_N if config.data.name in IMAGENET_NAMES else 0
 
 
 def run_eval_epsilon(config) -> float:
@@ -162,12 +173,13 @@ def merge_results(parts: list) -> dict:
 
 
 def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
-                     epsilon: float | None = None, epsilons: str = "", n: int = 0,
+                     epsilon: float | None = None, epsilons: str = "", n: int | None = None,
                      batch: int = 500, seed: int = 0, data_dir: str = "",
                      checks: bool = True, export: str = "", loop: str | None = None,
                      norm: str = "linf") -> dict:
     """Evaluates `stage` of the run in `workdir`; returns what DIR/eval/<stage>.json holds.
-    `attacks` defaults to DEFAULT_ATTACKS[norm]."""
+    `attacks` defaults to DEFAULT_ATTACKS[norm]; `n` (None: `default_count`) test images,
+    0 for all."""
     config = workdir_lib.read_config(workdir)
     stage = workdir_lib.finished_stage(workdir, stage, config)
     if norm not in DEFAULT_ATTACKS:
@@ -175,6 +187,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     attacks = attacks or DEFAULT_ATTACKS[norm]
     items = suite.parse(attacks)
     curve_eps = parse_epsilons(epsilons) if epsilons else []
+    n = default_count(config) if n is None else n
     if n < 0:
         raise ValueError(f"--n={n} must be >= 0 (0 = the whole test split)")
     eps = default_epsilon(config, norm) if epsilon is None else float(epsilon)
