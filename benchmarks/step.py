@@ -7,7 +7,8 @@
 One iteration = PGD with random start (k steps), CE + ADMM penalty on every conv kernel,
 gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIST
 (lenet_adv), CIFAR-10 (vgg16, resnet18, resnet8, wrn28_4, wrn34_10) or ImageNet
-(imagenet_resnet18, imagenet_resnet50: 1000 classes, `--image-size` px, default 224).
+(imagenet_resnet18, imagenet_resnet50, imagenet_vgg16_bn, alexnet_bn: 1000 classes,
+`--image-size` px, default 224).
 BatchNorm uses batch statistics during the attack, as in the peer. `--steps 0` times
 natural training (no attack); `--dtype bfloat16` runs the model in bfloat16 (model.dtype).
 `--max-seconds` stops the timed repeats once that long has passed (at least one runs).
@@ -45,8 +46,10 @@ IMAGENET_ATTACK = (4 / 255, 2.5 / 255, 2, 256)  # the radius and step of configs
 EPS = {"lenet_adv": (0.3, 0.01, 40, 64), "vgg16": CIFAR_ATTACK, "resnet18": CIFAR_ATTACK,
        "resnet8": CIFAR_ATTACK, "wrn28_4": CIFAR_ATTACK, "wrn34_10": CIFAR_ATTACK,
        "imagenet_resnet18": IMAGENET_ATTACK,
-       "imagenet_resnet50": IMAGENET_ATTACK}  # epsilon, step size, default k and batch
-IMAGENET_MODELS = ("imagenet_resnet18", "imagenet_resnet50")  # 1000 classes, --image-size px
+       "imagenet_resnet50": IMAGENET_ATTACK, "imagenet_vgg16_bn": IMAGENET_ATTACK,
+       "alexnet_bn": IMAGENET_ATTACK}  # epsilon, step size, default k and batch
+IMAGENET_MODELS = ("imagenet_resnet18", "imagenet_resnet50", "imagenet_vgg16_bn",
+                   "alexnet_bn")  # 1000 classes, --image-size px
 
 
 def image_shape(model: str, image_size: int | None = None) -> tuple:

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import imagenet
@@ -139,3 +140,33 @@ def test_the_eval_protocol_defaults_by_dataset():
     assert evaluate_lib.default_count(c) == 5000
     c.data.name = "flowers"
     assert evaluate_lib.default_count(c) == 0
+
+
+def test_the_readme_command_starts_from_torchvision_weights(images, tmp_path):
+    """The README's ImageNet command shape (a preset, init.pretrained, program=admm,retrain)
+    on a generated torchvision ResNet-18 checkpoint, at 32 px on 3 classes (a new head):
+    the ADMM phase (the first of the program, run alone here for time) starts from the
+    file's weights: at lr 1e-9 it ends on them."""
+    from safetensors.numpy import save_file
+    from test_pretrained import torchvision_state
+
+    from robust_admm.experiments import workdir as workdir_lib
+    path = str(tmp_path / "resnet18.safetensors")
+    state = torchvision_state("imagenet_resnet18")
+    save_file(state, path)
+    c = imagenet.get_config("resnet18,natural")
+    c.data.dir, c.data.image_size, c.data.num_workers = images, 32, 0
+    c.model.dtype, c.batch_size, c.eval.batch_size = "float32", 9, 9
+    c.init.pretrained, c.init.pretrained_head = path, "new"
+    c.program = "admm,retrain"
+    c.admm.epochs = c.retrain.epochs = c.admm.update_every_epochs = 1
+    c.admm.lr, c.stages = 1e-9, "admm"
+    workdir = str(tmp_path / "w")
+    run_lib.train_and_evaluate(c, workdir)
+    admm = workdir_lib.load_final_state(workdir, "admm")["params"]
+    jnp_close = dict(rtol=0, atol=1e-6)
+    np.testing.assert_allclose(admm["conv1"]["kernel"],
+                               state["conv1.weight"].transpose(2, 3, 1, 0), **jnp_close)
+    np.testing.assert_allclose(admm["layer4_1"]["conv2"]["kernel"],
+                               state["layer4.1.conv2.weight"].transpose(2, 3, 1, 0),
+                               **jnp_close)
