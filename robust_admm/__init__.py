@@ -1,3 +1,28 @@
-"""robust-admm: adversarial training run concurrently with ADMM compression."""
+"""robust-admm: adversarial training run concurrently with ADMM compression.
+
+The public API (docs/api.md) is reached from here: each name is imported on first use
+(PEP 562), so `import robust_admm` stays cheap and the command-line modules load only
+what they need.
+"""
+import importlib
 
 __version__ = "0.1.0"
+
+# Public name -> "module:attribute" it is imported from on first use.
+_PUBLIC = {
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'robust_admm' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name].split(":")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
