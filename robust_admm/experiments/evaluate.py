@@ -202,7 +202,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     test = open_test_split(config, data_dir, n, batch)
     count = test.count
     model = get_model(config.model.name, test.num_classes, config.model.width,
-                      config.model.dtype, config.model.normalize)
+                      config.model.dtype, config.model.normalize, config.model.kwargs)
     mesh = parallel.make_mesh()
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)
