@@ -17,7 +17,7 @@ import pytest
 from helpers import ROOT
 from robust_admm.compression import projections
 from robust_admm.compression.rules import match_rules
-from robust_admm.experiments import evaluate, migrate, validation
+from robust_admm.experiments import evaluate, export, migrate, validation
 from robust_admm.experiments import run as run_lib
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.config_base import base_config
@@ -267,7 +267,8 @@ def test_adversarial_program_on_own_model_and_own_arrays_then_eval_and_resume(us
     """BNNet (required `train`, BatchNorm) on float arrays k/255 in an .npz (NHW): ADMM
     and retraining adversarially, the rules on its own layer names, the eval command's
     natural accuracy against the checkpoint's model applied by flax on the test images
-    (the reference), and a rerun that resumes from config.json."""
+    (the reference), a rerun that resumes from config.json, and the export rebuilt from its
+    files alone."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 160)
     x = np.clip(rng.integers(0, 90, (160, 8, 8)) + 80 * y[:, None, None], 0, 255)
@@ -296,6 +297,13 @@ def test_adversarial_program_on_own_model_and_own_arrays_then_eval_and_resume(us
 
     again = run_lib.train_and_evaluate(saved, workdir)  # config.json rebuilds the model
     assert again["stages"]["retrain"] == summary["stages"]["retrain"]
+
+    side = export.write_export(workdir, "retrain", str(tmp_path / "export" / "model"))
+    assert side["model"]["kwargs"] == '{"features": 3}' and side["model"]["num_classes"] == 3
+    rebuilt, variables = export.rebuild(str(tmp_path / "export" / "model.npz"),
+                                        str(tmp_path / "export" / "model.json"))
+    np.testing.assert_array_equal(rebuilt.apply(variables, jnp.asarray(
+        x[128:, :, :, None] / 255.0, jnp.float32), train=False), logits)
 
 
 def test_natural_program_on_a_model_without_train_or_batchnorm_through_the_cli(user_dir,

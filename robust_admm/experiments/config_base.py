@@ -143,7 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
     # | your own flax.linen Module class by import path: 'my_pkg.my_module:MyNet'
     # (models/external.py: num_classes passed if it has that field; width 1, no normalize).
     # The constructor arguments of an import-path model: a JSON object as a string,
-    # --config.model.kwargs='{"features": 64}' ('' = none; arrays arrive as tuples).
+    # --config.model.kwargs='{"features": 64}', in a config file json.dumps({...}) ('' = none;
+    # arrays arrive as tuples).
     c.model.kwargs = ""
     c.model.width = 1  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
