@@ -165,8 +165,10 @@ def _pattern_matches(pattern: str, leaf: str, module: str) -> bool:
     return fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(leaf, pattern)
 
 
-def select(entries, patterns: Sequence[str], what: str = "rule") -> dict[str, str]:
-    """Map leaf path -> the one pattern matching it; error on double or no match."""
+def select(entries, patterns: Sequence[str], what: str = "rule",
+           others: Sequence[str] = ()) -> dict[str, str]:
+    """Map leaf path -> the one pattern matching it; error on double or no match (naming
+    the layers there are, and `others`: leaves a weight might hide in under another name)."""
     owner: dict[str, str] = {}
     used = {pat: False for pat in patterns}
     for path, module, _ in entries:
@@ -181,8 +183,14 @@ def select(entries, patterns: Sequence[str], what: str = "rule") -> dict[str, st
     unused = [pat for pat, u in used.items() if not u]
     if unused:
         layers = sorted(module for _, module, _ in entries)
+        note = ""
+        if others:
+            shown = sorted(others)[:20]
+            more = f" and {len(others) - len(shown)} more" if len(others) > len(shown) else ""
+            note = (f"; only leaves named 'kernel' (flax's nn.Dense and nn.Conv name their "
+                    f"weights so) are compressible; other leaves: {shown}{more}")
         raise ValueError(
-            f"{what} {unused[0]!r} matches no kernel leaf; available layers: {layers}"
+            f"{what} {unused[0]!r} matches no kernel leaf; available layers: {layers}{note}"
         )
     return owner
 
@@ -211,7 +219,11 @@ def match_rules(params, rules: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
         body = {k: v for k, v in spec.items() if k != "kind"}
         checked[pat] = (kind, body, check_spec(kind, body, where=f"rule {pat!r}: "))
     entries = kernel_entries(params)
-    owner = select(entries, list(checked))
+    # Leaves a user's layer may hold its weights in under another name (not biases or
+    # BatchNorm scales): named when a pattern matches nothing.
+    others = [path for path, _ in leaves(params)
+              if path.rsplit("/", 1)[-1] not in ("kernel", "bias", "scale")]
+    owner = select(entries, list(checked), others=others)
     out = {}
     for path, _, leaf in entries:
         if path in owner:

@@ -52,7 +52,12 @@ Datasets and sources
       ``cifar-100-binary/train.bin`` and ``test.bin``) as for cifar10.  At most
       50,000 train and 10,000 test records.
 
-The files themselves are read by `data/formats.py`, as untrusted input.
+Any other data
+    ``source="npz"``: the user's own arrays in one ``.npz`` file, ``data_dir`` its path
+    (``data/npz.py``: the arrays, dtypes and ranges it takes); ``name`` is only a label
+    for the logs; the class count is the largest label + 1.
+
+The files themselves are read by `data/formats.py` (and `data/npz.py`), as untrusted input.
 """
 
 from __future__ import annotations
@@ -70,9 +75,10 @@ from robust_admm.data.formats import (CIFAR10, CIFAR100, IDX_UBYTE_IMAGES,
                                       check_dir, check_labels, find_file,
                                       python_version_note, read_cifar_archive,
                                       read_cifar_file, read_idx, require_files)
+from robust_admm.data.npz import read_npz
 
 
-SOURCES = ("tfds", "files")
+SOURCES = ("tfds", "files", "npz")  # read into memory (data/streamed.py: streamed sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +338,16 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
 
 
 # -----------------------------------------------------------------------------
+# A user's own arrays (data/npz.py).
+
+
+def _load_npz(name: str, path: str | None) -> Dataset:
+    xtr, ytr, xte, yte, classes = read_npz(path)
+    return Dataset(train=Split(xtr, ytr), test=Split(xte, yte), num_classes=classes,
+                   name=name or os.path.basename(os.fspath(path)))
+
+
+# -----------------------------------------------------------------------------
 # Registry and entry point.
 
 
@@ -356,8 +372,13 @@ _SPECS: dict[str, _Spec] = {
 DATASETS = tuple(_SPECS)
 
 
-def input_shape(name: str) -> tuple[tuple[int, int, int], int]:
-    """((H, W, C), number of classes) of dataset `name`, without loading it."""
+def input_shape(name: str, source: str = "tfds",
+                data_dir: str | None = None) -> tuple[tuple[int, int, int], int]:
+    """((H, W, C), number of classes) of dataset `name`, without loading it (an npz file,
+    whose arrays say both, is read)."""
+    if source == "npz":
+        ds = _load_npz(name, data_dir)
+        return tuple(ds.train.images.shape[1:]), ds.num_classes
     if name not in _SPECS:
         raise DataError(f"unknown dataset name {name!r}; allowed names: {', '.join(DATASETS)}")
     return _SPECS[name].image_shape, _SPECS[name].num_classes
@@ -369,14 +390,15 @@ def load_dataset(name: str, source: str = "tfds",
 
     Args:
       name: one of ``DATASETS`` (``mnist``, ``digits``, ``cifar10``,
-        ``cifar100``).
-      source: ``"tfds"`` (TensorFlow Datasets, may download) or ``"files"``
-        (local raw files in ``data_dir``).  Ignored by ``digits`` (bundled with
-        scikit-learn), but must still be one of ``SOURCES``.
+        ``cifar100``); with ``npz``, any label.
+      source: ``"tfds"`` (TensorFlow Datasets, may download), ``"files"``
+        (local raw files in ``data_dir``) or ``"npz"`` (the user's arrays).
+        Ignored by ``digits`` (bundled with scikit-learn), but must still be one
+        of ``SOURCES``.
       data_dir: for ``files``, the folder holding the raw files (CIFAR: or the
         path of the official ``.tar.gz`` archive); for ``tfds``,
         the TFDS data directory (None: ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``).
+        ``~/tensorflow_datasets``); for ``npz``, the file's path.
 
     Returns:
       A :class:`Dataset` with uint8 (N, H, W, C) images and int32 labels.
@@ -385,6 +407,8 @@ def load_dataset(name: str, source: str = "tfds",
       DataError: unknown name/source, missing or malformed files, or a TFDS
         dataset that is not prepared while the network is unreachable.
     """
+    if source == "npz":
+        return _load_npz(name, data_dir)
     spec = _SPECS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise DataError(f"unknown dataset name {name!r}; allowed names: "

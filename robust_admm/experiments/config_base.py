@@ -102,17 +102,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite.max_consecutive = 10
 
     c.data = ml_collections.ConfigDict()
-    # 'mnist' | 'digits' | 'cifar10' | 'cifar100'; with a folder or shards, any name (a
+    # 'mnist' | 'digits' | 'cifar10' | 'cifar100'; with a folder, shards or npz, any name (a
     # label for the logs: the classes come from the data); with tfds, the TFDS name.
     c.data.name = ""
-    # Kept on the device: 'tfds' | 'files' (original IDX / CIFAR binary files). Streamed
-    # from the host (data/streamed.py): 'folder' (DIR/train/<class>/*, DIR/val/<class>/*;
-    # JPEG, PNG) | 'shards' (what `robust-admm shards` writes from such a folder) | 'tfds'
-    # with any other TFDS image-classification dataset (e.g. data.name='imagenet2012',
-    # prepared in the ArrayRecord format).
+    # Kept on the device: 'tfds' | 'files' (original IDX / CIFAR binary files) | 'npz'
+    # (your own arrays: one .npz file with x_train, y_train, x_test, y_test; images uint8,
+    # or floats k/255 in [0, 1]; NHWC or NHW; integer labels, classes = largest + 1;
+    # data/npz.py). Streamed from the host (data/streamed.py): 'folder'
+    # (DIR/train/<class>/*, DIR/val/<class>/*; JPEG, PNG) | 'shards' (what `robust-admm
+    # shards` writes from such a folder) | 'tfds' with any other TFDS image-classification
+    # dataset (e.g. data.name='imagenet2012', prepared in the ArrayRecord format).
     c.data.source = "tfds"
     c.data.dir = ""  # files: folder of the original files (CIFAR: or the .tar.gz);
-    # tfds: data_dir ('' = default); folder, shards: the folder (required)
+    # tfds: data_dir ('' = default); folder, shards: the folder (required); npz: the file
     # Streamed sources only: the side of the square crops the model sees (training:
     # RandomResizedCrop and flip; evaluation: short side to 256/224 of it, centre crop).
     c.data.image_size = 0
@@ -138,6 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = ""  # 'lenet_adv' | 'lenet5' | 'lenet_digits' | 'vgg16' | 'resnet18' | 'resnet8'
     # | 'wrn28_4' | 'wrn34_10' | any 'wrn<depth>_<widen factor>' | ImageNet, width 1 only for
     # the last two: 'imagenet_resnet18' | 'imagenet_resnet50' | 'imagenet_vgg16_bn' | 'alexnet_bn'
+    # | your own flax.linen Module class by import path: 'my_pkg.my_module:MyNet'
+    # (models/external.py: num_classes passed if it has that field; width 1, no normalize).
+    # The constructor arguments of an import-path model: a JSON object as a string,
+    # --config.model.kwargs='{"features": 64}', in a config file json.dumps({...}) ('' = none;
+    # arrays arrive as tuples).
+    c.model.kwargs = ""
     c.model.width = 1  # the paper's width multiplier w (lenet_adv: conv 2w, conv 4w, fc 64w;
     # vgg16 / resnet18: w times the standard channels; wrn*: w times the widen factor)
     # Compute precision: 'float32' | 'bfloat16' (for GPU and TPU; parameters, optimizer and

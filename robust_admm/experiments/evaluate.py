@@ -22,7 +22,7 @@ from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
 from robust_admm.evaluation.robustness import Evaluator, robust_accuracy
 from robust_admm.experiments import workdir as workdir_lib
-from robust_admm.models import get_model
+from robust_admm.models import check_model, get_model, is_import_path
 from robust_admm.runtime import logs, parallel
 from robust_admm.training.program import finished_phase_specs
 
@@ -202,7 +202,9 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     test = open_test_split(config, data_dir, n, batch)
     count = test.count
     model = get_model(config.model.name, test.num_classes, config.model.width,
-                      config.model.dtype, config.model.normalize)
+                      config.model.dtype, config.model.normalize, config.model.kwargs)
+    if is_import_path(config.model.name):  # a user's model, imported again
+        check_model(model, config.model.name, test.input_shape, test.num_classes)
     mesh = parallel.make_mesh()
     ev = Evaluator(model, state["params"], state.get("batch_stats") or {}, batch, mesh,
                    loop or config.attack.loop, config.cpu_convolutions)

@@ -26,7 +26,7 @@ from robust_admm.compression.rules import leaf_path
 from robust_admm.data import DataError, input_shape
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.shrink import lenet_args, shrink
-from robust_admm.models import LeNet, get_model
+from robust_admm.models import LeNet, get_model, init_variables
 from robust_admm.runtime import logs
 from robust_admm.training.program import finished_phase_specs, parse_program
 
@@ -126,11 +126,16 @@ def describe(params, masks=None, specs=None) -> dict:
             "stored_bytes": size_lib.storage_bytes(params, masks), "size": size}
 
 
-def _input_spec(dataset: str) -> dict:
+def _data_shape(data_cfg: dict) -> tuple:
+    """((H, W, C), classes) of a run's data (an npz file is read for them)."""
+    dataset = data_cfg["name"]
     try:
-        shape, _ = input_shape(dataset)
+        return input_shape(dataset, data_cfg.get("source", "tfds"), data_cfg.get("dir") or None)
     except DataError as e:
         raise ValueError(f"data.name={dataset!r}: {e}") from None
+
+
+def _input_spec(dataset: str, shape) -> dict:
     return {"shape": [1, *shape], "layout": "NHWC", "dtype": "float32", "range": [0.0, 1.0],
             "normalisation": "inside the model (feed raw pixels scaled to [0, 1])",
             "dataset": dataset}
@@ -161,10 +166,12 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
         onnx_export.check_installed()  # before any file is written
     model_cfg, prune = config["model"], config.get("prune", {})
     dataset = config["data"]["name"]
-    inp = _input_spec(dataset)
-    num_classes = input_shape(dataset)[1]
+    shape, num_classes = _data_shape(config["data"])
+    inp = _input_spec(dataset, shape)
     normalize = model_cfg.get("normalize", "none")  # absent: written before the field
-    model = get_model(model_cfg["name"], num_classes, model_cfg["width"], normalize=normalize)
+    kwargs = model_cfg.get("kwargs", "")  # absent: written before the field
+    model = get_model(model_cfg["name"], num_classes, model_cfg["width"], normalize=normalize,
+                      kwargs=kwargs)
     params, batch_stats = state["params"], state.get("batch_stats") or {}
     masks = state.get("masks") or None
     os.makedirs(os.path.dirname(os.path.abspath(files["npz"])), exist_ok=True)
@@ -173,6 +180,7 @@ def export_state(config: dict, state: dict, path: str, source: dict | None = Non
         "format_version": FORMAT_VERSION,
         "model": {"name": model_cfg["name"], "num_classes": num_classes,
                   "width": model_cfg["width"], "normalize": normalize,
+                  **({"kwargs": kwargs} if kwargs else {}),
                   "builder": "robust_admm.models.get_model"},
         "input": inp, "layouts": LAYOUTS, "weights_file": os.path.basename(files["npz"]),
         "prune": {k: prune.get(k) for k in ("kind", "ratios", "to_width") if k in prune},
@@ -220,7 +228,7 @@ def write_export(workdir: str, stage: str, path: str, onnx: bool = False) -> dic
     if stage not in names:
         raise ValueError(f"stage={stage!r} is not a phase of this run; allowed: {names}")
     state = workdir_lib.load_final_state(workdir, stage)
-    shape, num_classes = input_shape(config["data"]["name"])
+    shape, num_classes = _data_shape(config["data"])
     specs = finished_phase_specs(ml_collections.ConfigDict(config), stage,
                                         state["params"], num_classes, (1, *shape))
     return export_state(config, state, path,
@@ -252,9 +260,9 @@ def rebuild(npz_path: str, sidecar_path: str):
                       padding=a["padding"])
     else:
         model = get_model(m["name"], m["num_classes"], m["width"],
-                          normalize=m.get("normalize", "none"))
+                          normalize=m.get("normalize", "none"), kwargs=m.get("kwargs", ""))
     loaded = load_npz(npz_path)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+    shapes = jax.eval_shape(lambda k, x: init_variables(model, k, x), jax.random.PRNGKey(0),
                             jnp.zeros(side["input"]["shape"], jnp.float32))
     want, got = _shapes(shapes), _shapes(loaded)
     if want != got:

@@ -9,10 +9,10 @@ DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
 
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
-    values that mean what it ran: no augmentation, no label smoothing or mixup, float32
-    and no normalisation in the model, the default initialisation (no pretrained
-    weights), the streamed sources' fields at their defaults (unused by the sources it
-    had), every phase on `attack.*`; before programs, the default program."""
+    values that mean what it ran: no augmentation, no label smoothing or mixup, float32,
+    no normalisation and no kwargs in the model, the default initialisation (no
+    pretrained weights), the streamed sources' fields at their defaults (unused by the
+    sources it had), every phase on `attack.*`; before programs, the default program."""
     for field in ("label_smoothing", "mixup_alpha"):  # both off before they existed
         if field not in d:
             d = dict(d, **{field: 0.0})
@@ -26,7 +26,8 @@ def upgrade_config_dict(d: dict) -> dict:
         # defaults, which read the data as it did.
         d = dict(d, data={**base_config().data.to_dict(), **d["data"]})
     if "model" in d and set(base_config().model) - set(d["model"]):
-        # model.dtype, model.normalize: float32, 'none'.
+        # model.dtype, model.normalize, model.kwargs: float32, 'none', '' (none: the
+        # zoo's models, all a run could have before, take no constructor arguments).
         d = dict(d, model={**base_config().model.to_dict(), **d["model"]})
     if "program" in d:
         for name in comma_list(d["program"]):  # phase fields added since programs

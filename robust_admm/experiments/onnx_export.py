@@ -15,6 +15,8 @@ import os
 import jax
 import numpy as np
 
+from robust_admm.models import takes_train
+
 EXTRA_HINT = ("ONNX export needs the optional extra: pip install -e '.[onnx]' "
               "(jax2onnx and onnxruntime)")
 # Largest |onnxruntime - JAX| logit difference accepted, relative to the largest |logit|.
@@ -48,8 +50,11 @@ def write_onnx(model, variables: dict, input_shape, path: str, check_batch: int 
     data = path + ".data"  # where the converter puts the weights: moved into the one file
     _remove(path, data)
 
+    # train=False where __call__ takes it (the zoo's default; a user's may have none).
+    mode = {"train": False} if takes_train(model) else {}
+
     def logits(x):
-        return model.apply(variables, x)
+        return model.apply(variables, x, **mode)
 
     try:
         jax2onnx.to_onnx(logits, [("B", *input_shape[1:])], return_mode="file",

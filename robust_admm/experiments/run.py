@@ -20,7 +20,7 @@ from robust_admm.evaluation.eval_step import (TOP5_ABOVE_CLASSES, make_eval_atta
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.inherit import inherited
 from robust_admm.experiments.validation import validate_config
-from robust_admm.models import get_model
+from robust_admm.models import check_model, get_model, is_import_path
 from robust_admm.runtime import logs, parallel
 from robust_admm.training.initialization import initial_variables
 from robust_admm.training.loop import (Run, initial_state, previous_stage_result, run_stage,
@@ -42,7 +42,7 @@ def load_data(config):
 
 def open_data(config, mesh) -> tuple:
     """(description, class count, model input shape, training feed, test batches) of the
-    config's data: kept on the devices (tfds, files) or streamed (folder, shards)."""
+    config's data: kept on the devices (tfds, files, npz) or streamed (folder, shards)."""
     d = config.data
     if streamed(d.source, d.name):
         ds = open_streamed(d.name, d.source, d.dir, d.check_headers, d.max_pixels,
@@ -71,7 +71,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     workdir_lib.write_config(workdir, config)
 
     model = get_model(config.model.name, num_classes, config.model.width,
-                      config.model.dtype, config.model.normalize)
+                      config.model.dtype, config.model.normalize, config.model.kwargs)
+    if is_import_path(config.model.name):  # a user's model, checked on the data's shapes
+        check_model(model, config.model.name, input_shape, num_classes)
     key = jax.random.PRNGKey(config.seed)
     params, batch_stats = initial_variables(config, model, input_shape)
     specs = phase_specs(config, program, params, num_classes, input_shape)

@@ -10,7 +10,7 @@ from robust_admm.compression.rules import parse_rules
 from robust_admm.data.images import CHANNELS, CROPS
 from robust_admm.data.stream import BAD_IMAGES
 from robust_admm.data.streamed import STREAMED_SOURCES, streamed
-from robust_admm.models import get_model
+from robust_admm.models import get_model, parse_kwargs
 from robust_admm.runtime import compiler, parallel
 from robust_admm.training import augment, initialization, objectives, optim
 from robust_admm.training.program import parse_program, phases_to_run
@@ -70,14 +70,20 @@ def validate_config(config, device_count: int | None = None):
              f"one of {augment.AUGMENTATIONS}")
     if streamed(config.data.source, config.data.name):
         check_streamed(config.data)
+    elif config.data.source == "npz":  # the name is a label; the file is read at the start
+        _require(bool(config.data.dir), "data.dir", config.data.dir,
+                 "the path of the .npz file (x_train, y_train, x_test, y_test) with "
+                 "data.source='npz'")
     else:
         _require(config.data.name in data.DATASETS, "data.name", config.data.name,
                  f"one of {list(data.DATASETS)} (or a streamed data.source: "
-                 f"{', '.join(STREAMED_SOURCES)}, or any TFDS dataset with tfds)")
+                 f"{', '.join(STREAMED_SOURCES)}, or any TFDS dataset with tfds, or your "
+                 f"own arrays with data.source='npz')")
     initialization.check(config.init)
-    # Names a bad model, width, dtype or normalisation.
+    # Names a bad model, width, dtype, normalisation or kwargs; an import-path model is
+    # imported and built here (its output is checked on the data's shapes at the start).
     get_model(config.model.name, 10, config.model.width, config.model.dtype,
-              config.model.normalize)
+              config.model.normalize, config.model.kwargs)
     if config.init.pretrained:
         initialization.check_pretrained(config, *_input_of(config))
     for prefix, a in (("attack", config.attack), ("eval", config.eval)):
@@ -139,7 +145,7 @@ def _input_of(config) -> tuple:
     d = config.data
     if streamed(d.source, d.name):
         return (1, d.image_size, d.image_size, d.channels), None
-    shape, classes = data.input_shape(d.name)
+    shape, classes = data.input_shape(d.name, d.source, d.dir or None)
     return (1, *shape), classes
 
 
@@ -149,16 +155,25 @@ RESUMABLE_CHANGES = ("stages", "log_every_steps", "checkpoint.every_steps", "che
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list:
-    """['field: old -> new', ...] between two config dicts, ignoring RESUMABLE_CHANGES."""
+    """['field: old -> new', ...] between two config dicts, ignoring RESUMABLE_CHANGES
+    (and a `model.kwargs` written with other spacing or key order: the same JSON object)."""
     out = []
     for key in sorted(set(old) | set(new)):
         field = f"{prefix}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, field + ".")
-        elif a != b and field not in RESUMABLE_CHANGES:
+        elif a != b and field not in RESUMABLE_CHANGES and not (
+                field == "model.kwargs" and _same_kwargs(a, b)):
             out.append(f"{field}: {a!r} -> {b!r}")
     return out
+
+
+def _same_kwargs(a, b) -> bool:
+    try:
+        return parse_kwargs(a) == parse_kwargs(b)
+    except ValueError:
+        return False
 
 
 def check_streamed(d) -> None:

@@ -1,13 +1,16 @@
-"""Model zoo: flax.linen modules with stable layer names, built by name from a config."""
+"""Model zoo: flax.linen modules with stable layer names, built by name from a config; or
+a user's own flax.linen model by import path ('my_pkg.my_module:MyNet', `models.external`)."""
 import dataclasses
 import re
 
 import jax.numpy as jnp
 
 from robust_admm.models.alexnet import AlexNetBN, alexnet_bn
-from robust_admm.models.apply import apply_model, uses_dropout
+from robust_admm.models.apply import apply_model, init_variables, takes_train, uses_dropout
+from robust_admm.models.external import check_model, is_import_path, parse_kwargs
 from robust_admm.models.imagenet_resnet import (ImageNetResNet, imagenet_resnet18,
                                                 imagenet_resnet50)
+from robust_admm.models import external
 from robust_admm.models.layers import NORMALIZATIONS
 from robust_admm.models.imagenet_vgg import ImageNetVGG, imagenet_vgg16_bn
 from robust_admm.models.lenet import LeNet, lenet5, lenet_adv, lenet_digits
@@ -40,16 +43,23 @@ _WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")
 
 
 def get_model(name: str, num_classes: int = 10, width: int = 1, dtype: str = "float32",
-              normalize: str = "none"):
+              normalize: str = "none", kwargs=""):
     """Builds the model `name`; `width` is the paper's width multiplier `w` where it applies;
     `dtype` the compute precision (one of DTYPES; bfloat16 for GPU and TPU); `normalize`
     the per-channel normalisation of the pixels inside the model (NORMALIZATIONS; only
-    models with a `normalize` field have it)."""
+    models with a `normalize` field have it). A `name` with a ':' is a user's model by
+    import path, built with `kwargs` (`model.kwargs`: a JSON object; `models.external`)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not allowed; allowed: {list(DTYPES)}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"model.normalize={normalize!r} is not allowed; allowed: "
                          f"{list(NORMALIZATIONS)}")
+    if is_import_path(name):
+        return external.build(name, num_classes, width, DTYPES[dtype], normalize, kwargs)
+    if parse_kwargs(kwargs):
+        raise ValueError(f"model.kwargs={kwargs!r} with model.name={name!r}: constructor "
+                         f"arguments are for a model given by import path "
+                         f"('my_pkg.my_module:MyNet'); the zoo's models take model.width")
     model = _build(name, num_classes, width)
     if normalize != "none":
         if not _normalizes(model):
@@ -70,7 +80,8 @@ def _build(name: str, num_classes: int, width: int):
     if name not in _BUILDERS and not wrn:
         raise ValueError(
             f"model.name={name!r} is not a known model; allowed: {sorted(_BUILDERS)} or "
-            f"any WideResNet as 'wrn<depth>_<widen factor>' (depth 6n + 4)"
+            f"any WideResNet as 'wrn<depth>_<widen factor>' (depth 6n + 4), or your own "
+            f"flax.linen model by import path, 'my_pkg.my_module:MyNet'"
         )
     if name != "lenet5" and (not isinstance(width, int) or width < 1):
         raise ValueError(f"model.width={width!r} must be a positive integer")
@@ -95,17 +106,21 @@ __all__ = [
     "NORMALIZATIONS",
     "alexnet_bn",
     "apply_model",
+    "check_model",
     "get_model",
     "ImageNetResNet",
     "ImageNetVGG",
     "imagenet_resnet18",
     "imagenet_resnet50",
     "imagenet_vgg16_bn",
+    "init_variables",
+    "is_import_path",
     "lenet5",
     "lenet_adv",
     "lenet_digits",
     "resnet18",
     "resnet8",
+    "takes_train",
     "uses_dropout",
     "vgg16",
     "wrn28_4",

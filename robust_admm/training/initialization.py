@@ -7,7 +7,7 @@ workdir."""
 import jax
 import jax.numpy as jnp
 
-from robust_admm.models import get_model, pretrained
+from robust_admm.models import get_model, init_variables, pretrained
 from robust_admm.runtime import logs
 
 # init.scheme -> initializer of a kernel (fan-in over all but the last axis, fan-out the last).
@@ -75,7 +75,8 @@ def initial_variables(config, model, input_shape):
     key = jax.random.PRNGKey(config.seed)
     if config.init.pretrained:
         return _pretrained(config, model, jax.random.fold_in(key, 12345), input_shape)
-    variables = model.init(jax.random.fold_in(key, 12345), jnp.zeros(input_shape, jnp.float32))
+    variables = init_variables(model, jax.random.fold_in(key, 12345),
+                               jnp.zeros(input_shape, jnp.float32))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     make = SCHEMES[config.init.scheme]
     if make is None:
