@@ -389,6 +389,44 @@ def test_the_pool_backward_keeps_the_next_convolution_out_of_library_fusions():
     assert not [f for f in fusions if "convolution" in f]
 
 
+def test_the_pool_gradient_is_autodiffs_inside_a_large_compiled_program():
+    """Two conv-BatchNorm-relu-pool blocks at 28x28 with 256 channels, compiled with the
+    steps' CPU options: the gradient through max_pool_2x2 equals autodiff's through
+    flax's reduce_window max-pool. Comparing each window's entries with the library's
+    reduction of it found no equal entry in some windows here (0 / 0 shares, every
+    gradient NaN), as in VGG-16-BN at 112 px and up (benchmarks/NOTES.md)."""
+    import flax.linen as nn
+
+    from robust_admm.models.layers import Conv
+
+    def net(pool):
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                for _ in range(2):
+                    x = Conv(256, (3, 3), padding=((1, 1), (1, 1)))(x)
+                    x = pool(nn.relu(nn.BatchNorm(use_running_average=False)(x)))
+                return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        return Net()
+
+    x = jnp.asarray(np.random.default_rng(0).random((4, 28, 28, 256)), jnp.float32)
+    ours, reference = net(max_pool_2x2), net(lambda x: nn.max_pool(x, (2, 2), (2, 2)))
+    v = jax.jit(ours.init)(jax.random.PRNGKey(0), x)
+
+    def grad(model):
+        def loss(p):
+            out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                 mutable=["batch_stats"])
+            return (out ** 2).mean()
+        return jax.jit(jax.grad(loss), compiler_options=compiler.compiler_options("auto"))(
+            v["params"])
+
+    for got, want in zip(jax.tree_util.tree_leaves(grad(ours)),
+                         jax.tree_util.tree_leaves(grad(reference))):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
 def _resnet_count(stem, stages, blocks, num_classes):
     """As `_resnet18_torch_count`, for any stem width, stage widths and blocks per stage."""
     conv = lambda cin, cout, k: k * k * cin * cout

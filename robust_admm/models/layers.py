@@ -101,9 +101,19 @@ def _pool_even(x: jnp.ndarray) -> jnp.ndarray:
     return _windows(x).max(axis=(2, 4))
 
 
+def _window_max(windows: jnp.ndarray) -> jnp.ndarray:
+    """The max of each 2x2 window as three elementwise maxima, not a reduction."""
+    return jnp.maximum(jnp.maximum(windows[:, :, 0, :, 0], windows[:, :, 0, :, 1]),
+                       jnp.maximum(windows[:, :, 1, :, 0], windows[:, :, 1, :, 1]))
+
+
 def _pool_even_fwd(x):
     windows = _windows(x)
-    pooled = windows.max(axis=(2, 4))
+    # The max as elementwise maxima, not a reduction (as the primal's): XLA:CPU gives
+    # reductions to the library, and inside a large program (VGG-16-BN at 112 px and up)
+    # its reduce fusion compared some windows' entries with a max none of them equalled,
+    # so their shares were 0 / 0 (benchmarks/NOTES.md, "VGG-16-BN's gradients at 224 px").
+    pooled = _window_max(windows)
     is_max = (windows == pooled[:, :, None, :, None]).astype(x.dtype)
     # The ties counted as a sum of the four window entries, not a reduction: XLA:CPU gives
     # reductions to the library, where this one slowed the step (NOTES.md, entry 17).
