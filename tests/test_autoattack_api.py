@@ -239,6 +239,22 @@ def test_single_attack_options_and_the_boundary(digits):
         robust_admm.attack("fab-t", logits, x, y, epsilon=0.1, steps=20)
 
 
+def test_the_adversarial_images_are_the_same_from_the_host_and_the_compiled_loop(digits):
+    """`attack` drives the steps from the host on CPU and in one compiled loop on GPU/TPU:
+    the same images (PGD, two restarts: the pick of the first that fools included)."""
+    from robust_admm.attacks import Pgd
+    from robust_admm.evaluation import robustness
+    (x_train, y_train), (x, y) = digits
+    params = softmax_regression(x_train, y_train, steps=100)
+    apply, arrays = autoattack_api.split_logits_fn(functools.partial(
+        lambda p, images: images.reshape(len(images), -1) @ p["w"] + p["b"], params))
+    pgd = Pgd(epsilon=0.05, step_size=0.02, num_steps=3, restarts=2)
+    images = {loop: robustness.LogitsEvaluator(apply, arrays, 32, loop=loop).adversarial(
+        pgd, x, y, jax.random.PRNGKey(0)) for loop in ("host", "fori")}
+    np.testing.assert_allclose(images["host"], images["fori"], atol=1e-6)
+    assert np.abs(images["host"] - x).max() == pytest.approx(0.05)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 W = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)

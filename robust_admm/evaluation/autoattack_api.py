@@ -28,6 +28,8 @@ from robust_admm.attacks import core, suite
 from robust_admm.evaluation import robustness
 from robust_admm.runtime import logs, parallel
 
+__all__ = ["AttackOutput", "AutoAttackResult", "attack", "autoattack", "split_logits_fn"]
+
 # AutoAttack's versions: the members run in order, each on the points still robust.
 VERSIONS = {"standard": suite.STANDARD}
 NOT_IMPLEMENTED_VERSIONS = {
@@ -282,7 +284,8 @@ class AutoAttackResult:
 
 def autoattack(logits_fn: Callable, images, labels, *, epsilon: float, norm: str = "linf",
                version: str = "standard", attacks: Sequence[str] | str | None = None,
-               batch_size: int = 500, key=None, bounds: tuple[float, float] = (0.0, 1.0),
+               batch_size: int = 500, key: jax.Array | int | None = None,
+               bounds: tuple[float, float] = (0.0, 1.0),
                verbose: bool = False) -> AutoAttackResult:
     """AutoAttack (Croce & Hein, 2020) on any JAX classifier: robust accuracy at radius
     `epsilon` in `norm`, counted as AutoAttack counts it (each member runs on the points
@@ -343,7 +346,7 @@ def _with_options(attack: core.Attack, name: str, options: dict) -> core.Attack:
 
 
 def attack(name: str, logits_fn: Callable, images, labels, *, epsilon: float,
-           norm: str = "linf", key=None, batch_size: int = 500,
+           norm: str = "linf", key: jax.Array | int | None = None, batch_size: int = 500,
            bounds: tuple[float, float] = (0.0, 1.0), **options) -> AttackOutput:
     """One attack of the suite on any JAX classifier: the adversarial image of every
     point and whether it fools the model. Arguments as `autoattack`'s.
