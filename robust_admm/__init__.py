@@ -10,6 +10,11 @@ __version__ = "0.1.0"
 
 # Public name -> "module:attribute" it is imported from on first use.
 _PUBLIC = {
+    # AutoAttack and the single attacks on any JAX classifier (evaluation/autoattack_api.py)
+    "autoattack": "robust_admm.evaluation.autoattack_api:autoattack",
+    "AutoAttackResult": "robust_admm.evaluation.autoattack_api:AutoAttackResult",
+    "attack": "robust_admm.evaluation.autoattack_api:attack",
+    "AttackOutput": "robust_admm.evaluation.autoattack_api:AttackOutput",
 }
 
 __all__ = ["__version__", *_PUBLIC]

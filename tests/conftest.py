@@ -27,7 +27,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 LONGEST_FIRST = ("test_resume", "test_cifar_run", "test_train", "test_distributed_run",
                  "test_streamed_run", "test_benchmarks", "test_smoothing_mixup",
                  "test_imagenet_presets",
-                 "test_step", "test_recipe", "test_robustness", "test_study", "test_apgd",
+                 "test_step", "test_recipe", "test_autoattack_api", "test_robustness",
+                 "test_study", "test_apgd",
                  "test_conv")
 
 

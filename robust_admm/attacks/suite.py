@@ -16,6 +16,9 @@ from robust_admm.attacks.square import Square
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 ENSEMBLES = {"aa-standard": STANDARD}
 SINGLE = ("fgsm", "pgd<N>", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+# The classes an attack needs: the DLR losses read the 3 (untargeted) or 4 (targeted)
+# largest logits; every other attack needs a true class and one other.
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 
 def make(name: str, epsilon: float, num_classes: int = 10,
@@ -26,6 +29,10 @@ def make(name: str, epsilon: float, num_classes: int = 10,
     if not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon!r} must be >= 0")
     core.check_norm(name, norm)
+    need = MIN_CLASSES.get(name, 2)
+    if num_classes < need:
+        raise ValueError(f"{name} needs at least {need} classes; the model has {num_classes}"
+                         + (" (its DLR loss reads the largest logits)" if need > 2 else ""))
     n_targets = min(9, num_classes - 1)
     m = re.fullmatch(r"pgd(\d+)", name)
     if m:

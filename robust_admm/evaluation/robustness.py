@@ -4,7 +4,9 @@ A point is robust under an ensemble if the model classifies it correctly and no 
 attack fools it: the members run in order, each only on the points still robust, and a
 point's worst case is kept. A single attack runs on every correctly classified point.
 Batches are fixed-size (the last one padded) and split along the mesh's `data` axis, so
-each attack compiles once and runs on one device or many.
+each attack compiles once and runs on one device or many. `LogitsEvaluator` attacks any
+`apply(model_args, x) -> logits` (the public `autoattack` builds one from a user's
+function); `Evaluator` is it on a model of the zoo.
 """
 import dataclasses
 import functools
@@ -24,17 +26,30 @@ from robust_admm.runtime import logs, parallel
 from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
 
 
+def model_apply(model) -> Callable:
+    """`apply(model_args, x) -> logits` of a model of the zoo, `model_args` = (params,
+    batch_stats); BatchNorm on running averages (`models.apply_model`, train=False)."""
+    return lambda m, xa: apply_model(model, *m, xa, train=False)[0]
+
+
 def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: str = "auto",
                    cpu_convolutions: str = "auto", place: Callable | None = None,
                    bucket: Callable | None = None) -> Callable:
+    """`apply_fooled_fn` for a model of the zoo: `model_args` = (params, batch_stats)."""
+    return apply_fooled_fn(model_apply(model), attack, mesh, loop, cpu_convolutions, place,
+                           bucket)
+
+
+def apply_fooled_fn(apply: Callable, attack: core.Attack, mesh: Mesh | None = None,
+                    loop: str = "auto", cpu_convolutions: str = "auto",
+                    place: Callable | None = None, bucket: Callable | None = None) -> Callable:
     """`fooled(model_args, x, y, key) -> bool (batch,)` over host arrays x, y: the
-    attack's point is misclassified. `model_args` = (params, batch_stats); BatchNorm on
-    running averages. The host form regroups the points still robust (`Compacting`);
-    `place` puts a host batch on the devices, `bucket(count)` sizes a regrouped batch."""
+    attack's point is misclassified by `apply(model_args, x) -> logits`. The host form
+    regroups the points still robust (`Compacting`); `place` puts a host batch on the
+    devices, `bucket(count)` sizes a regrouped batch."""
     jit = jit_with_options(cpu_convolutions)
     shard = parallel.batch_constraint(mesh)
     place = place or jnp.asarray
-    apply = lambda m, xa: apply_model(model, *m, xa, train=False)[0]
     if resolve_pgd_loop(loop) == "fori":
         def fooled(m, x, y, key):
             fn = functools.partial(apply, m)
@@ -43,6 +58,23 @@ def make_fooled_fn(model, attack: core.Attack, mesh: Mesh | None = None, loop: s
         compiled = jit(fooled)
         return lambda m, x, y, key: np.asarray(compiled(m, place(x), place(y), key))
     return Compacting(attack, apply, jit, shard, place, bucket or (lambda n: n))
+
+
+def apply_adversarial_fn(apply: Callable, attack: core.Attack, mesh: Mesh | None = None,
+                         loop: str = "auto", cpu_convolutions: str = "auto",
+                         place: Callable | None = None) -> Callable:
+    """`adversarial(model_args, x, y, key) -> x_adv` (a device array) over host arrays x,
+    y: the whole attack on every point of the batch, traced in one program ('fori') or
+    driven from the host (`core.HostRunner`), with the randomness `apply_fooled_fn` draws."""
+    jit = jit_with_options(cpu_convolutions)
+    shard = parallel.batch_constraint(mesh)
+    place = place or jnp.asarray
+    if resolve_pgd_loop(loop) == "fori":
+        compiled = jit(lambda m, x, y, key: core.run(
+            attack, functools.partial(apply, m), shard(x), shard(y), key))
+        return lambda m, x, y, key: compiled(m, place(x), place(y), key)
+    runner = core.HostRunner(attack, apply, jit, shard)
+    return lambda m, x, y, key: runner(m, place(x), place(y), key)
 
 
 class Compacting:
@@ -100,34 +132,32 @@ class Compacting:
 
 
 @dataclasses.dataclass
-class Evaluator:
-    """Runs attacks on a model over host arrays of pixels in [0, 1] and labels."""
+class LogitsEvaluator:
+    """Runs attacks on `apply(model_args, x) -> logits (batch, classes)` over host arrays
+    of pixels in [0, 1] and labels. `model_args` (a pytree of arrays, replicated over the
+    mesh) is an argument of every compiled program, so the programs compile once per batch
+    shape whatever its values. `batch_field` names the batch size in errors."""
 
-    model: object
-    params: object
-    batch_stats: object
+    apply: Callable
+    model_args: object
     batch: int = 500
     mesh: Mesh | None = None
     loop: str = "auto"
     cpu_convolutions: str = "auto"
     log: Callable = logs.log
+    batch_field: str = "--batch"
 
     def __post_init__(self):
         if self.mesh is not None:
-            parallel.check_global_batch(self.batch, self.mesh, "--batch")
-            self.params, self.batch_stats = parallel.replicate(
-                (self.params, self.batch_stats), self.mesh)
+            parallel.check_global_batch(self.batch, self.mesh, self.batch_field)
+            self.model_args = parallel.replicate(self.model_args, self.mesh)
         elif self.batch < 1:
-            raise ValueError(f"--batch={self.batch} must be >= 1")
-        self._predict = jit_with_options(self.cpu_convolutions)(
-            lambda m, x: apply_model(self.model, *m, x, train=False)[0].argmax(-1))
-        self._top5 = jit_with_options(self.cpu_convolutions)(
-            lambda m, x: jax.lax.top_k(apply_model(self.model, *m, x, train=False)[0], 5)[1])
+            raise ValueError(f"{self.batch_field}={self.batch} must be >= 1")
+        jit = jit_with_options(self.cpu_convolutions)
+        self._predict = jit(lambda m, x: self.apply(m, x).argmax(-1))
+        self._top5 = jit(lambda m, x: jax.lax.top_k(self.apply(m, x), 5)[1])
         self._fooled = {}
-
-    @property
-    def model_args(self):
-        return (self.params, self.batch_stats)
+        self._adversarial = {}
 
     def _place(self, a: np.ndarray):
         if self.mesh is None:
@@ -172,10 +202,26 @@ class Evaluator:
 
     def fooled_fn(self, attack: core.Attack):
         if attack not in self._fooled:
-            self._fooled[attack] = make_fooled_fn(self.model, attack, self.mesh, self.loop,
-                                                  self.cpu_convolutions, self._place,
-                                                  self.batch_for)
+            self._fooled[attack] = apply_fooled_fn(self.apply, attack, self.mesh, self.loop,
+                                                   self.cpu_convolutions, self._place,
+                                                   self.batch_for)
         return self._fooled[attack]
+
+    def adversarial(self, attack: core.Attack, x: np.ndarray, y: np.ndarray,
+                    key) -> np.ndarray:
+        """The attack's image of every point (the batches of `attack` over all points:
+        batch i draws with fold_in(key, i)), as a host array shaped as x."""
+        if attack not in self._adversarial:
+            self._adversarial[attack] = apply_adversarial_fn(
+                self.apply, attack, self.mesh, self.loop, self.cpu_convolutions, self._place)
+        fn = self._adversarial[attack]
+        out = np.array(x, copy=True)
+        if attack.is_identity:
+            return out
+        for i, (b, n) in enumerate(self._batches(np.arange(len(y)))):
+            out[b[:n]] = np.asarray(fn(self.model_args, x[b], y[b],
+                                       jax.random.fold_in(key, i)))[:n]
+        return out
 
     def attack(self, attack: core.Attack, x, y, idx: np.ndarray, key,
                label: str = "") -> np.ndarray:
@@ -198,14 +244,51 @@ class Evaluator:
         return fooled
 
 
-def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
+class Evaluator(LogitsEvaluator):
+    """`LogitsEvaluator` on a model of the zoo: `model_args` = (params, batch_stats),
+    BatchNorm on running averages."""
+
+    def __init__(self, model, params, batch_stats, batch: int = 500, mesh: Mesh | None = None,
+                 loop: str = "auto", cpu_convolutions: str = "auto", log: Callable = logs.log):
+        self.model = model
+        super().__init__(model_apply(model), (params, batch_stats), batch, mesh, loop,
+                         cpu_convolutions, log)
+
+
+def run_ensemble(ev: LogitsEvaluator, x: np.ndarray, y: np.ndarray, members: Sequence[str],
+                 epsilon: float, key, correct: np.ndarray, num_classes: int = 10,
+                 pgd_step_ratio: float | None = None, norm: str = "linf",
+                 label: str = "") -> tuple[np.ndarray, dict, dict]:
+    """The members (names of `suite`) run in order, each on the points still robust:
+    (robust bool (n,), accuracy after each member {name: float}, seconds {name: float}).
+    Member `name` draws with fold_in(key, crc32(name)), so an attack at one epsilon draws
+    the same randomness wherever it runs first (alone or as an ensemble's first member)."""
+    robust = correct.copy()
+    after, seconds = {}, {}
+    for name in members:
+        pgd_step = pgd_step_ratio * epsilon if pgd_step_ratio else None
+        attack = suite.make(name, epsilon, num_classes, pgd_step, norm)
+        idx = np.flatnonzero(robust)
+        t0 = time.perf_counter()
+        key_name = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        fooled = ev.attack(attack, x, y, idx, key_name,
+                           f"{label}/{name}" if len(members) > 1 else name)
+        robust[idx[fooled]] = False
+        seconds[name] = time.perf_counter() - t0
+        after[name] = float(robust.mean())
+        ev.log(f"[eval] eps {epsilon:g}: after {name}: {100 * after[name]:.2f}% robust "
+               f"({seconds[name]:.0f} s)")
+    return robust, after, seconds
+
+
+def robust_accuracy(ev: LogitsEvaluator, x: np.ndarray, y: np.ndarray,
                     items: Sequence[tuple[str, Sequence[str]]], epsilon: float, key,
                     num_classes: int = 10, pgd_step_ratio: float | None = None,
                     correct: np.ndarray | None = None, norm: str = "linf") -> dict:
     """Natural accuracy and, for each (label, members) item of `suite.parse`, the
-    accuracy under it at L-inf radius `epsilon`; ensembles also report the accuracy
-    after each member (cumulative, as AutoAttack prints it) and the time each took.
-    `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps);
+    accuracy under it at radius `epsilon` (`run_ensemble`); ensembles also report the
+    accuracy after each member (cumulative, as AutoAttack prints it) and the time each
+    took. `pgd_step_ratio`: PGD's step size as a fraction of epsilon (default 2.5 / steps);
     `norm`: the threat model, 'linf' or 'l2'. With more than 10 classes, the natural
     top-5 accuracy too (the attacks count top-1 errors, as AutoAttack does)."""
     n = len(y)
@@ -215,23 +298,8 @@ def robust_accuracy(ev: Evaluator, x: np.ndarray, y: np.ndarray,
     if num_classes > TOP5_ABOVE_CLASSES:
         result["natural_top5"] = float(ev.correct_top5(x, y).mean())
     for label, members in items:
-        robust = correct.copy()
-        after, seconds = {}, {}
-        for name in members:
-            pgd_step = pgd_step_ratio * epsilon if pgd_step_ratio else None
-            attack = suite.make(name, epsilon, num_classes, pgd_step, norm)
-            idx = np.flatnonzero(robust)
-            t0 = time.perf_counter()
-            # Keyed by name: an attack at one epsilon draws the same randomness wherever it
-            # runs first (alone or as an ensemble's first member).
-            key_name = jax.random.fold_in(key, zlib.crc32(name.encode()))
-            fooled = ev.attack(attack, x, y, idx, key_name,
-                               f"{label}/{name}" if len(members) > 1 else name)
-            robust[idx[fooled]] = False
-            seconds[name] = time.perf_counter() - t0
-            after[name] = float(robust.mean())
-            ev.log(f"[eval] eps {epsilon:g}: after {name}: {100 * after[name]:.2f}% robust "
-                   f"({seconds[name]:.0f} s)")
+        robust, after, seconds = run_ensemble(ev, x, y, members, epsilon, key, correct,
+                                              num_classes, pgd_step_ratio, norm, label)
         entry = {"robust_acc": float(robust.mean()), "epsilon": epsilon, "norm": norm,
                  "members": list(members), "seconds": sum(seconds.values())}
         if len(members) > 1:
