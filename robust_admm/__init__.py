@@ -8,8 +8,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public name -> "module:attribute" it is imported from on first use.
+# Public name -> "module:attribute" it is imported from on first use ("module": the module).
 _PUBLIC = {
+    "compression": "robust_admm.compression",
+    "Rule": "robust_admm.compression:Rule",
+    "admm_phase": "robust_admm.compression:admm_phase",
+    "retrain_phase": "robust_admm.compression:retrain_phase",
+    "project": "robust_admm.compression:project",
+    "size_report": "robust_admm.compression:size_report",
 }
 
 __all__ = ["__version__", *_PUBLIC]
@@ -18,8 +24,9 @@ __all__ = ["__version__", *_PUBLIC]
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'robust_admm' has no attribute {name!r}")
-    module, attribute = _PUBLIC[name].split(":")
-    value = getattr(importlib.import_module(module), attribute)
+    module, _, attribute = _PUBLIC[name].partition(":")
+    value = importlib.import_module(module)
+    value = getattr(value, attribute) if attribute else value
     globals()[name] = value
     return value
 
