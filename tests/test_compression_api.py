@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import robust_admm
 from helpers import ROOT
@@ -101,7 +100,8 @@ def test_a_rule_that_matches_no_leaf_of_a_users_tree_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"rule 'fc9' matches no kernel leaf.*'fc1/kernel'"):
         compression.admm_phase("fc9=irregular:0.5", update_every=1).init(PARAMS)
     with pytest.raises(ValueError, match=r"rule 'fc9' matches no kernel leaf"):
-        compression.retrain_phase(optax.sgd(0.1), [Rule("fc9", "irregular", ratio=0.5)]).init(PARAMS)
+        compression.retrain_phase(optax.sgd(0.1),
+                                  [Rule("fc9", "irregular", ratio=0.5)]).init(PARAMS)
     with pytest.raises(ValueError, match=r"width.*give a ratio"):
         compression.resolve(PARAMS, "fc1=irregular:w2")
     with pytest.raises(ValueError, match=r"Rule\('fc1'\) names no set"):
@@ -336,3 +336,135 @@ def test_the_cli_and_a_hand_written_loop_on_the_public_api_end_with_the_same_par
     assert np.count_nonzero(ours["conv2/kernel"]) == projections.kept_count(3 * 3 * 8 * 16, 0.75)
     assert np.count_nonzero(np.abs(ours["conv1/kernel"]).sum(axis=(0, 1, 2))) == 4
     assert on_levels(np.asarray(ours["fc1/kernel"]), 2)
+
+
+# -- retraining on the sets -------------------------------------------------------------------
+
+MLP_RULES = "l1=nm:2:4,l2=filter:0.5+quantize:3,l3=quantize:1"
+
+
+def mlp_params(rng):
+    return {"l1": {"kernel": rng.normal(size=(16, 32)).astype(np.float32),
+                   "bias": np.zeros(32, np.float32)},
+            "l2": {"kernel": rng.normal(size=(32, 32)).astype(np.float32) / 6},
+            "l3": {"kernel": rng.normal(size=(32, 8)).astype(np.float32) / 6}}
+
+
+def mlp_loss(params, x, y):
+    h = jax.nn.relu(x @ params["l1"]["kernel"] + params["l1"]["bias"])
+    h = jax.nn.relu(h @ params["l2"]["kernel"])
+    return optax.softmax_cross_entropy_with_integer_labels(h @ params["l3"]["kernel"], y).mean()
+
+
+def test_retrain_keeps_every_leaf_of_a_pure_jnp_model_exactly_on_its_rules():
+    """N:M, filter pruning under 3-bit levels and binary weights, after 12 steps of SGD
+    with momentum from projected weights: counted and checked leaf by leaf."""
+    rng = np.random.default_rng(3)
+    params = compression.project(mlp_params(rng), MLP_RULES)
+    x = jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 8, 64))
+    tx = compression.retrain_phase(optax.sgd(0.05, momentum=0.9), MLP_RULES)
+    state = tx.init(params)
+    masks = compression.retrain_masks(state)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(mlp_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(12):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    w = {k: np.asarray(v) for k, v in tree_dict(params).items()}
+    m = {k: np.asarray(v) for k, v in tree_dict(masks).items()}
+    # l1: at most 2 of every 4 consecutive inputs per output, on the support of the start.
+    groups = (w["l1/kernel"] != 0).reshape(4, 4, 32).sum(axis=1)
+    assert groups.max() <= 2 and m["l1/kernel"].reshape(4, 4, 32).sum(axis=1).max() == 2
+    assert not np.any(w["l1/kernel"][~m["l1/kernel"]])
+    # l2: 16 of 32 filters, the others exactly zero, the kept ones on 3-bit levels.
+    assert np.count_nonzero(np.abs(w["l2/kernel"]).sum(axis=0)) <= 16
+    assert m["l2/kernel"].any(axis=0).sum() == 16
+    assert not np.any(w["l2/kernel"][~m["l2/kernel"]])
+    assert on_levels(w["l2/kernel"], 3)
+    # l3: binary, every weight +-alpha for one alpha.
+    assert np.unique(np.abs(w["l3/kernel"])).size == 1 and np.all(w["l3/kernel"] != 0)
+    # The weights moved: the constraint is kept, not training frozen.
+    assert not np.array_equal(w["l3/kernel"], np.asarray(
+        compression.project(mlp_params(np.random.default_rng(3)), MLP_RULES)["l3"]["kernel"]))
+    np.testing.assert_array_equal(m["l1/bias"], True)
+
+
+def test_straight_through_runs_on_the_levels_and_passes_the_gradient_to_the_latent_weights():
+    rng = np.random.default_rng(4)
+    params = mlp_params(rng)
+    rules = "l3=quantize:2"
+    tx = compression.retrain_phase(optax.sgd(0.1), rules, quantize_update="ste")
+    masks = compression.retrain_masks(tx.init(params))
+    ste = jax.jit(lambda p: compression.straight_through(p, rules, masks))
+    levels = ste(params)
+    np.testing.assert_array_equal(levels["l3"]["kernel"],
+                                  compression.project(params, rules)["l3"]["kernel"])
+    np.testing.assert_array_equal(levels["l2"]["kernel"], params["l2"]["kernel"])
+    x = jnp.asarray(rng.normal(size=(8, 16)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 8, 8))
+    ste_grad = jax.jit(jax.grad(lambda p: mlp_loss(ste(p), x, y)))(params)
+    at_levels = jax.jit(jax.grad(mlp_loss))(levels, x, y)
+    for k, g in tree_dict(ste_grad).items():
+        np.testing.assert_allclose(g, tree_dict(at_levels)[k], rtol=1e-6, atol=1e-7)
+    # The update keeps the latent weights (only the masks apply): off the levels.
+    updates, _ = tx.update(ste_grad, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert np.unique(np.abs(np.asarray(new["l3"]["kernel"]))).size > 2
+    with pytest.raises(ValueError, match="holds 0 retrain states"):
+        compression.retrain_masks(optax.sgd(0.1).init(params))
+
+
+def test_admm_with_masks_keeps_z_and_the_gradients_within_them():
+    """An earlier phase's support: Z = Proj(W) within it, the gradients (penalty
+    included) zero outside it."""
+    rng = np.random.default_rng(5)
+    params = mlp_params(rng)
+    masks = jax.tree_util.tree_map(lambda p: np.ones(p.shape, bool), params)
+    masks["l2"]["kernel"] = rng.random((32, 32)) < 0.5
+    tx = compression.admm_phase("l2=irregular:0.75", update_every=1, rho=0.5, masks=masks)
+    state = tx.init(params)
+    z = np.asarray(state.admm.z["l2/kernel"])
+    assert not np.any(z[~masks["l2"]["kernel"]])
+    inside = np.where(masks["l2"]["kernel"], params["l2"]["kernel"], 0)
+    np.testing.assert_array_equal(z, np_project(inside, {"kind": "irregular", "ratio": 0.75}))
+    grads = jax.tree_util.tree_map(lambda p: np.ones(p.shape, np.float32), params)
+    out, state = jax.jit(tx.update)(grads, state, params)
+    out, state = jax.jit(tx.update)(out, state, params)  # count 1: a Z/U update, in masks
+    g = np.asarray(out["l2"]["kernel"])
+    assert not np.any(g[~masks["l2"]["kernel"]]) and np.all(g[masks["l2"]["kernel"]] != 0)
+    assert not np.any(np.asarray(state.admm.z["l2/kernel"])[~masks["l2"]["kernel"]])
+
+
+# -- the example ---------------------------------------------------------------------------------
+
+def test_the_example_compresses_a_flax_nnx_model_exactly_on_its_rules(tmp_path):
+    """examples/compress_your_flax_model.py as a user runs it: its printed sparsity per
+    layer is exact, and its saved weights are on the rules leaf by leaf."""
+    out = str(tmp_path / "compressed.npz")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples",
+                                                     "compress_your_flax_model.py"), out],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = {m[0]: (int(m[1]), int(m[2]), int(m[3])) for m in re.findall(
+        r"^(\S+/kernel): (\d+)/(\d+) nonzero \(.*\), (\d+) bits$", r.stdout, re.M)}
+    assert sorted(printed) == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"]
+    w = dict(np.load(out))
+    for path, (nonzero, size, _) in printed.items():
+        assert (np.count_nonzero(w[path]), w[path].size) == (nonzero, size), path
+    assert np.count_nonzero(np.abs(w["conv1/kernel"]).sum(axis=(0, 1, 2))) == 8  # of 16
+    assert printed["conv2/kernel"][0] == projections.kept_count(4608, 0.8)
+    # Quantized with pruning: at most the kept count (a kept weight may round to level 0).
+    assert printed["fc1/kernel"][0] <= projections.kept_count(8192, 0.9)
+    assert on_levels(w["fc1/kernel"], 4) and on_levels(w["fc2/kernel"], 2)
+    assert [p[2] for p in printed.values()] == [32, 32, 4, 2]
+    accuracy = float(re.search(r"compressed: accuracy ([\d.]+)", r.stdout).group(1))
+    assert accuracy >= 0.8, r.stdout

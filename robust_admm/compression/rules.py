@@ -14,8 +14,9 @@ Matching: a pattern matches the compressible leaves of a params tree (by default
 leaves named `kernel` with at least 2 dims: dense and conv weights; any predicate of
 (path, leaf) instead) whose module path (the leaf path without its last name) or leaf
 path it globs; a pattern that matches nothing, or a leaf two patterns match, is an error.
-Rules are also objects (`Rule`) or dicts `{pattern: spec}`. Resolution turns a rules text into `{leaf path: projection spec}` (widths expanded
-to ratios against the same model at that width). Pure Python: only shapes are inspected.
+Rules are also objects (`Rule`) or dicts `{pattern: spec}`. Resolution turns a rules text
+into `{leaf path: projection spec}` (widths expanded to ratios against the same model at
+that width). Pure Python: only shapes are inspected.
 """
 from __future__ import annotations
 

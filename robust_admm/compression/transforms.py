@@ -2,9 +2,11 @@
 pytree (Flax linen's `variables["params"]`, Flax NNX's `nnx.state(model, nnx.Param)`, a
 dict of arrays), built on the functions the `train` CLI runs (`admm`, `projections`).
 
-    tx = optax.chain(admm_phase(rules, update_every=100, rho=1e-3), optax.adam(1e-3))   # phase 1
+    tx = optax.chain(admm_phase(rules, update_every=100, rho=1e-3), optax.adam(1e-3))
+    ...  # train: updates, state = tx.update(grads, state, params)
     params = project(params, rules)
-    tx = retrain_phase(optax.adam(1e-3), rules)                                          # phase 2
+    tx = retrain_phase(optax.adam(1e-3), rules)
+    ...  # train on the sets
 
 Rules are a rules text (`'conv*=filter:0.5,fc1=irregular:0.9+quantize:4'`, the config's
 grammar), a list of `Rule` or a dict ``{pattern: spec}``; a pattern globs the leaf paths
@@ -198,10 +200,12 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
     each quantized leaf projected back onto its levels (the scale refit). An optax update
     cannot set params, only be added to them: ``optax.apply_updates(params, updates)``
     equals the target exactly where the target is 0 or within a factor of 2 of the weight
-    (Sterbenz's lemma), which holds for every weight that moved less than half a level in
-    the step; so start from ``project(params, rules)``, as the CLI does (from unprojected
-    weights the first step's gradient is taken off the sets, and a far outlier or a binary
-    weight near 0 may land an ulp off its level until the next update).
+    (Sterbenz's lemma): every pruned weight, and every weight on a level that keeps its
+    level in the step (the scale moves far less than 2x). So start from
+    ``project(params, rules)``, as the CLI does: from unprojected weights the first step's
+    gradient is taken off the sets, and a far outlier or a binary weight near 0 may land
+    an ulp off its level, as may (rarely) a weight moving from level 1 to 2 as the scale
+    grows, until its next update.
 
     `quantize_update='ste'`: the weights stay latent (only the masks are kept) and the model
     must run on ``straight_through(params, rules, retrain_masks(opt_state))`` in the loss
