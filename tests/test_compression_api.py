@@ -154,6 +154,12 @@ def test_project_is_the_exact_projection_per_leaf():
 
 
 def test_the_package_exposes_the_api_lazily():
+    code = ("import sys, robust_admm; assert 'robust_admm.compression' not in sys.modules; "
+            "tx = robust_admm.admm_phase('fc=irregular:0.5', update_every=2); "
+            "assert robust_admm.compression.admm_phase is robust_admm.admm_phase; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
     assert robust_admm.admm_phase is compression.admm_phase
     assert robust_admm.retrain_phase is compression.retrain_phase
     assert robust_admm.compression is compression

@@ -26,6 +26,7 @@ import optax
 
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size as size_lib
+from robust_admm.compression.projections import is_int
 from robust_admm.compression.rules import Predicate, Rules, as_pattern_specs, match_rules
 
 
@@ -86,7 +87,7 @@ def size_report(params, rules: Rules | None = None, *,
 
 
 class AdmmOptState(NamedTuple):
-    """The state of `admm`: the step count and ADMM's Z, U, rho (flat dicts keyed by leaf
+    """The state of `admm_phase`: the step count and ADMM's Z, U, rho (flat dicts keyed by leaf
     path, `admm.AdmmState`), the primal and dual residuals of the last Z/U update (0 before
     the first) and the masks it was given (None without)."""
     count: jax.Array  # int32 scalar: updates taken
@@ -105,9 +106,10 @@ def _check_positive(name: str, value, allow_inf: bool = False) -> float:
     return v
 
 
-def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3, rho_growth: float = 1.3,
-         rho_max: float = 1.0, is_compressible: Predicate | None = None,
-         masks=None) -> optax.GradientTransformation:
+def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3,
+               rho_growth: float = 1.3, rho_max: float = 1.0,
+               is_compressible: Predicate | None = None,
+               masks=None) -> optax.GradientTransformation:
     """ADMM toward `rules` as a gradient transformation, chained before the optimizer:
     ``optax.chain(admm_phase(rules, update_every=N), optax.sgd(0.01))``.
 
@@ -128,7 +130,7 @@ def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3, rho_growth
     optimizer whose update of a zero gradient is zero). The params must be the third
     argument of `update` (optax's convention): the penalty needs them.
     """
-    if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
+    if not is_int(update_every) or update_every < 1:
         raise ValueError(f"update_every={update_every!r} must be an integer >= 1 (updates "
                          f"between Z/U updates)")
     rho = _check_positive("rho", rho)
@@ -149,10 +151,10 @@ def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3, rho_growth
 
     def update(grads, state: AdmmOptState, params=None):
         if params is None:
-            raise ValueError("admm: update(grads, state, params) needs the params (the "
+            raise ValueError("admm_phase: update(grads, state, params) needs the params (the "
                              "penalty's gradient is rho (W - Z + U))")
         specs = specs_of(params)
-        due = (state.count > 0) & (state.count % update_every == 0)
+        due = (state.count > 0) & (state.count % int(update_every) == 0)
         new_admm, residuals = jax.lax.cond(
             due,
             lambda s: admm_lib.update(params, s.admm, specs, rho_growth, rho_max, s.masks),
@@ -181,15 +183,15 @@ def add_penalty_grad(grads, params, state: admm_lib.AdmmState):
 
 
 class RetrainState(NamedTuple):
-    """The state of `retrain`: the support kept (bools with params' structure, True =
+    """The state of `retrain_phase`: the support kept (bools with params' structure, True =
     kept; the projection's at init) and the inner optimizer's state."""
     masks: Any
     inner: optax.OptState
 
 
 def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
-            quantize_update: str = "project", is_compressible: Predicate | None = None,
-            masks=None) -> optax.GradientTransformation:
+                  quantize_update: str = "project", is_compressible: Predicate | None = None,
+                  masks=None) -> optax.GradientTransformationExtraArgs:
     """`inner` (any optax optimizer) with the params kept on `rules`' sets after every
     update, for fine-tuning a compressed model: what the CLI's retrain phase does.
 
@@ -228,7 +230,7 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
 
     def update(grads, state: RetrainState, params=None, **extra_args):
         if params is None:
-            raise ValueError("retrain: update(grads, state, params) needs the params (its "
+            raise ValueError("retrain_phase: update(grads, state, params) needs the params (its "
                              "updates take them onto the sets)")
         specs = specs_of(params)
         grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
@@ -242,7 +244,7 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
 
 
 def retrain_masks(opt_state):
-    """The masks of the `retrain` state inside `opt_state` (a chain's, a wrapper's...);
+    """The masks of the `retrain_phase` state inside `opt_state` (a chain's, a wrapper's...);
     an error if there is none or more than one."""
     found = [s for s in jax.tree_util.tree_leaves(
         opt_state, is_leaf=lambda x: isinstance(x, RetrainState))
