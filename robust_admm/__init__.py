@@ -8,13 +8,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public name -> "module:attribute" it is imported from on first use.
+# Public name -> "module:attribute" it is imported from on first use ("module": the module).
 _PUBLIC = {
     # AutoAttack and the single attacks on any JAX classifier (evaluation/autoattack_api.py)
     "autoattack": "robust_admm.evaluation.autoattack_api:autoattack",
     "AutoAttackResult": "robust_admm.evaluation.autoattack_api:AutoAttackResult",
     "attack": "robust_admm.evaluation.autoattack_api:attack",
     "AttackOutput": "robust_admm.evaluation.autoattack_api:AttackOutput",
+    # ADMM compression of any params pytree (compression/transforms.py)
+    "compression": "robust_admm.compression",
+    "Rule": "robust_admm.compression:Rule",
+    "admm_phase": "robust_admm.compression:admm_phase",
+    "retrain_phase": "robust_admm.compression:retrain_phase",
+    "project": "robust_admm.compression:project",
+    "size_report": "robust_admm.compression:size_report",
 }
 
 __all__ = ["__version__", *_PUBLIC]
@@ -23,8 +30,9 @@ __all__ = ["__version__", *_PUBLIC]
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'robust_admm' has no attribute {name!r}")
-    module, attribute = _PUBLIC[name].split(":")
-    value = getattr(importlib.import_module(module), attribute)
+    module, _, attribute = _PUBLIC[name].partition(":")
+    value = importlib.import_module(module)
+    value = getattr(value, attribute) if attribute else value
     globals()[name] = value
     return value
 

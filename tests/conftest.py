@@ -26,7 +26,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # two modules sharing `program_run` start apart, so that one finds it made.
 LONGEST_FIRST = ("test_resume", "test_cifar_run", "test_train", "test_distributed_run",
                  "test_streamed_run", "test_benchmarks", "test_smoothing_mixup",
-                 "test_imagenet_presets",
+                 "test_imagenet_presets", "test_compression_api",
                  "test_step", "test_recipe", "test_autoattack_api", "test_robustness",
                  "test_study", "test_apgd",
                  "test_conv")

@@ -10,21 +10,25 @@ a set is `irregular|filter|column|channel:RATIO` (the fraction of units removed)
 the input channels), `quantize:BITS` (1 = binary, 2 = ternary, k-bit; on its own or on top
 of one sparsity set).
 
-Matching: a pattern matches the `kernel` leaves of a params tree whose module path (or
-leaf path) it globs; a pattern that matches nothing, or a kernel two patterns match, is an
-error. Resolution turns a rules text into `{leaf path: projection spec}` (widths expanded
-to ratios against the same model at that width). Pure Python: only shapes are inspected.
+Matching: a pattern matches the compressible leaves of a params tree (by default the
+leaves named `kernel` with at least 2 dims: dense and conv weights; any predicate of
+(path, leaf) instead) whose module path (the leaf path without its last name) or leaf
+path it globs; a pattern that matches nothing, or a leaf two patterns match, is an error.
+Rules are also objects (`Rule`) or dicts `{pattern: spec}`. Resolution turns a rules text
+into `{leaf path: projection spec}` (widths expanded to ratios against the same model at
+that width). Pure Python: only shapes are inspected.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_admm.compression.projections import (KINDS, UNIT_KINDS, check_spec,
+from robust_admm.compression.projections import (KINDS, SPARSITY_KINDS, UNIT_KINDS, check_spec,
                                                   project_leaf)
 from robust_admm.models import get_model
 
@@ -123,6 +127,76 @@ def parse_rules(text: str) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One rule as an object: the leaves whose module or leaf path `pattern` globs go to a
+    sparsity set, a quantization set, or both (the rules text ``pattern=set[+quantize:B]``).
+
+    - `sparsity`: 'irregular' | 'filter' | 'column' | 'channel' with `ratio` in [0, 1) (the
+      fraction of weights / output channels / rows of the (-1, out) view / input channels
+      removed), or 'nm' with `n` of every `m` along the input channels (axis -2); None for
+      quantization alone.
+    - `bits`: quantize to alpha * {levels} (1 binary, 2 ternary, k-bit up to 16), the scale
+      alpha refit per leaf; on the sparsity set's support when both are given.
+
+    ``Rule("conv*", "filter", ratio=0.5)``, ``Rule("fc1", "irregular", ratio=0.9, bits=4)``,
+    ``Rule("fc2", bits=2)``. Values are checked when matched against a params tree.
+    """
+    pattern: str
+    sparsity: str | None = None
+    ratio: float | None = None
+    n: int | None = None
+    m: int | None = None
+    bits: int | None = None
+
+    def spec(self) -> dict:
+        """The projection spec ``{"kind": ..., **params}`` that `match_rules` takes."""
+        if self.sparsity is None and self.bits is None:
+            raise ValueError(f"Rule({self.pattern!r}) names no set: give `sparsity` (one of "
+                             f"{', '.join(SPARSITY_KINDS)}) and/or `bits`")
+        given = {k: getattr(self, k) for k in ("ratio", "n", "m")
+                 if getattr(self, k) is not None}
+        if self.bits is None:
+            return {"kind": self.sparsity, **given}
+        spec = {"kind": "quantize", "bits": self.bits, **given}
+        if self.sparsity is not None:
+            spec["sparsity"] = self.sparsity
+        return spec
+
+
+# What the public API accepts as rules: a rules text, `Rule`s, or {pattern: spec}.
+Rules = Union[str, Sequence[Rule], Mapping[str, Mapping[str, Any]]]
+
+
+def as_pattern_specs(rules: Rules) -> dict:
+    """`rules` in any accepted form -> ``{pattern: spec}`` (not yet matched or checked
+    against shapes). A width (``'irregular:w4'``) needs the project's model zoo at another
+    width, so here it is an error: give a ratio."""
+    if isinstance(rules, str):
+        out = parse_rules(rules)
+    elif isinstance(rules, Mapping):
+        out = dict(rules)
+    elif isinstance(rules, Sequence) and all(isinstance(r, Rule) for r in rules):
+        out = {}
+        for r in rules:
+            if r.pattern in out:
+                raise ValueError(f"rules name layer pattern {r.pattern!r} twice")
+            out[r.pattern] = r.spec()
+        if not out:
+            raise ValueError("rules are empty; e.g. [Rule('fc1', 'irregular', ratio=0.9)]")
+    else:
+        raise ValueError(
+            f"rules must be a rules text ('conv*=filter:0.5,fc1=irregular:0.9'), a list of "
+            f"Rule or a dict {{pattern: spec}}; got {type(rules).__name__}: {rules!r}")
+    for pattern, spec in out.items():
+        if isinstance(spec, Mapping) and "width" in spec:
+            raise ValueError(
+                f"rule {pattern!r}: a width ('w{spec['width']}') is resolved against the "
+                f"project's own models (train CLI); over your own params give a ratio, "
+                f"e.g. '{spec.get('sparsity', spec['kind'])}:0.75'")
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Matching over parameter pytrees
 # --------------------------------------------------------------------------------------
@@ -142,7 +216,13 @@ def _key_str(k) -> str:
 
 
 def leaf_path(keypath: Sequence[Any]) -> str:
-    """``/``-joined string of a jax key path, e.g. ``block1/conv2/kernel``."""
+    """``/``-joined string of a jax key path, e.g. ``block1/conv2/kernel``. The ``.value``
+    attribute a Flax NNX Variable ends its key path with is left out, so the params of
+    ``nnx.state(model, nnx.Param)`` and their pure form share paths (``conv1/kernel``)."""
+    keypath = tuple(keypath)
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) \
+            and keypath[-1].name == "value":
+        keypath = keypath[:-1]
     return "/".join(_key_str(k) for k in keypath)
 
 
@@ -151,13 +231,24 @@ def leaves(tree) -> list[tuple[str, Any]]:
     return [(leaf_path(kp), leaf) for kp, leaf in flat]
 
 
-def kernel_entries(tree) -> list[tuple[str, str, Any]]:
-    """(leaf path, module path, leaf) for every leaf named ``kernel``."""
+# Which leaves rules may compress: a predicate of (leaf path, leaf) -> bool.
+Predicate = Callable[[str, Any], bool]
+
+
+def is_kernel(path: str, leaf) -> bool:
+    """The default compressible leaves: named ``kernel`` (Flax's dense and conv weights,
+    linen and NNX) with at least 2 dims. Biases, norm scales and embeddings are not."""
+    return path.rsplit("/", 1)[-1] == "kernel" and len(np.shape(leaf)) >= 2
+
+
+def kernel_entries(tree, is_compressible: Predicate | None = None) -> list[tuple[str, str, Any]]:
+    """(leaf path, module path, leaf) for every compressible leaf (`is_kernel` unless
+    `is_compressible` is given); the module path is the leaf path without its last name."""
+    pred = is_kernel if is_compressible is None else is_compressible
     out = []
     for path, leaf in leaves(tree):
-        parts = path.split("/")
-        if parts[-1] == "kernel":
-            out.append((path, "/".join(parts[:-1]), leaf))
+        if pred(path, leaf):
+            out.append((path, path.rpartition("/")[0] or path, leaf))
     return out
 
 
@@ -166,9 +257,10 @@ def _pattern_matches(pattern: str, leaf: str, module: str) -> bool:
 
 
 def select(entries, patterns: Sequence[str], what: str = "rule",
-           others: Sequence[str] = ()) -> dict[str, str]:
+           others: Sequence[str] = (), leaf_kind: str = "kernel") -> dict[str, str]:
     """Map leaf path -> the one pattern matching it; error on double or no match (naming
-    the layers there are, and `others`: leaves a weight might hide in under another name)."""
+    the pattern, the layers, the candidate leaf paths, and `others`: leaves a weight might
+    hide in under another name)."""
     owner: dict[str, str] = {}
     used = {pat: False for pat in patterns}
     for path, module, _ in entries:
@@ -176,13 +268,14 @@ def select(entries, patterns: Sequence[str], what: str = "rule",
             if _pattern_matches(pat, path, module):
                 if path in owner:
                     raise ValueError(
-                        f"kernel {path!r} is matched by two {what}s: {owner[path]!r} and {pat!r}"
-                    )
+                        f"{leaf_kind} {path!r} is matched by two {what}s: {owner[path]!r} "
+                        f"and {pat!r}")
                 owner[path] = pat
                 used[pat] = True
     unused = [pat for pat, u in used.items() if not u]
     if unused:
-        layers = sorted(module for _, module, _ in entries)
+        layers = sorted({module for _, module, _ in entries})
+        paths = sorted(path for path, _, _ in entries)
         note = ""
         if others:
             shown = sorted(others)[:20]
@@ -190,19 +283,22 @@ def select(entries, patterns: Sequence[str], what: str = "rule",
             note = (f"; only leaves named 'kernel' (flax's nn.Dense and nn.Conv name their "
                     f"weights so) are compressible; other leaves: {shown}{more}")
         raise ValueError(
-            f"{what} {unused[0]!r} matches no kernel leaf; available layers: {layers}{note}"
-        )
+            f"{what} {unused[0]!r} matches no {leaf_kind} leaf; available layers: {layers} "
+            f"(candidate leaf paths: {paths}){note}")
     return owner
 
 
-def match_rules(params, rules: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    """Resolve ``{pattern: spec}`` rules against the ``kernel`` leaves of ``params``.
+def match_rules(params, rules: Mapping[str, Mapping[str, Any]],
+                is_compressible: Predicate | None = None) -> dict[str, dict]:
+    """Resolve ``{pattern: spec}`` rules against the compressible leaves of ``params``
+    (`is_kernel`: the ``kernel`` leaves, or those `is_compressible(path, leaf)` accepts).
 
     A pattern (layer name or fnmatch glob) matches the ``/``-joined module path holding
     the kernel (``conv1``, ``fc*``, ``block*/conv2``) or the full leaf path
     (``conv1/kernel``).  Returns ``{leaf path: {"kind": ..., **params}}`` with validated,
-    normalised specs.  Errors (ValueError) for malformed specs, a kernel matched by two
-    patterns, or a pattern matching nothing.  Pure Python: only shapes are inspected.
+    normalised specs.  Errors (ValueError) for malformed specs, a leaf matched by two
+    patterns, or a pattern matching nothing (naming it and the candidate leaf paths).
+    Pure Python: only shapes are inspected.
     """
     if not isinstance(rules, Mapping):
         raise ValueError(f"rules must be a mapping {{pattern: spec}}, got {type(rules).__name__}")
@@ -218,12 +314,14 @@ def match_rules(params, rules: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
         kind = spec["kind"]
         body = {k: v for k, v in spec.items() if k != "kind"}
         checked[pat] = (kind, body, check_spec(kind, body, where=f"rule {pat!r}: "))
-    entries = kernel_entries(params)
+    entries = kernel_entries(params, is_compressible)
     # Leaves a user's layer may hold its weights in under another name (not biases or
     # BatchNorm scales): named when a pattern matches nothing.
-    others = [path for path, _ in leaves(params)
-              if path.rsplit("/", 1)[-1] not in ("kernel", "bias", "scale")]
-    owner = select(entries, list(checked), others=others)
+    others = [] if is_compressible is not None else [
+        path for path, _ in leaves(params)
+        if path.rsplit("/", 1)[-1] not in ("kernel", "bias", "scale")]
+    owner = select(entries, list(checked), others=others,
+                   leaf_kind="kernel" if is_compressible is None else "compressible")
     out = {}
     for path, _, leaf in entries:
         if path in owner:

@@ -116,6 +116,36 @@ def storage_bytes(params, masks=None, bits: int | None = None) -> dict[str, int]
     return out
 
 
+def leaf_size(leaf, spec: Mapping[str, Any] | None = None) -> dict:
+    """How one leaf is stored: ``size``, ``nonzero`` (counted from the values), ``bits``
+    (a ``quantize`` spec's, else 32), ``format`` and ``bytes`` (as `model_size` says),
+    ``dense_bytes`` (4 per entry) and ``compressed`` (whether a spec is given)."""
+    w = np.asarray(leaf)
+    size, nnz = int(w.size), int(np.count_nonzero(w))
+    if spec is None:
+        nbytes, bits, fmt = 4 * size, 32, "dense"
+    else:
+        bits = int(spec["bits"]) if spec["kind"] == "quantize" else 32
+        scale = 4 if spec["kind"] == "quantize" else 0
+        formats = {"dense": -(-size * bits // 8) + scale,
+                   "bitmask": -(-size // 8) + -(-nnz * bits // 8) + scale}
+        fmt = min(formats, key=formats.get)
+        nbytes = formats[fmt]
+    return {"size": size, "nonzero": nnz, "bits": bits, "format": fmt, "bytes": nbytes,
+            "dense_bytes": 4 * size, "compressed": spec is not None}
+
+
+def _total(entries) -> dict:
+    total = {"size": 0, "nonzero": 0, "bytes": 0, "dense_bytes": 0}
+    for e in entries:
+        for k in total:
+            total[k] += e[k]
+    inf = float("inf")
+    total["rate_by_nonzeros"] = total["size"] / total["nonzero"] if total["nonzero"] else inf
+    total["rate_by_bytes"] = total["dense_bytes"] / total["bytes"] if total["bytes"] else inf
+    return total
+
+
 def model_size(params, specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """What the compressed model takes to store, per kernel layer and in total.
 
@@ -129,30 +159,20 @@ def model_size(params, specs: Mapping[str, Mapping[str, Any]] | None = None) -> 
     parameter. BatchNorm running statistics are not parameters and are not counted.
     """
     specs = dict(specs or {})
-    layers = {}
-    total = {"size": 0, "nonzero": 0, "bytes": 0, "dense_bytes": 0}
+    layers, entries = {}, []
     for path, leaf in leaves(params):
-        w = np.asarray(leaf)
-        size, nnz = int(w.size), int(np.count_nonzero(w))
         spec = specs.get(path)
-        if spec is None:
-            nbytes, bits, fmt = 4 * size, 32, "dense"
-        else:
-            bits = int(spec["bits"]) if spec["kind"] == "quantize" else 32
-            scale = 4 if spec["kind"] == "quantize" else 0
-            formats = {"dense": -(-size * bits // 8) + scale,
-                       "bitmask": -(-size // 8) + -(-nnz * bits // 8) + scale}
-            fmt = min(formats, key=formats.get)
-            nbytes = formats[fmt]
+        entry = leaf_size(leaf, spec)
+        entries.append(entry)
         if path.endswith("/kernel") or spec is not None:
-            layers[path.rsplit("/", 1)[0]] = {
-                "size": size, "nonzero": nnz, "bits": bits, "format": fmt, "bytes": nbytes,
-                "dense_bytes": 4 * size, "compressed": spec is not None}
-        total["size"] += size
-        total["nonzero"] += nnz
-        total["bytes"] += nbytes
-        total["dense_bytes"] += 4 * size
-    inf = float("inf")
-    total["rate_by_nonzeros"] = total["size"] / total["nonzero"] if total["nonzero"] else inf
-    total["rate_by_bytes"] = total["dense_bytes"] / total["bytes"] if total["bytes"] else inf
-    return {"layers": layers, "total": total}
+            layers[path.rsplit("/", 1)[0]] = entry
+    return {"layers": layers, "total": _total(entries)}
+
+
+def leaf_sizes(params, specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """`model_size` keyed by leaf path, every leaf listed: ``{"leaves": {path:
+    leaf_size}, "total": ...}`` (for any params tree, where two compressed leaves may
+    share a module)."""
+    specs = dict(specs or {})
+    out = {path: leaf_size(leaf, specs.get(path)) for path, leaf in leaves(params)}
+    return {"leaves": out, "total": _total(out.values())}
