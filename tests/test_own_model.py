@@ -219,8 +219,9 @@ def test_rules_on_a_model_without_kernel_leaves_name_the_leaves_it_has(user_dir)
     m = get_model("own_models:OwnWeights")
     params = init_variables(m, jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))["params"]
     with pytest.raises(ValueError, match=r"rule 'w' matches no kernel leaf; available layers: "
-                                         r"\[\]; only leaves named 'kernel' .*nn.Dense and "
-                                         r"nn.Conv.* other leaves: \['w'\]"):
+                                         r"\[\] \(candidate leaf paths: \[\]\); only leaves "
+                                         r"named 'kernel' .*nn.Dense and nn.Conv.* other "
+                                         r"leaves: \['w'\]"):
         match_rules(params, {"w": {"kind": "irregular", "ratio": 0.5}})
 
 
