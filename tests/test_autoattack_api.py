@@ -38,6 +38,7 @@ def digits_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_autoattack_gives_the_eval_commands_accuracy_bit_for_bit(digits_run):
     """Same images, epsilon and key: the same clean, per-member and robust accuracy. The
     model is called as a user would call it, through a bound linen module."""
@@ -134,6 +135,7 @@ def check_against_boundary(result, dist, clean, epsilon):
     assert after == sorted(after, reverse=True) and after[-1] == result.robust_accuracy
 
 
+@pytest.mark.slow
 def test_autoattack_on_a_pure_jnp_model_is_exact_where_the_boundary_is_known(digits):
     (x_train, y_train), (x, y) = digits
     params = softmax_regression(x_train, y_train)
@@ -155,6 +157,7 @@ class LinearBN(nnx.Module):
         return self.bn(self.linear(x.reshape(x.shape[0], -1)))
 
 
+@pytest.mark.slow
 def test_autoattack_on_a_flax_nnx_model_in_l2(digits):
     """An NNX model trained a few steps (its BatchNorm's running averages move), then
     attacked in eval mode: its effective affine map, derived from the parameters in

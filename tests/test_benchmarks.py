@@ -65,6 +65,7 @@ def test_all_prints_a_table_against_the_larger_peak_reading():
     assert float(share[:-1]) == pytest.approx(100 * gflops / peak, abs=0.5 + 100 * 0.06 / peak)
 
 
+@pytest.mark.slow
 def test_gpu_check_shrunk_runs_every_row(tmp_path):
     out = subprocess.run([GPU_CHECK, "--out", str(tmp_path), "--shrink"], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})

@@ -276,6 +276,7 @@ def digits_program(workdir):
     return c
 
 
+@pytest.mark.slow
 def test_the_cli_and_a_hand_written_loop_on_the_public_api_end_with_the_same_params(tmp_path):
     from robust_admm import data
     from robust_admm.data.batching import batch_indices, to_pixels
@@ -451,6 +452,7 @@ def test_admm_with_masks_keeps_z_and_the_gradients_within_them():
 
 # -- the example ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_example_compresses_a_flax_nnx_model_exactly_on_its_rules(tmp_path):
     """examples/compress_your_flax_model.py as a user runs it: its printed sparsity per
     layer is exact, and its saved weights are on the rules leaf by leaf."""

@@ -105,7 +105,7 @@ def test_all_forms_match_a_float64_brute_force(shape):
     check(*shape, seed=0)
 
 
-@settings(max_examples=12, deadline=None)  # each shape compiles every form
+@settings(max_examples=12, deadline=None, derandomize=True)  # each shape compiles every form
 @given(n=st.integers(1, 20), h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 4), cout=st.integers(1, 4),
        kh=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3),
        padding=st.sampled_from(["SAME", "VALID", ((1, 1), (1, 1)), ((0, 2), (1, 0))]),

@@ -289,7 +289,8 @@ def _attack(setting="adversarial", objective="pgd_at", num_steps=1):
         loss="ce", unroll=1)), setting, 0, objective)
 
 
-@pytest.mark.parametrize("name", list(NARROW))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "imagenet_resnet50"
+                                  else n for n in NARROW])
 def test_each_imagenet_model_forward_and_a_training_step(name):
     """The builder's layers (VGG-16-BN and AlexNet-BN at a narrow width): logits of the right shape, bfloat16 compute
     gives float32 logits close to float32's, and one step of the project's train step

@@ -99,6 +99,7 @@ def images(tmp_path_factory):
     return write_images(str(tmp_path_factory.mktemp("images")), per_class=(6, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["natural", "progressive"])
 def test_each_recipe_shape_runs_end_to_end_at_toy_size(images, tmp_path, monkeypatch, recipe):
     """The natural and progressive programs (the adversarial one is configs/imagenet.py:smoke,
@@ -142,6 +143,7 @@ def test_the_eval_protocol_defaults_by_dataset():
     assert evaluate_lib.default_count(c) == 0
 
 
+@pytest.mark.slow
 def test_the_readme_command_starts_from_torchvision_weights(images, tmp_path):
     """The README's ImageNet command shape (a preset, init.pretrained, program=admm,retrain)
     on a generated torchvision ResNet-18 checkpoint, at 32 px on 3 classes (a new head):

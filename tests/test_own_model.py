@@ -263,6 +263,7 @@ def kept_exactly(params, ratios):
         assert np.count_nonzero(w) == projections.kept_count(w.size, ratio), layer
 
 
+@pytest.mark.slow
 def test_adversarial_program_on_own_model_and_own_arrays_then_eval_and_resume(user_dir,
                                                                               tmp_path):
     """BNNet (required `train`, BatchNorm) on float arrays k/255 in an .npz (NHW): ADMM
@@ -307,6 +308,7 @@ def test_adversarial_program_on_own_model_and_own_arrays_then_eval_and_resume(us
         x[128:, :, :, None] / 255.0, jnp.float32), train=False), logits)
 
 
+@pytest.mark.slow
 def test_natural_program_on_a_model_without_train_or_batchnorm_through_the_cli(user_dir,
                                                                                tmp_path):
     """PlainNet (no `train`, no BatchNorm, its class count given as `outputs`) on the

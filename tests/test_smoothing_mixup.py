@@ -274,6 +274,7 @@ def test_the_training_attack_ascends_the_mixed_loss():
         TrainAttack(attacks.Square(epsilon=0.1, num_steps=2)).mixed()
 
 
+@pytest.mark.slow
 def test_adversarial_mixup_steps_agree_across_pgd_loops(objective="mart"):
     """With smoothing and mixup, the host-driven PGD loop (the mixed labels passed to each
     compiled part) and the compiled one give the same MART run (two passes, the attack's
@@ -296,6 +297,7 @@ def test_adversarial_mixup_steps_agree_across_pgd_loops(objective="mart"):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_a_run_with_smoothing_and_mixup_logs_finite_losses(tmp_path):
     data_dir = write_idx(str(tmp_path / "idx"), np.random.default_rng(0))
     workdir = str(tmp_path / "run")
