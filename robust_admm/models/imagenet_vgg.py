@@ -20,9 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from robust_admm.models.layers import (Conv, adaptive_avg_pool, flatten_chw, float32_logits,
-                                       max_pool_2x2, normalize_pixels)
-from robust_admm.models.vgg import VGG16_CFG
+from robust_admm.models.layers import (adaptive_avg_pool, flatten_chw, float32_logits,
+                                       normalize_pixels)
+from robust_admm.models.vgg import VGG16_CFG, vgg_features
 
 
 class ImageNetVGG(nn.Module):
@@ -50,17 +50,7 @@ class ImageNetVGG(nn.Module):
             raise ValueError(f"input of {x.shape[1]}x{x.shape[2]} px; this VGG needs at "
                              f"least {smallest} px (one per 2x2 max-pool halving)")
         x = normalize_pixels(x, self.normalize)
-        i = 0
-        for v in self.cfg:
-            if v == "M":
-                x = max_pool_2x2(x)
-                continue
-            i += 1
-            x = Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                     name=f"conv{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(x)
+        x = vgg_features(x, self.cfg, train, self.dtype)
         x = flatten_chw(adaptive_avg_pool(x, (7, 7)))
         deterministic = not (train and self.has_rng("dropout"))
         for j in (1, 2):

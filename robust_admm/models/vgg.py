@@ -16,6 +16,23 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
              512, 512, 512, "M")
 
 
+def vgg_features(x: jnp.ndarray, cfg: Sequence[int | str], train: bool, dtype=None):
+    """VGG's feature layers, called inside a compact module's `__call__` (the layers are
+    that module's `conv1`..`convN`, `bn1`..`bnN`): 3x3 conv (bias) -> BatchNorm (PyTorch's
+    defaults) -> relu for each number of `cfg`, a 2x2 max-pool for each "M"."""
+    i = 0
+    for v in cfg:
+        if v == "M":
+            x = max_pool_2x2(x)
+            continue
+        i += 1
+        x = Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=f"conv{i}")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=dtype, name=f"bn{i}")(x)
+        x = nn.relu(x)
+    return x
+
+
 class VGG(nn.Module):
     """[conv (bias) -> BatchNorm -> relu | max-pool]* -> flatten -> fc.
 
@@ -29,17 +46,7 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        i = 0
-        for v in self.cfg:
-            if v == "M":
-                x = max_pool_2x2(x)
-                continue
-            i += 1
-            x = Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                     name=f"conv{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(x)
+        x = vgg_features(x, self.cfg, train, self.dtype)
         x = x.reshape(x.shape[0], -1)  # 1x1x512 on 32x32 inputs for VGG-16
         return float32_logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
 
