@@ -137,3 +137,51 @@ def mutated_text(draw, valid: list, alphabet: str = ""):
             items.insert(j, items[j]) if draw(st.booleans()) else items.pop(j)
             text = ",".join(items)
     return text
+
+
+ODD_VALUES = (None, "", "x", 0, -1, 1.5, float("nan"), float("inf"), 10 ** 30, -10 ** 30,
+              True, [], {}, [1, "a"], {"k": 1})
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+
+
+@st.composite
+def mutated_json(draw, valid: dict, max_edits: int = 3):
+    """(JSON text, the key paths edited) of `valid` with a few edits: a field deleted, its
+    value swapped for another type, a huge number, NaN, or a key added; or the text cut
+    or a byte changed (paths: None, the file is no longer JSON)."""
+    import copy
+    import json
+    doc, edited = copy.deepcopy(valid), []
+    for _ in range(draw(st.integers(1, max_edits))):
+        paths = [p for p in _paths(doc) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        for k in path[:-1]:
+            parent = parent[k]
+        op = draw(st.sampled_from(("delete", "swap", "swap", "add")))
+        if op == "delete":
+            del parent[path[-1]]
+        elif op == "swap":
+            parent[path[-1]] = draw(st.sampled_from(ODD_VALUES))
+        elif isinstance(parent[path[-1]], dict):
+            parent[path[-1]][draw(st.sampled_from(("extra", "kind", "x.y")))] = draw(
+                st.sampled_from(ODD_VALUES))
+        edited.append(path)
+    text = json.dumps(doc)
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return text[:draw(st.integers(0, len(text) - 1))], None
+    if kind == 1:
+        return json.dumps(draw(st.sampled_from(ODD_VALUES))), None
+    if kind == 2:
+        i = draw(st.integers(0, len(text) - 1))
+        return text[:i] + draw(st.sampled_from(("\udcff", "}", "\"", "\x00"))) + text[i + 1:], None
+    return text, edited

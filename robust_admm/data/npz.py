@@ -110,8 +110,8 @@ def _load(f, key: str, path: str) -> np.ndarray:
             raise DataError(f"{where} is not a readable .npy array ({e})") from None
         header = member.tell()
     if dtype.hasobject:
-        raise DataError(f"{where} holds Python objects ({dtype}), which cannot be read "
-                        f"without pickle; save numeric arrays (uint8 or float images, "
+        raise DataError(f"{where} cannot be read without pickle (it holds Python objects, "
+                        f"dtype {dtype}); save numeric arrays (uint8 or float images, "
                         f"integer labels)")
     claimed = math.prod(shape) * dtype.itemsize
     if claimed != info.file_size - header:
