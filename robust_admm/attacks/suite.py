@@ -19,6 +19,15 @@ SINGLE = ("fgsm", "pgd<N>", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 # The classes an attack needs: the DLR losses read the 3 (untargeted) or 4 (targeted)
 # largest logits; every other attack needs a true class and one other.
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+MAX_PGD_STEPS = 2 ** 31 - 1  # the attack loop counts steps in int32
+
+
+def pgd_steps(name: str) -> int | None:
+    """N of a name `pgd<N>` (ASCII digits, 1 <= N <= MAX_PGD_STEPS), else None."""
+    m = re.fullmatch(r"pgd([0-9]{1,10})", name)
+    if m and 1 <= int(m.group(1)) <= MAX_PGD_STEPS:
+        return int(m.group(1))
+    return None
 
 
 def make(name: str, epsilon: float, num_classes: int = 10,
@@ -34,9 +43,8 @@ def make(name: str, epsilon: float, num_classes: int = 10,
         raise ValueError(f"{name} needs at least {need} classes; the model has {num_classes}"
                          + (" (its DLR loss reads the largest logits)" if need > 2 else ""))
     n_targets = min(9, num_classes - 1)
-    m = re.fullmatch(r"pgd(\d+)", name)
-    if m:
-        steps = int(m.group(1))
+    steps = pgd_steps(name)
+    if steps is not None:
         step = 2.5 * epsilon / steps if pgd_step_size is None else pgd_step_size
         return Pgd(epsilon=epsilon, step_size=step, num_steps=steps, norm=norm)
     if name == "fgsm":
@@ -55,11 +63,10 @@ def make(name: str, epsilon: float, num_classes: int = 10,
 
 def check_name(name: str):
     """Raises a ValueError naming `name` and what is allowed unless it is an attack."""
-    m = re.fullmatch(r"pgd(\d+)", name)
-    if (m and int(m.group(1)) >= 1) or name in SINGLE[:1] + SINGLE[2:]:
+    if pgd_steps(name) is not None or name in SINGLE[:1] + SINGLE[2:]:
         return
     raise ValueError(f"attack {name!r} is not known; allowed: {', '.join(SINGLE)} "
-                     f"(pgd<N> with N >= 1, e.g. pgd40) and the ensembles "
+                     f"(pgd<N> with 1 <= N <= {MAX_PGD_STEPS}, e.g. pgd40) and the ensembles "
                      f"{', '.join(ENSEMBLES)}")
 
 

@@ -99,6 +99,17 @@ def _parse_set(part: str, item: str) -> dict:
     raise ValueError(f"rule {item!r}: unknown set {kind!r}; allowed: {', '.join(KINDS)}")
 
 
+def _check_values(spec: dict, item: str):
+    """The values of a parsed set, as the projections take them (a width >= 1 stands in
+    for a ratio, resolved against the model at the start)."""
+    body = {k: v for k, v in spec.items() if k not in ("kind", "width")}
+    if "width" in spec:
+        if spec["width"] < 1:
+            raise ValueError(f"rule {item!r}: width={spec['width']} must be an integer >= 1")
+        body["ratio"] = 0.0
+    check_spec(spec["kind"], body, where=f"rule {item!r}: ")
+
+
 def parse_rules(text: str) -> dict:
     """Rules text -> {pattern: spec} (a sparsity spec's ratio may be {'width': K})."""
     out = {}
@@ -121,6 +132,7 @@ def parse_rules(text: str) -> dict:
                     **{k: v for k, v in s.items() if k != "kind"}}
         else:
             spec = sets[0]
+        _check_values(spec, item)
         out[pattern] = spec
     if not out:
         raise ValueError(f"rules {text!r} name no layer; e.g. 'conv*=filter:0.5,fc1=irregular:0.9'")

@@ -31,6 +31,7 @@ class DataError(ValueError):
 MAX_PAYLOAD_BYTES = 1 << 31  # 2 GiB
 
 _READ_CHUNK = 1 << 22  # 4 MiB of decompressed data per read
+_MEMBER_CHUNK = 1 << 20  # 1 MiB per read of an archive member (its claimed size unproven)
 
 
 # -----------------------------------------------------------------------------
@@ -395,10 +396,16 @@ def read_cifar_archive(archive: str, fmt: CifarFormat
                         raise DataError(
                             f"{where}: declared size {member.size:,} bytes is "
                             f"{fmt.too_big(filename)}; refusing to read it")
-                    buf = bytearray(member.size)
-                    got = _readinto_full(tar.extractfile(member), buf)
-                    if got != member.size:
-                        raise DataError(f"{where}: archive ends after {got:,} of its "
+                    # Grown with what the archive really holds: a header may claim
+                    # more bytes than follow it.
+                    member_file, buf = tar.extractfile(member), bytearray()
+                    while len(buf) < member.size:
+                        chunk = member_file.read(min(_MEMBER_CHUNK, member.size - len(buf)))
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if len(buf) != member.size:
+                        raise DataError(f"{where}: archive ends after {len(buf):,} of its "
                                         f"{member.size:,} bytes (truncated)")
                     parts[filename] = _parse_cifar_records(buf, where, fmt)
             # Read the gzip stream to its end (this checks its CRC and length);

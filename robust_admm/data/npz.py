@@ -16,8 +16,10 @@ Every problem is a DataError that names the file, the array and the value.
 """
 from __future__ import annotations
 
+import math
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -42,14 +44,19 @@ def read_npz(path) -> tuple:
                         f"the arrays with np.savez(path, x_train=..., y_train=..., "
                         f"x_test=..., y_test=...)")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except ValueError as e:  # not a zip by its first bytes: numpy takes it for a pickle
+            raise DataError(f"npz: {path!r} is not an .npz archive (as np.savez writes): "
+                            f"{e}") from None
+        with npz as f:
             present = sorted(f.files)
             missing = [k for k in NPZ_ARRAYS if k not in present]
             if missing:
                 raise DataError(f"npz: {path!r} lacks {missing}; it holds {present}; "
                                 f"required: {list(NPZ_ARRAYS)}")
             arrays = {k: _load(f, k, path) for k in NPZ_ARRAYS}
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DataError(f"npz: {path!r} cannot be read: {type(e).__name__}: {e}") from None
     splits = {}
     for split in ("train", "test"):
@@ -75,12 +82,46 @@ def read_npz(path) -> tuple:
     return xtr, ytr, xte, yte, classes
 
 
+# Deflate expands a stream at most about 1032-fold: a member claiming more bytes than
+# that of its compressed size is not an .npy that np.savez(_compressed) wrote.
+_DEFLATE_MAX_RATIO = 1032
+
+
 def _load(f, key: str, path: str) -> np.ndarray:
+    """The array `key`, its .npy header checked against the bytes the archive holds for
+    it before numpy allocates what the header claims."""
+    name = key + ".npy" if key + ".npy" in f.zip.namelist() else key
+    info = f.zip.getinfo(name)
+    where = f"npz: {path!r}: {key}"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(f"{where} is compressed with zip method {info.compress_type}; "
+                        f"np.savez and np.savez_compressed write stored or deflated arrays")
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+    if info.file_size > ratio * info.compress_size + 1024:
+        raise DataError(f"{where}: the archive claims {info.file_size:,} bytes for its "
+                        f"{info.compress_size:,} stored bytes; the file is corrupt")
+    with f.zip.open(name) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+        except (ValueError, TypeError, SyntaxError, OverflowError) as e:
+            raise DataError(f"{where} is not a readable .npy array ({e})") from None
+        header = member.tell()
+    if dtype.hasobject:
+        raise DataError(f"{where} cannot be read without pickle (it holds Python objects, "
+                        f"dtype {dtype}); save numeric arrays (uint8 or float images, "
+                        f"integer labels)")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != info.file_size - header:
+        raise DataError(f"{where}: its header claims shape {shape} of {dtype} "
+                        f"({claimed:,} bytes) but the archive holds "
+                        f"{info.file_size - header:,} bytes of data for it")
     try:
         return f[key]
-    except ValueError as e:  # object arrays need pickle
-        raise DataError(f"npz: {path!r}: {key} cannot be read without pickle ({e}); save "
-                        f"numeric arrays (uint8 or float images, integer labels)") from None
+    except ValueError as e:
+        raise DataError(f"{where} cannot be read ({e})") from None
 
 
 def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:

@@ -4,6 +4,7 @@ compression and stored size, and the gradient-masking checks
 (`evaluation/masking.py`). Writes DIR/eval/<stage>.json (and, with an epsilon list,
 <stage>_epsilons.json and .png)."""
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -43,8 +44,8 @@ def parse_epsilons(text: str) -> list[float]:
         eps = sorted({float(e) for e in text.split(",") if e.strip()})
     except ValueError:
         raise ValueError(f"--epsilons={text!r} is not a comma-separated list of numbers") from None
-    if not eps or eps[0] < 0:
-        raise ValueError(f"--epsilons={text!r}: give one or more epsilons >= 0")
+    if not eps or eps[0] < 0 or not all(math.isfinite(e) for e in eps):
+        raise ValueError(f"--epsilons={text!r}: give one or more finite epsilons >= 0")
     return eps
 
 

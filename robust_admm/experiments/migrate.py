@@ -7,12 +7,31 @@ from robust_admm.training.program import PHASE_KINDS
 DEFAULT_KINDS = dict(zip(STAGES, PHASE_KINDS))  # the default program's phases
 
 
+def _check_sections(d):
+    """What the upgrade reads has the shape it reads (a damaged file: an error naming it)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the config is a JSON {type(d).__name__}, not an object")
+    for field in ("data", "model", "init"):
+        if field in d and not isinstance(d[field], dict):
+            raise ValueError(f"{field}={d[field]!r} is not an object (a config section)")
+    if "program" in d and not isinstance(d["program"], str):
+        raise ValueError(f"program={d['program']!r} is not a text (phase names, e.g. "
+                         f"'pretrain,admm,retrain')")
+    for name in comma_list(d["program"]) if "program" in d else STAGES:
+        if "program" not in d and name not in d:
+            raise ValueError(f"{name} is missing (a phase of the default program)")
+        if name in d and not isinstance(d[name], dict):
+            raise ValueError(f"{name}={d[name]!r} is not an object (a phase's settings)")
+
+
 def upgrade_config_dict(d: dict) -> dict:
     """A config.json written by an older version, read with the fields added since at the
     values that mean what it ran: no augmentation, no label smoothing or mixup, float32,
     no normalisation and no kwargs in the model, the default initialisation (no
     pretrained weights), the streamed sources' fields at their defaults (unused by the
-    sources it had), every phase on `attack.*`; before programs, the default program."""
+    sources it had), every phase on `attack.*`; before programs, the default program.
+    A ValueError names a section that is not an object, or a phase that is missing."""
+    _check_sections(d)
     for field in ("label_smoothing", "mixup_alpha"):  # both off before they existed
         if field not in d:
             d = dict(d, **{field: 0.0})

@@ -31,8 +31,9 @@ from robust_admm.experiments.evaluate import evaluate_workdir
 from robust_admm.experiments.migrate import upgrade_config_dict
 from robust_admm.experiments import report as report_lib
 from robust_admm.experiments.run import train_and_evaluate
-from robust_admm.experiments.study_config import CELL_INITS
-from robust_admm.experiments.validation import config_differences, validate_config
+from robust_admm.experiments.study_config import CELL_INITS, cell, study_base
+from robust_admm.experiments.validation import (check_config_types, check_types,
+                                                config_differences, validate_config)
 from robust_admm.runtime import claims, logs
 from robust_admm.runtime.logs import read_json
 from robust_admm.training.program import parse_program
@@ -84,9 +85,16 @@ def shared_phase(study, name: str) -> str:
 def validate_study(study, workdir: str) -> list:
     """The cells in an order that runs every cell after the cells it needs; refuses, naming
     the cell and the field, anything that would fail once cells are running."""
+    check_types(study, study_base())
     names = cell_names(study)
     if not names:
         raise ValueError("the study has no cells (config.cells is empty)")
+    for name in names:
+        check_types(study.cells[name], cell(ml_collections.ConfigDict()), f"cells.{name}.")
+        try:
+            check_config_types(study.cells[name].train)
+        except ValueError as e:
+            raise ValueError(f"cell {name!r}: cells.{name}.train: {e}") from None
     for field in ("poll_s", "clock_every_s"):
         if not study[field] > 0:
             raise ValueError(f"{field}={study[field]!r}: must be a number of seconds > 0")
@@ -147,11 +155,15 @@ def check_shared_phase(study, name: str, program: list):
 def check_study_file(workdir: str, study, allow_change: bool):
     path = workdir_lib.study_path(workdir)
     if os.path.exists(path):
-        stored = read_json(path)
-        for cell in (stored.get("cells") or {}).values():
+        stored = logs.read_json_object(path)
+        cells = stored.get("cells")
+        for name, c in (cells.items() if isinstance(cells, dict) else ()):
             # A study an older release wrote: its cells' configs with the fields added since.
-            if isinstance(cell, dict) and isinstance(cell.get("train"), dict):
-                cell["train"] = upgrade_config_dict(cell["train"])
+            if isinstance(c, dict) and isinstance(c.get("train"), dict):
+                try:
+                    c["train"] = upgrade_config_dict(c["train"])
+                except ValueError as e:
+                    raise ValueError(f"{path}: cells.{name}.train: {e}") from None
         diffs = config_differences(stored, json.loads(study.to_json()))
         # Where the data are read from may change between machines and reruns.
         diffs = [d for d in diffs if not d.startswith(("data.", "poll_s", "clock_every_s"))]

@@ -10,9 +10,11 @@ from robust_admm.compression.rules import parse_rules
 from robust_admm.data.images import CHANNELS, CROPS
 from robust_admm.data.stream import BAD_IMAGES
 from robust_admm.data.streamed import STREAMED_SOURCES, streamed
+from robust_admm.experiments.config_base import base_config, phase_config
 from robust_admm.models import get_model, parse_kwargs
 from robust_admm.runtime import compiler, parallel
 from robust_admm.training import augment, initialization, objectives, optim
+from robust_admm.training.program import PHASE_KINDS as PHASE_KINDS_ALL
 from robust_admm.training.program import parse_program, phases_to_run
 
 ATTACK_LOSSES = tuple(LOSSES)  # what PGD ascends in training and evaluation
@@ -39,9 +41,57 @@ def _require(ok: bool, field: str, value, allowed: str):
         raise ValueError(f"{field}={value!r} is not allowed: {allowed}")
 
 
+def _type_error(field: str, value, want) -> ValueError:
+    return ValueError(f"{field}={value!r} is not allowed: the field holds "
+                      f"{'a ' + want.__name__ if want is not dict else 'an object'}")
+
+
+def check_types(config, template, prefix: str = ""):
+    """Every field of `template` (a ConfigDict) is in `config` with a value of its type
+    (an int where a float is wanted too; None where the template's is a placeholder), and
+    no float is NaN: a ValueError naming the first field that is not. Fields `template`
+    lacks are left alone. For a config not made by a config file: a config.json read
+    back, a study.json, a library user's ConfigDict."""
+    for key in template.keys():
+        field = f"{prefix}{key}"
+        if key not in config:
+            raise ValueError(f"{field} is missing; every config has it (experiments/"
+                             f"config_base.py)")
+        value, want = config[key], template.get_type(key)
+        if hasattr(template[key], "keys"):
+            if not hasattr(value, "keys"):
+                raise _type_error(field, value, dict)
+            check_types(value, template[key], field + ".")
+            continue
+        if value is None and (template[key] is None or want is type(None)):
+            continue
+        if want is type(None):
+            continue
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}.get(want, lambda v: isinstance(v, want))
+        if not ok(value):
+            raise _type_error(field, value, want)
+        if isinstance(value, float) and value != value:
+            raise ValueError(f"{field}=nan is not allowed: a number is wanted")
+
+
+def check_config_types(config):
+    """`check_types` of a training config against the base config and, for each phase
+    its program names, against its kind's phase config."""
+    check_types(config, base_config())
+    program = config["program"]
+    for name in (s.strip() for s in program.split(",") if s.strip()):
+        phase = config.get(name)
+        if hasattr(phase, "keys") and phase.get("kind") in PHASE_KINDS_ALL:
+            check_types(phase, phase_config(phase["kind"], epochs=0, lr=0.0), name + ".")
+
+
 def validate_config(config, device_count: int | None = None):
     """Raises ValueError (or NotImplementedError) on the first bad field; returns the
     program's phases and those to run (training/program.py)."""
+    check_config_types(config)
     unset = [f for f in DATASET_FIELDS if _field(config, f) in (None, "")]
     if unset:
         raise ValueError(f"{', '.join(unset)} not set: a dataset config (configs/*.py) sets "

@@ -25,7 +25,7 @@ import os
 import ml_collections
 
 from robust_admm.experiments.migrate import upgrade_config_dict
-from robust_admm.experiments.validation import config_differences
+from robust_admm.experiments.validation import check_config_types, config_differences
 from robust_admm.runtime import checkpoint, logs
 from robust_admm.training.program import parse_program
 
@@ -84,12 +84,20 @@ def holds_run(workdir: str) -> bool:
 
 
 def read_config_dict(workdir: str) -> dict | None:
-    """The run's config.json as a dict, upgraded to this release's fields; None if the
-    workdir holds no run."""
+    """The run's config.json as a dict, upgraded to this release's fields and each field's
+    type checked; None if the workdir holds no run. A damaged or hand-edited file is a
+    ValueError naming it and the field."""
     path = config_path(workdir)
     if not os.path.exists(path):
         return None
-    return upgrade_config_dict(logs.read_json(path))
+    try:
+        d = upgrade_config_dict(logs.read_json_object(path))
+        check_config_types(ml_collections.ConfigDict(d))
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(path) else f"{path}: {message}") \
+            from None
+    return d
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

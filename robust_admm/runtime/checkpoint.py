@@ -33,6 +33,28 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none can be read."""
 
 
+RESULT_FIELDS = ("nat_acc",)  # what a finished stage's result always holds
+
+
+def check_meta(meta, where: str) -> dict:
+    """`meta` as `save` writes it: an object whose `complete` is a bool and, when true,
+    whose `result` is an object with the stage's accuracies; a ValueError naming `where`
+    and the field otherwise (a damaged or hand-edited metadata file)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: the metadata is a {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("complete", False), bool):
+        raise ValueError(f"{where}: complete={meta['complete']!r} is not a bool")
+    if meta.get("complete"):
+        result = meta.get("result")
+        if not isinstance(result, dict):
+            raise ValueError(f"{where}: a complete stage's result={result!r} is not an object")
+        for field in RESULT_FIELDS:
+            v = result.get(field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{where}: result.{field}={v!r} is not a number")
+    return meta
+
+
 def _move_aside(path: str, prefix: str) -> str | None:
     """Renames `path` to `<prefix>-<time>[-n]` beside it and returns the new path, or None
     if another process of a multi-host run moved it first (it is out of the way).
@@ -69,6 +91,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
         try:
             r = mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            check_meta(r.meta, os.path.join(str(mngr.directory), str(step), "meta"))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             text = str(e).splitlines()[0][:300] if str(e) else ""
             failures.append(f"step {step}: {type(e).__name__}: {text}")
@@ -98,7 +121,13 @@ def load_final_state(directory: str, stage: str) -> dict:
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint of stage {stage!r} in {directory}")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        where = os.path.join(os.path.abspath(directory), str(step), "meta")
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(f"{where}: unreadable ({type(e).__name__}: "
+                                  f"{str(e)[:300]})") from None
+        check_meta(meta, where)
         if not meta.get("complete"):
             raise FileNotFoundError(f"stage {stage!r} in {directory} is not finished")
     path = os.path.join(os.path.abspath(directory), str(step), "state")

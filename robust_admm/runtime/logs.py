@@ -124,8 +124,21 @@ def exit_on_error(fn, *args, errors=()):
 
 
 def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON value in the file `path`; a ValueError naming the file if it holds none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") \
+            from None
+
+
+def read_json_object(path: str) -> dict:
+    """`read_json` of a file that must hold a JSON object (a config, a result)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def read_jsonl(path: str) -> list:
