@@ -8,7 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robust_admm.experiments.run import train_and_evaluate
-from robust_admm.runtime import checkpoint, host_memory, logs, parallel
+from robust_admm.runtime import checkpoint, claims, host_memory, logs, parallel
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +38,8 @@ def main(argv):
     parallel.initialize_distributed()  # multi-host runs (launch.sh tpu/slurm); before any JAX use
     logs.log(malloc_note)
     logs.exit_on_error(train_and_evaluate, FLAGS.config, FLAGS.workdir,
-                       FLAGS.allow_config_change, errors=(checkpoint.CheckpointError,))
+                       FLAGS.allow_config_change,
+                       errors=(checkpoint.CheckpointError, claims.HeldError))
 
 
 def run(argv=None):

@@ -60,7 +60,17 @@ def open_data(config, mesh) -> tuple:
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-    """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
+    """Runs the configured stages in `workdir`; returns the summary (also summary.json).
+
+    The run holds `workdir` while it runs (`workdir.hold_run`): a second process started
+    on it is refused at once, naming the holder, before anything is written."""
+    validate_config(config)  # a bad config is refused before the workdir is made
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.hold_run(workdir, jax.process_index()):
+        return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
     program, phases = validate_config(config)
     mesh = parallel.make_mesh()
     os.makedirs(workdir, exist_ok=True)

@@ -9,6 +9,13 @@ A run (`robust_admm.train --workdir DIR`):
     DIR/checkpoints/<phase>/<step>  orbax checkpoints of each phase
     DIR/eval/<phase>.json           `robust_admm.eval`'s result (and <phase>_epsilons.*)
     DIR/report.md                   `robust_admm.report`'s report, beside its plots
+    DIR/run.lock                    held by the process running in DIR (runtime/claims.py);
+                                    a multi-process run's process i > 0 holds run.<i>.lock
+
+One process (one per process index of a multi-process run) trains in a workdir at a time:
+a second is refused at once, naming the holder; a killed process's lock goes with it.
+`robust_admm.eval` takes no lock: it reads finished phases' checkpoints and writes only
+DIR/eval/, so it may run while training goes on (each phase it reads is finished).
 
 A study (`robust_admm.study --workdir DIR`):
 
@@ -16,9 +23,12 @@ A study (`robust_admm.study --workdir DIR`):
     DIR/cells/<cell>/               the cell's run (the layout above)
     DIR/cells/<cell>/cell.json      its result, once finished
     DIR/cells/<cell>/time.json      its wall time, summed over processes
-    DIR/cells/<cell>/claim.lock     the claim of the process running it (runtime/claims.py)
+    DIR/cells/<cell>/claim.lock     the claim of the process running it (runtime/claims.py);
+                                    its run holds DIR/cells/<cell>/run.lock too (another
+                                    file: a process's two locks on one file would be one)
     DIR/report.md                   the study's report
 """
+import contextlib
 import json
 import os
 
@@ -26,7 +36,7 @@ import ml_collections
 
 from robust_admm.experiments.migrate import upgrade_config_dict
 from robust_admm.experiments.validation import config_differences
-from robust_admm.runtime import checkpoint, logs
+from robust_admm.runtime import checkpoint, claims, logs
 from robust_admm.training.program import parse_program
 
 CONFIG, METRICS, SUMMARY, REPORT = "config.json", "metrics.jsonl", "summary.json", "report.md"
@@ -77,6 +87,20 @@ def eval_results(workdir: str) -> list:
         return []
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
             if f.endswith(".json") and not f.endswith("_epsilons.json")]
+
+
+def run_lock_name(process: int = 0) -> str:
+    """The lock file that process `process` of a run holds in its workdir."""
+    return claims.RUN_LOCK_NAME if process == 0 else f"run.{process}.lock"
+
+
+@contextlib.contextmanager
+def hold_run(workdir: str, process: int = 0):
+    """Holds `workdir` for a run's process `process` (each process of a multi-process run,
+    all in one workdir by design, holds its own lock); `claims.HeldError`, naming the
+    holder's host and pid, if another live process holds it."""
+    with claims.hold(workdir, "workdir", run_lock_name(process), warn=logs.log):
+        yield
 
 
 def holds_run(workdir: str) -> bool:
