@@ -91,10 +91,111 @@ def test_a_second_process_on_a_held_workdir_is_refused_at_once_naming_the_holder
         holder.wait()
     ran = []
 
-    def body(config, wd, allow_config_change):  # the run itself, past its lock
+    def body(config, wd, *allow):  # the run itself, past its lock
         ran.append(claims.owner_of(os.path.join(wd, workdir_lib.run_lock_name()))["pid"])
         return {}
 
     monkeypatch.setattr(run_lib, "_train_and_evaluate", body)
     run_lib.train_and_evaluate(cfg, workdir)
     assert ran == [os.getpid()]
+
+
+# ----------------------------------------------------------------------------- data changed
+
+class Stop(Exception):
+    """Raised by a patched model builder: the run stops after its data checks."""
+
+
+def start_run(cfg, workdir, monkeypatch, **allow):
+    """Runs `cfg` in `workdir` up to building the model (past config and data checks)."""
+    def stop(*args, **kwargs):
+        raise Stop
+    monkeypatch.setattr(run_lib, "get_model", stop)
+    with pytest.raises(Stop):
+        run_lib.train_and_evaluate(cfg, workdir, **allow)
+
+
+def test_a_resume_on_changed_data_is_refused_naming_what_changed(tmp_path, monkeypatch,
+                                                                  capsys):
+    import numpy as np
+    data = str(tmp_path / "idx")
+    write_idx(data, np.random.default_rng(0), n_train=64, n_test=16)
+    cfg = smoke_config(data, **{"data.train_examples": 32})
+    workdir = str(tmp_path / "w")
+    start_run(cfg, workdir, monkeypatch)
+    recorded = logs.read_json(workdir_lib.data_path(workdir))
+    assert recorded["train"]["examples"] == 64  # the whole split, not the subset
+    start_run(cfg, workdir, monkeypatch)  # the same data: resumes
+    # Other training images (the same count and labels), then one training example more.
+    rng = np.random.default_rng(0)
+    write_idx(data, np.random.default_rng(1), n_train=64, n_test=16)
+    for allow in ({}, {"allow_config_change": True}):
+        with pytest.raises(workdir_lib.DataChangedError,
+                           match=r"train\.images_sha256: '\w{12}' -> '\w{12}'") as e:
+            run_lib.train_and_evaluate(cfg, workdir, **allow)
+        assert "test." in str(e.value) and "--allow_data_change" in str(e.value)
+    write_idx(data, rng, n_train=65, n_test=16)
+    with pytest.raises(workdir_lib.DataChangedError, match=r"train\.examples: 64 -> 65"):
+        run_lib.train_and_evaluate(cfg, workdir)
+    # The named override goes on, and records the new data.
+    capsys.readouterr()
+    start_run(cfg, workdir, monkeypatch, allow_data_change=True)
+    assert "train.examples: 64 -> 65" in capsys.readouterr().out
+    assert logs.read_json(workdir_lib.data_path(workdir))["train"]["examples"] == 65
+    # A workdir from before fingerprints: recorded at its next run, said in the log.
+    os.remove(workdir_lib.data_path(workdir))
+    start_run(cfg, workdir, monkeypatch)
+    assert "recorded no data fingerprint" in capsys.readouterr().out
+    assert logs.read_json(workdir_lib.data_path(workdir))["train"]["examples"] == 65
+
+
+def test_file_fingerprints_hash_small_splits_whole_and_sample_large_ones(tmp_path,
+                                                                         monkeypatch):
+    import hashlib
+    from robust_admm.data import fingerprint
+    root = tmp_path / "d"
+    paths = []
+    for i in range(10):  # 10 files of 300 KiB: some bytes in the middle of each
+        p = root / f"c{i % 2}" / f"{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([i]) * (300 << 10))
+        paths.append(str(p))
+    whole = fingerprint.of_files({"train": paths}, str(root))["train"]
+    assert whole["contents_sha256"] == hashlib.sha256(
+        b"".join(open(p, "rb").read() for p in paths)).hexdigest()  # every byte, in order
+    assert (whole["files"], whole["bytes"]) == (10, 10 * (300 << 10))
+
+    def changed(path, offset):  # one byte of `path` changed in place, size kept
+        data = bytearray(open(path, "rb").read())
+        data[offset] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+
+    changed(paths[3], 150 << 10)  # the middle of a file
+    after = fingerprint.of_files({"train": paths}, str(root))["train"]
+    assert fingerprint.differences(whole, after) == [
+        f"contents_sha256: {whole['contents_sha256'][:12]!r} -> "
+        f"{after['contents_sha256'][:12]!r}"]
+    # Over WHOLE_BYTES: the edges of SAMPLE_FILES files are read, and every size and name.
+    monkeypatch.setattr(fingerprint, "WHOLE_BYTES", 1 << 20)
+    monkeypatch.setattr(fingerprint, "SAMPLE_FILES", 5)  # files 0, 2, 4, 6, 8
+    sampled = fingerprint.of_files({"train": paths}, str(root))["train"]
+    assert "of 5 of 10 files" in sampled["contents"]
+    edges = b"".join(open(paths[i], "rb").read()[:1 << 16] + open(paths[i], "rb").read()[-(1 << 16):]
+                     for i in (0, 2, 4, 6, 8))
+    assert sampled["contents_sha256"] == hashlib.sha256(edges).hexdigest()
+    changed(paths[3], 0)  # an unsampled file changed in place: not seen (the documented cost)
+    assert fingerprint.of_files({"train": paths}, str(root))["train"] == sampled
+    changed(paths[4], (300 << 10) - 1)  # a sampled file's last byte
+    assert fingerprint.of_files({"train": paths}, str(root))["train"][
+        "contents_sha256"] != sampled["contents_sha256"]
+    with open(paths[5], "ab") as f:  # an unsampled file grown: its size is in the listing
+        f.write(b"x")
+    d = fingerprint.differences(sampled, fingerprint.of_files({"train": paths}, str(root))["train"])
+    assert [x.split(":")[0] for x in d] == ["bytes", "contents_sha256", "names_sizes_sha256"]
+    os.rename(paths[9], str(root / "c1" / "renamed.bin"))  # a renamed file
+    paths[9] = str(root / "c1" / "renamed.bin")
+    a = fingerprint.of_files({"train": paths}, str(root))["train"]
+    os.rename(paths[9], str(root / "c1" / "9.bin"))
+    paths[9] = str(root / "c1" / "9.bin")
+    b = fingerprint.of_files({"train": paths}, str(root))["train"]
+    assert a["names_sizes_sha256"] != b["names_sizes_sha256"]

@@ -4,6 +4,8 @@ where each file is, and that reads a run's config.json (upgraded from older rele
 A run (`robust_admm.train --workdir DIR`):
 
     DIR/config.json                 the run's config (refused if a rerun differs)
+    DIR/data.json                   the fingerprint of its data (data/fingerprint.py;
+                                    refused if a rerun's data differ)
     DIR/metrics.jsonl               one JSON record per log step, evaluation, ADMM update
     DIR/summary.json                the program and each finished phase's result
     DIR/checkpoints/<phase>/<step>  orbax checkpoints of each phase
@@ -34,12 +36,14 @@ import os
 
 import ml_collections
 
+from robust_admm.data.fingerprint import differences
 from robust_admm.experiments.migrate import upgrade_config_dict
 from robust_admm.experiments.validation import config_differences
 from robust_admm.runtime import checkpoint, claims, logs
 from robust_admm.training.program import parse_program
 
 CONFIG, METRICS, SUMMARY, REPORT = "config.json", "metrics.jsonl", "summary.json", "report.md"
+DATA = "data.json"
 STUDY, CELL_RESULT, CELL_TIME = "study.json", "cell.json", "time.json"
 
 
@@ -138,6 +142,41 @@ def check_config(workdir: str, config, allow_change: bool):
         raise ValueError(
             f"{workdir} holds a run with a different config:\n  " + "\n  ".join(diffs)
             + "\nUse another --workdir, or pass --allow_config_change to continue anyway.")
+
+
+def data_path(workdir: str) -> str:
+    return os.path.join(workdir, DATA)
+
+
+class DataChangedError(ValueError):
+    """The data differ from those the workdir's run trained on."""
+
+
+def check_data(workdir: str, fingerprint: dict, allow_change: bool):
+    """Records the data's fingerprint (data.json) at a run's start; on a resume, refuses
+    data that differ from the recorded ones, naming what changed (unless allowed: then
+    the new fingerprint is recorded). A workdir from before fingerprints gets one now."""
+    path = data_path(workdir)
+    if not os.path.exists(path):
+        if os.path.exists(config_path(workdir)):
+            logs.log(f"{workdir} holds a run that recorded no data fingerprint (an older "
+                     f"release): the data it ran on cannot be checked; recording this "
+                     f"data's in {path}")
+        logs.write_json(path, fingerprint)
+        return
+    old = logs.read_json(path)
+    diffs = differences(old, fingerprint)
+    if not diffs:
+        return
+    if not allow_change:
+        raise DataChangedError(
+            f"{workdir} holds a run on other data than this config reads (recorded in "
+            f"{path}):\n  " + "\n  ".join(diffs)
+            + "\nUse another --workdir, restore the data, or pass --allow_data_change to "
+              "continue on these data anyway (--allow_config_change does not cover it).")
+    logs.log(f"WARNING: the data differ from those recorded in {path} "
+             f"(--allow_data_change): " + "; ".join(diffs) + "; recording the new ones")
+    logs.write_json(path, fingerprint)
 
 
 def read_summary(workdir: str) -> dict:
