@@ -31,7 +31,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     logs.exit_on_error(run_study, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
-                       FLAGS.wait, errors=(checkpoint.CheckpointError, claims.HeldError))
+                       FLAGS.wait, errors=(checkpoint.CheckpointError,
+                                           checkpoint.CheckpointWriteError, claims.HeldError))
 
 
 def run(argv=None):

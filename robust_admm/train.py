@@ -42,7 +42,8 @@ def main(argv):
     logs.log(malloc_note)
     logs.exit_on_error(train_and_evaluate, FLAGS.config, FLAGS.workdir,
                        FLAGS.allow_config_change, FLAGS.allow_data_change,
-                       errors=(checkpoint.CheckpointError, claims.HeldError))
+                       errors=(checkpoint.CheckpointError, checkpoint.CheckpointWriteError,
+                               claims.HeldError))
 
 
 def run(argv=None):

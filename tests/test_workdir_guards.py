@@ -199,3 +199,76 @@ def test_file_fingerprints_hash_small_splits_whole_and_sample_large_ones(tmp_pat
     paths[9] = str(root / "c1" / "9.bin")
     b = fingerprint.of_files({"train": paths}, str(root))["train"]
     assert a["names_sizes_sha256"] != b["names_sizes_sha256"]
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def fail_writes_of(monkeypatch, step: int):
+    """The checkpoint writer of `step` fails part way, as on a full disk: its metadata file
+    is half written, then ENOSPC (the tests run as root, where a read-only mode does not
+    stop writes). Returns the paths it failed on."""
+    import errno
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+    original, failed = handler.JsonCheckpointHandler._save_fn, []
+
+    async def save_fn(self, x, directory):
+        if os.path.basename(os.path.dirname(str(directory))).split(".")[0] == str(step):
+            (directory / "metadata").write_text('{"sta')
+            failed.append(str(directory))
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await original(self, x, directory)
+
+    monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", save_fn)
+    return failed
+
+
+@pytest.mark.parametrize("surfaces_at", ["wait", "next save"])
+def test_a_failed_checkpoint_write_names_step_and_path_and_keeps_the_previous(
+        tmp_path, monkeypatch, surfaces_at):
+    import jax.numpy as jnp
+    import numpy as np
+    from robust_admm.runtime import checkpoint
+    folder = str(tmp_path / "ckpt")
+    mngr = checkpoint.manager(folder, keep=1)  # the previous is the only one kept
+    checkpoint.save(mngr, 1, {"w": jnp.arange(4.0)}, {"step": 1})
+    mngr.wait_until_finished()
+    failed = fail_writes_of(monkeypatch, 2)
+    checkpoint.save(mngr, 2, {"w": jnp.arange(4.0) + 1}, {"step": 2})
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        if surfaces_at == "wait":
+            mngr.wait_until_finished()
+        else:  # the error of step 2's write, not of step 3's
+            checkpoint.save(mngr, 3, {"w": jnp.arange(4.0)}, {"step": 3})
+    assert failed and str(e.value).startswith(
+        f"could not write the checkpoint of step 2 to {os.path.join(folder, '2')}: OSError: "
+        f"[Errno 28] No space left on device")
+    assert f"the checkpoint of step 1 in {folder} is intact" in str(e.value)
+    assert isinstance(e.value, OSError) and e.value.errno == 28
+    mngr.close()
+    monkeypatch.undo()
+    mngr = checkpoint.manager(folder, keep=1)
+    state, meta, step = checkpoint.restore_latest(mngr, {"w": jnp.zeros(4)})
+    assert (step, meta) == (1, {"step": 1})
+    np.testing.assert_array_equal(state["w"], np.arange(4.0))
+    mngr.close()
+
+
+@pytest.mark.slow  # three runs, each compiling its steps (about 10 s idle, 60 s loaded)
+def test_a_run_whose_checkpoint_write_fails_resumes_from_the_previous_and_ends_equal(
+        tmp_path, idx_dir, monkeypatch):
+    from helpers import assert_same_results
+    from robust_admm.runtime import checkpoint
+    cfg = smoke_config(idx_dir, stages="pretrain", log_every_steps=1,
+                       **{"pretrain.epochs": 1, "checkpoint.every_steps": 1})
+    reference, workdir = str(tmp_path / "reference"), str(tmp_path / "w")
+    run_lib.train_and_evaluate(cfg, reference)  # 4 steps, a checkpoint after each
+    failed = fail_writes_of(monkeypatch, 2)
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match=r"could not write the checkpoint of step 2 to .*checkpoints/"
+                             r"pretrain/2: OSError: .*No space left on device.*the "
+                             r"checkpoint of step 1 in .* is intact"):
+        run_lib.train_and_evaluate(cfg, workdir)
+    assert failed
+    monkeypatch.undo()
+    run_lib.train_and_evaluate(cfg, workdir)  # resumes from step 1
+    assert_same_results(workdir, reference)
