@@ -9,7 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robust_admm.experiments.study import run_study
-from robust_admm.runtime import checkpoint, logs
+from robust_admm.runtime import checkpoint, claims, logs
 
 FLAGS = flags.FLAGS
 
@@ -31,7 +31,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     logs.exit_on_error(run_study, FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
-                       FLAGS.wait, errors=(checkpoint.CheckpointError,))
+                       FLAGS.wait, errors=(checkpoint.CheckpointError,
+                                           checkpoint.CheckpointWriteError, claims.HeldError))
 
 
 def run(argv=None):

@@ -8,7 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robust_admm.experiments.run import train_and_evaluate
-from robust_admm.runtime import checkpoint, host_memory, logs, parallel
+from robust_admm.runtime import checkpoint, claims, host_memory, logs, parallel
 
 FLAGS = flags.FLAGS
 
@@ -21,6 +21,9 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
     flags.DEFINE_bool("allow_config_change", False,
                       "Continue a workdir whose config.json differs from this config.")
+    flags.DEFINE_bool("allow_data_change", False,
+                      "Continue a workdir whose data.json (the fingerprint of the data it "
+                      "trained on) differs from this config's data.")
     flags.DEFINE_enum("host_malloc", "auto", list(host_memory.MODES),
                       "'reuse': keep freed host memory for XLA's per-call buffers (glibc; "
                       "faster CPU steps for the CIFAR models, the process keeps its peak "
@@ -38,7 +41,9 @@ def main(argv):
     parallel.initialize_distributed()  # multi-host runs (launch.sh tpu/slurm); before any JAX use
     logs.log(malloc_note)
     logs.exit_on_error(train_and_evaluate, FLAGS.config, FLAGS.workdir,
-                       FLAGS.allow_config_change, errors=(checkpoint.CheckpointError,))
+                       FLAGS.allow_config_change, FLAGS.allow_data_change,
+                       errors=(checkpoint.CheckpointError, checkpoint.CheckpointWriteError,
+                               claims.HeldError))
 
 
 def run(argv=None):

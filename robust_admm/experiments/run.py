@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from robust_admm.data import Split, describe, load_dataset
+from robust_admm.data import Split, describe, fingerprint, load_dataset
 from robust_admm.data.batching import pad_to_multiple
 from robust_admm.data.feed import DeviceFeed, DeviceTest, Reading, StreamFeed, StreamTest
 from robust_admm.data.streamed import describe_streamed, open_streamed, streamed
@@ -40,9 +40,18 @@ def load_data(config):
     return ds, train, test
 
 
+def timed_fingerprint(fn, *args) -> dict:
+    """`fn(*args)`, its time logged (a fingerprint of large data reads a few MiB)."""
+    t0 = time.time()
+    out = fn(*args)
+    logs.log(f"fingerprinted the data ({out['kind']}) in {time.time() - t0:.2f} s")
+    return out
+
+
 def open_data(config, mesh) -> tuple:
-    """(description, class count, model input shape, training feed, test batches) of the
-    config's data: kept on the devices (tfds, files, npz) or streamed (folder, shards)."""
+    """(description, class count, model input shape, training feed, test batches,
+    fingerprint) of the config's data: kept on the devices (tfds, files, npz) or streamed
+    (folder, shards); the fingerprint (data/fingerprint.py) catches a resume on other data."""
     d = config.data
     if streamed(d.source, d.name):
         ds = open_streamed(d.name, d.source, d.dir, d.check_headers, d.max_pixels,
@@ -50,24 +59,41 @@ def open_data(config, mesh) -> tuple:
         reading = Reading.of_config(d, mesh)
         return (describe_streamed(ds, d.image_size), ds.num_classes,
                 (1, d.image_size, d.image_size, d.channels),
-                StreamFeed(ds.train, config.batch_size, reading), StreamTest(ds.test, reading))
+                StreamFeed(ds.train, config.batch_size, reading), StreamTest(ds.test, reading),
+                timed_fingerprint(fingerprint.of_streamed, ds, d.dir))
     ds, train, test = load_data(config)
     return (describe(ds), ds.num_classes, (1,) + train.images.shape[1:],
             DeviceFeed(parallel.replicate((train.images, train.labels), mesh),
                        config.batch_size, mesh),
             DeviceTest(pad_to_multiple(test.images, test.labels, config.eval.batch_size,
-                                       mesh)))
+                                       mesh)),
+            timed_fingerprint(fingerprint.of_arrays, {"train": ds.train, "test": ds.test}))
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-    """Runs the configured stages in `workdir`; returns the summary (also summary.json)."""
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       allow_data_change: bool = False) -> dict:
+    """Runs the configured stages in `workdir`; returns the summary (also summary.json).
+
+    The run holds `workdir` while it runs (`workdir.hold_run`): a second process started
+    on it is refused at once, naming the holder, before anything is written. A resume on
+    data other than the run's (its fingerprint, data.json) is refused unless
+    `allow_data_change`; `allow_config_change` does not cover it."""
+    validate_config(config)  # a bad config is refused before the workdir is made
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.hold_run(workdir, jax.process_index()):
+        return _train_and_evaluate(config, workdir, allow_config_change, allow_data_change)
+
+
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool,
+                        allow_data_change: bool = False) -> dict:
     program, phases = validate_config(config)
     mesh = parallel.make_mesh()
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.check_config(workdir, config, allow_config_change)
     t_start = time.time()
-    about, num_classes, input_shape, train, test = open_data(config, mesh)
+    about, num_classes, input_shape, train, test, data_print = open_data(config, mesh)
     logs.log(about)
+    workdir_lib.check_data(workdir, data_print, allow_data_change)
     workdir_lib.write_config(workdir, config)
 
     model = get_model(config.model.name, num_classes, config.model.width,

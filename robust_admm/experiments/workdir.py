@@ -4,11 +4,20 @@ where each file is, and that reads a run's config.json (upgraded from older rele
 A run (`robust_admm.train --workdir DIR`):
 
     DIR/config.json                 the run's config (refused if a rerun differs)
+    DIR/data.json                   the fingerprint of its data (data/fingerprint.py;
+                                    refused if a rerun's data differ)
     DIR/metrics.jsonl               one JSON record per log step, evaluation, ADMM update
     DIR/summary.json                the program and each finished phase's result
     DIR/checkpoints/<phase>/<step>  orbax checkpoints of each phase
     DIR/eval/<phase>.json           `robust_admm.eval`'s result (and <phase>_epsilons.*)
     DIR/report.md                   `robust_admm.report`'s report, beside its plots
+    DIR/run.lock                    held by the process running in DIR (runtime/claims.py);
+                                    a multi-process run's process i > 0 holds run.<i>.lock
+
+One process (one per process index of a multi-process run) trains in a workdir at a time:
+a second is refused at once, naming the holder; a killed process's lock goes with it.
+`robust_admm.eval` takes no lock: it reads finished phases' checkpoints and writes only
+DIR/eval/, so it may run while training goes on (each phase it reads is finished).
 
 A study (`robust_admm.study --workdir DIR`):
 
@@ -16,20 +25,25 @@ A study (`robust_admm.study --workdir DIR`):
     DIR/cells/<cell>/               the cell's run (the layout above)
     DIR/cells/<cell>/cell.json      its result, once finished
     DIR/cells/<cell>/time.json      its wall time, summed over processes
-    DIR/cells/<cell>/claim.lock     the claim of the process running it (runtime/claims.py)
+    DIR/cells/<cell>/claim.lock     the claim of the process running it (runtime/claims.py);
+                                    its run holds DIR/cells/<cell>/run.lock too (another
+                                    file: a process's two locks on one file would be one)
     DIR/report.md                   the study's report
 """
+import contextlib
 import json
 import os
 
 import ml_collections
 
+from robust_admm.data.fingerprint import differences
 from robust_admm.experiments.migrate import upgrade_config_dict
 from robust_admm.experiments.validation import check_config_types, config_differences
-from robust_admm.runtime import checkpoint, logs
+from robust_admm.runtime import checkpoint, claims, logs
 from robust_admm.training.program import parse_program
 
 CONFIG, METRICS, SUMMARY, REPORT = "config.json", "metrics.jsonl", "summary.json", "report.md"
+DATA = "data.json"
 STUDY, CELL_RESULT, CELL_TIME = "study.json", "cell.json", "time.json"
 
 
@@ -79,6 +93,20 @@ def eval_results(workdir: str) -> list:
             if f.endswith(".json") and not f.endswith("_epsilons.json")]
 
 
+def run_lock_name(process: int = 0) -> str:
+    """The lock file that process `process` of a run holds in its workdir."""
+    return claims.RUN_LOCK_NAME if process == 0 else f"run.{process}.lock"
+
+
+@contextlib.contextmanager
+def hold_run(workdir: str, process: int = 0):
+    """Holds `workdir` for a run's process `process` (each process of a multi-process run,
+    all in one workdir by design, holds its own lock); `claims.HeldError`, naming the
+    holder's host and pid, if another live process holds it."""
+    with claims.hold(workdir, "workdir", run_lock_name(process), warn=logs.log):
+        yield
+
+
 def holds_run(workdir: str) -> bool:
     return os.path.exists(summary_path(workdir))
 
@@ -122,6 +150,41 @@ def check_config(workdir: str, config, allow_change: bool):
         raise ValueError(
             f"{workdir} holds a run with a different config:\n  " + "\n  ".join(diffs)
             + "\nUse another --workdir, or pass --allow_config_change to continue anyway.")
+
+
+def data_path(workdir: str) -> str:
+    return os.path.join(workdir, DATA)
+
+
+class DataChangedError(ValueError):
+    """The data differ from those the workdir's run trained on."""
+
+
+def check_data(workdir: str, fingerprint: dict, allow_change: bool):
+    """Records the data's fingerprint (data.json) at a run's start; on a resume, refuses
+    data that differ from the recorded ones, naming what changed (unless allowed: then
+    the new fingerprint is recorded). A workdir from before fingerprints gets one now."""
+    path = data_path(workdir)
+    if not os.path.exists(path):
+        if os.path.exists(config_path(workdir)):
+            logs.log(f"{workdir} holds a run that recorded no data fingerprint (an older "
+                     f"release): the data it ran on cannot be checked; recording this "
+                     f"data's in {path}")
+        logs.write_json(path, fingerprint)
+        return
+    old = logs.read_json(path)
+    diffs = differences(old, fingerprint)
+    if not diffs:
+        return
+    if not allow_change:
+        raise DataChangedError(
+            f"{workdir} holds a run on other data than this config reads (recorded in "
+            f"{path}):\n  " + "\n  ".join(diffs)
+            + "\nUse another --workdir, restore the data, or pass --allow_data_change to "
+              "continue on these data anyway (--allow_config_change does not cover it).")
+    logs.log(f"WARNING: the data differ from those recorded in {path} "
+             f"(--allow_data_change): " + "; ".join(diffs) + "; recording the new ones")
+    logs.write_json(path, fingerprint)
 
 
 def read_summary(workdir: str) -> dict:

@@ -3,7 +3,9 @@
 `experiments/workdir.py`), each holding the whole `TrainState` (params, BatchNorm
 statistics, optimizer state, ADMM state, masks, key, step; the data position is the step)
 plus JSON metadata. The last checkpoint of a finished stage carries `complete: true` and
-the stage's evaluation; it is what the next stage starts from."""
+the stage's evaluation; it is what the next stage starts from. A write that fails (a full
+or read-only disk) raises `CheckpointWriteError`, naming the step and its path; the
+checkpoint before it stays the newest readable one, and a rerun resumes from it."""
 import os
 import time
 
@@ -14,9 +16,56 @@ import orbax.checkpoint as ocp
 from robust_admm.runtime import logs
 
 
-def manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
-    """Asynchronous manager keeping the last `keep` checkpoints in `directory`."""
-    return ocp.CheckpointManager(
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full or read-only disk): the message names the
+    step, the path and the previous checkpoint, which stays readable."""
+
+
+class Manager(ocp.CheckpointManager):
+    """orbax's asynchronous manager, whose failed writes raise `CheckpointWriteError` naming
+    the step that failed, where orbax raises the writer's own error (from the background
+    write, at the next save or wait: then it is not the step being saved that failed).
+    orbax keeps a step's older checkpoints until its write has finished, and leaves a
+    failed write in a temporary folder that the next manager on the folder ignores and
+    removes, so the previous checkpoint stays the newest one that is read."""
+
+    _writing = None  # the step whose write is in flight
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()  # the previous write's error, named as its own
+        self._writing = step
+        try:
+            saved = super().save(step, *args, **kwargs)
+        except Exception as e:  # the synchronous part: folders, serialising
+            self._writing = None
+            raise self._write_error(step, e) from e
+        return saved
+
+    def wait_until_finished(self):
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # the background write failed
+            raise self._write_error(self._writing, e) from e
+
+    def _write_error(self, step, e: Exception) -> CheckpointWriteError:
+        folder = str(self.directory)
+        self.reload()  # the steps on disk: a write that failed is not among them
+        done = [s for s in self.all_steps() if s != step]
+        kept = (f"the checkpoint of step {max(done)} in {folder} is intact; free space or "
+                f"fix permissions and rerun the same command to resume from it" if done else
+                f"no earlier checkpoint of this stage is in {folder}; free space or fix "
+                f"permissions and rerun the same command to start the stage again")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        error = CheckpointWriteError(f"could not write the checkpoint of step {step} to "
+                                     f"{os.path.join(folder, str(step))}: {reason}; {kept}")
+        error.errno = getattr(e, "errno", None)  # ENOSPC, EROFS, EACCES where the writer says
+        return error
+
+
+def manager(directory: str, keep: int = 3) -> Manager:
+    """Asynchronous manager keeping the last `keep` checkpoints in `directory`; a failed
+    write raises `CheckpointWriteError`."""
+    return Manager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
