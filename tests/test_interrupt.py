@@ -3,6 +3,7 @@ saves a checkpoint and exits (the resumed run runs that evaluation first and end
 bit as an uninterrupted one); in `robust_admm.eval` it saves the finished attack batches
 and a rerun computes only the rest, ending with the uninterrupted numbers. The signal is
 a real SIGTERM sent to this process while a batch runs; the runs are in-process."""
+import dataclasses
 import json
 import os
 import shutil
@@ -10,10 +11,15 @@ import signal
 import sys
 import time
 
+import jax
+import numpy as np
+
 import pytest
 
 from helpers import ROOT, assert_same_results
 from robust_admm.evaluation import robustness
+from robust_admm.attacks import Pgd
+from robust_admm.experiments import eval_resume
 from robust_admm.experiments import evaluate as evaluate_lib
 from robust_admm.experiments import run as run_lib
 from robust_admm.experiments import workdir as workdir_lib
@@ -64,33 +70,37 @@ def counting_eval_step(monkeypatch, calls, when):
     monkeypatch.setattr(run_lib, "make_eval_step", make_counted)
 
 
-@pytest.mark.parametrize("epoch", [1, 2], ids=["mid_phase", "last_evaluation"])
-def test_sigterm_during_a_training_evaluation_checkpoints_at_once_and_resumes_equal(
-        tmp_path, monkeypatch, reference, epoch):
+def test_sigterm_during_training_evaluations_checkpoints_at_once_and_resumes_equal(
+        tmp_path, monkeypatch, reference):
+    """SIGTERM during the first batch of epoch 1's evaluation (mid-phase), then, in the
+    resumed run, of epoch 2's (the phase's last step): each time a checkpoint at that step
+    and no further batch; the last rerun ends as the uninterrupted run."""
     reference, idx_dir = reference
     workdir = str(tmp_path / "w")
-    calls, when = [], {"k": EVAL_BATCHES * (epoch - 1) + 1}
-    # SIGTERM while the first batch of epoch `epoch`'s evaluation runs.
-    counting_eval_step(monkeypatch, calls, when)
-    with pytest.raises(loop.Preempted) as stopped:
-        run_lib.train_and_evaluate(pretrain_config(idx_dir), workdir)
-    t_exit = time.perf_counter()
-    assert stopped.value.code == loop.PREEMPTED_EXIT_CODE
-    # No evaluation batch ran after the signal, and the exit came within 5 s of it.
-    assert len(calls) == EVAL_BATCHES * (epoch - 1) + 1
-    assert t_exit - calls[-1] < 5.0
-    step = 8 * epoch
     ckdir = workdir_lib.stage_dir(workdir, "pretrain")
-    with checkpoint.manager(ckdir) as mngr:
-        assert mngr.latest_step() == step
-    evals = lambda w: [r for r in workdir_lib_records(w) if r["kind"] == "eval"]
-    assert [r["epoch"] for r in evals(workdir)] == list(range(1, epoch))
-    # The resumed run evaluates epoch `epoch` first, then goes on.
+    calls, when = [], {}
+    counting_eval_step(monkeypatch, calls, when)
+    evals = lambda: [r["epoch"] for r in workdir_lib_records(workdir) if r["kind"] == "eval"]
+    # (the batch after which SIGTERM comes, the batches the run evaluates in all)
+    for epoch, (k, batches) in enumerate([(1, 1), (EVAL_BATCHES + 1, EVAL_BATCHES + 1)], 1):
+        calls.clear()
+        when["k"] = k
+        with pytest.raises(loop.Preempted) as stopped:
+            run_lib.train_and_evaluate(pretrain_config(idx_dir), workdir)
+        t_exit = time.perf_counter()
+        assert stopped.value.code == loop.PREEMPTED_EXIT_CODE
+        # No evaluation batch ran after the signal, and the exit came within 5 s of it.
+        assert len(calls) == batches
+        assert t_exit - calls[k - 1] < 5.0
+        with checkpoint.manager(ckdir) as mngr:
+            assert mngr.latest_step() == 8 * epoch
+        assert evals() == list(range(1, epoch))
+    # The rerun evaluates epoch 2 first and ends the phase.
     calls.clear()
     when["k"] = -1
     run_lib.train_and_evaluate(pretrain_config(idx_dir), workdir)
-    assert len(calls) == EVAL_BATCHES * (3 - epoch)
-    assert [r["epoch"] for r in evals(workdir)] == [1, 2]
+    assert len(calls) == EVAL_BATCHES
+    assert evals() == [1, 2]
     assert_same_results(workdir, reference, ("pretrain",))
 
 
@@ -125,10 +135,10 @@ def test_sigterm_during_robust_admm_eval_saves_batches_and_a_rerun_resumes_equal
         fn = fooled_fn(self, attack)
         return lambda *a: sigterm_after(calls, when["k"])(fn(*a))
     monkeypatch.setattr(robustness.LogitsEvaluator, "fooled_fn", counted)
-    kw = dict(attacks=ATTACKS, epsilons="0.1", batch=2, n=0, checks=True, loop="host")
+    kw = dict(attacks=ATTACKS, batch=1, n=0, checks=False, loop="host")
     whole = evaluate_lib.evaluate_workdir(reference, **kw)
     total = len(calls)
-    assert total > 6  # the attacks ran on several batches
+    assert total >= 6  # each attack ran on several batches
     assert not os.path.exists(workdir_lib.eval_partial_path(reference, STAGE))
 
     calls.clear()
@@ -152,3 +162,33 @@ def test_sigterm_during_robust_admm_eval_saves_batches_and_a_rerun_resumes_equal
     assert strip_times(again) == strip_times(whole)
     with open(workdir_lib.eval_path(workdir, STAGE)) as f:
         assert strip_times(json.load(f)) == strip_times(json.loads(json.dumps(whole)))
+
+
+def test_a_saved_batch_is_reused_only_for_the_same_arguments_and_the_same_computation(
+        tmp_path):
+    path, logged = str(tmp_path / "s.partial.json"), []
+    identity = {"stage": "retrain", "attacks": "pgd3", "seed": 0}
+    rng = np.random.default_rng(0)
+    x, y = rng.random((6, 4, 4, 1), np.float32), rng.integers(0, 10, 6)
+    rows, fooled = np.array([0, 2, 3, 5]), np.array([True, False, False, True])
+    attack, key = Pgd(epsilon=0.1, step_size=0.05, num_steps=3), jax.random.PRNGKey(0)
+    args = ("pgd3", 1, attack, key, x, y, rows)
+    j = eval_resume.BatchJournal(path, identity, log=logged.append)
+    assert j.get(*args) is None
+    j.put(*args, fooled)
+    again = eval_resume.BatchJournal(path, identity, log=logged.append)
+    np.testing.assert_array_equal(again.get(*args), fooled)
+    assert "resuming: 1 finished attack batches" in logged[-1]
+    # Anything that decides the batch's result differs: not reused.
+    x2 = x.copy()
+    x2[3, 0, 0, 0] += 1e-3
+    for changed in [("pgd3", 2, attack, key, x, y, rows),  # another batch index
+                    ("pgd3", 1, dataclasses.replace(attack, epsilon=0.2), key, x, y, rows),
+                    ("pgd3", 1, attack, jax.random.PRNGKey(1), x, y, rows),
+                    ("pgd3", 1, attack, key, x2, y, rows),  # a pixel of one of its points
+                    ("pgd3", 1, attack, key, x, y, rows[:3])]:
+        assert again.get(*changed) is None
+    # Other arguments: the file is set aside, with a log line, and nothing is reused.
+    other = eval_resume.BatchJournal(path, dict(identity, seed=1), log=logged.append)
+    assert other.get(*args) is None and "set aside" in logged[-1]
+    assert os.path.exists(path + ".discarded") and not os.path.exists(path)

@@ -2,7 +2,9 @@
 accuracy, accuracy under each attack and under the AutoAttack ensemble, sparsity,
 compression and stored size, and the gradient-masking checks
 (`evaluation/masking.py`). Writes DIR/eval/<stage>.json (and, with an epsilon list,
-<stage>_epsilons.json and .png)."""
+<stage>_epsilons.json and .png). Each finished attack batch is kept in
+DIR/eval/<stage>.partial.json until the end: SIGTERM stops the evaluation before the next
+batch (exit status 143) and the same command, rerun, resumes (`eval_resume.py`)."""
 import dataclasses
 import os
 import time
