@@ -7,7 +7,8 @@ sparsity, compression and stored size, with warnings on the signs of gradient ma
         [--export PATH]
 
 Writes DIR/eval/<stage>.json (and, with --epsilons, <stage>_epsilons.json and .png) and
-prints a table.
+prints a table. On SIGTERM it saves the finished attack batches (DIR/eval/<stage>.partial.json)
+within one batch's attack and exits with status 143; the same command, rerun, resumes.
 """
 from absl import app, flags, logging
 

@@ -81,15 +81,31 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
     return CompiledStep(host_eval_step, [begin_c, *runner.parts, count_c])
 
 
-def evaluate(eval_step, params, batch_stats, batches, key) -> dict:
+class EvaluationInterrupted(Exception):
+    """`stop()` held before a batch of `evaluate`: the evaluation ended there, unfinished."""
+
+    def __init__(self, done: int):
+        super().__init__(f"evaluation stopped after {done} batch(es)")
+        self.done = done
+
+
+def evaluate(eval_step, params, batch_stats, batches, key, stop=None) -> dict:
     """Natural and adversarial accuracy (top-1; top-5 too where the step counts it) over
     `batches` of (images uint8, labels, valid) (`data.feed`: the padded test split on
-    the devices, or streamed); batch i attacked with fold_in(key, i)."""
+    the devices, or streamed); batch i attacked with fold_in(key, i). `stop()` is asked
+    before each batch: once true, `EvaluationInterrupted` (so a SIGTERM waits for one
+    batch at most, not the whole evaluation)."""
     totals = {}
-    for i, (images, labels, valid) in enumerate(batches):
-        counts = eval_step(params, batch_stats, images, labels, valid,
-                           jax.random.fold_in(key, i))
-        totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    try:
+        for i, (images, labels, valid) in enumerate(batches):
+            if stop is not None and stop():
+                raise EvaluationInterrupted(i)
+            counts = eval_step(params, batch_stats, images, labels, valid,
+                               jax.random.fold_in(key, i))
+            totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    finally:
+        if hasattr(batches, "close"):  # a streamed split's reader stops with its generator
+            batches.close()
     total = int(totals.get("valid", 0))
     if total == 0:
         raise ValueError("the evaluation read no valid test example")

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from robust_admm.attacks import core, suite
-from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES
+from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES, EvaluationInterrupted
 from robust_admm.models import apply_model
 from robust_admm.runtime import logs, parallel
 from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
@@ -146,6 +146,10 @@ class LogitsEvaluator:
     cpu_convolutions: str = "auto"
     log: Callable = logs.log
     batch_field: str = "--batch"
+    # Optional: finished batches kept and reused (`get(label, i, attack, key, x, y, b)`,
+    # `put(...)`) and asked before each batch whether to stop (`stop()`), so an evaluation
+    # interrupted between batches resumes where it stopped (`experiments/eval_resume.py`).
+    journal: object = None
 
     def __post_init__(self):
         if self.mesh is not None:
@@ -233,8 +237,17 @@ class LogitsEvaluator:
         size = self.batch_for(len(idx))
         t0, n_batches = time.perf_counter(), -(-len(idx) // size)
         for i, (b, n) in enumerate(self._batches(idx)):
+            kept = None if self.journal is None else self.journal.get(label, i, attack, key,
+                                                                      x, y, b[:n])
+            if kept is not None:
+                fooled[i * size:i * size + n] = kept
+                continue
+            if self.journal is not None and self.journal.stop():
+                raise EvaluationInterrupted(self.journal.computed)
             f = fn(self.model_args, x[b], y[b], jax.random.fold_in(key, i))
             fooled[i * size:i * size + n] = f[:n]
+            if self.journal is not None:
+                self.journal.put(label, i, attack, key, x, y, b[:n], f[:n])
             done = min((i + 1) * size, len(idx))
             elapsed = time.perf_counter() - t0
             left = len(idx) - int(fooled.sum())

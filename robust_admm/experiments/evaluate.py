@@ -2,7 +2,9 @@
 accuracy, accuracy under each attack and under the AutoAttack ensemble, sparsity,
 compression and stored size, and the gradient-masking checks
 (`evaluation/masking.py`). Writes DIR/eval/<stage>.json (and, with an epsilon list,
-<stage>_epsilons.json and .png)."""
+<stage>_epsilons.json and .png). Each finished attack batch is kept in
+DIR/eval/<stage>.partial.json until the end: SIGTERM stops the evaluation before the next
+batch (exit status 143) and the same command, rerun, resumes (`eval_resume.py`)."""
 import dataclasses
 import math
 import os
@@ -21,10 +23,13 @@ from robust_admm.data.stream import eval_local_batches
 from robust_admm.data.streamed import SpreadRecords, open_streamed, streamed
 from robust_admm.evaluation.curves import plot_curve
 from robust_admm.evaluation.masking import masking_warnings
+from robust_admm.evaluation.eval_step import EvaluationInterrupted
 from robust_admm.evaluation.robustness import Evaluator, robust_accuracy
 from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.experiments.eval_resume import BatchJournal, params_checksum
 from robust_admm.models import check_model, get_model, is_import_path
 from robust_admm.runtime import logs, parallel
+from robust_admm.training.loop import PREEMPTED_EXIT_CODE, Preempted, sigterm_flag
 from robust_admm.training.program import finished_phase_specs
 
 # The field's standard radius per dataset and norm; other L-inf cases use the run's own.
@@ -219,19 +224,40 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     kw = dict(num_classes=test.num_classes, pgd_step_ratio=step_ratio, norm=norm)
     parts, at_eps_1, curve = [], None, None
     curve_parts = [[] for e in curve_eps if e > 0]
-    for i, (x, y) in enumerate(test.chunks()):
-        # One chunk (a split kept in memory) draws with `key` itself.
-        chunk_key = key if i == 0 else jax.random.fold_in(key, i)
-        correct = ev.correct(x, y)
-        parts.append(robust_accuracy(ev, x, y, items, eps, chunk_key, correct=correct, **kw))
-        if checks and i == 0:
-            sub = slice(0, min(count, batch))
-            # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
-            at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0, key,
-                                       **dict(kw, correct=correct[sub], pgd_step_ratio=None,
-                                              norm="linf"))
-        for e, part in zip([e for e in curve_eps if e > 0], curve_parts):
-            part.append(robust_accuracy(ev, x, y, items, e, chunk_key, correct=correct, **kw))
+    os.makedirs(workdir_lib.eval_dir(workdir), exist_ok=True)
+    partial = workdir_lib.eval_partial_path(workdir, stage)
+    identity = dict(stage=stage, model=params_checksum((state["params"],
+                                                        state.get("batch_stats") or {})),
+                    attacks=attacks, epsilon=eps, epsilons=curve_eps, n=count, batch=batch,
+                    seed=seed, norm=norm, data_dir=data_dir, checks=checks,
+                    loop=loop or config.attack.loop, devices=mesh.size)
+    with sigterm_flag() as preempted:
+        ev.journal = BatchJournal(partial, identity, stop=lambda: bool(preempted))
+        try:
+            for i, (x, y) in enumerate(test.chunks()):
+                # One chunk (a split kept in memory) draws with `key` itself.
+                chunk_key = key if i == 0 else jax.random.fold_in(key, i)
+                correct = ev.correct(x, y)
+                ev.journal.scope = f"chunk {i}, epsilon {eps!r}"
+                parts.append(robust_accuracy(ev, x, y, items, eps, chunk_key, correct=correct,
+                                             **kw))
+                if checks and i == 0:
+                    sub = slice(0, min(count, batch))
+                    # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
+                    ev.journal.scope = "check at L-inf epsilon 1"
+                    at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0,
+                                               key, **dict(kw, correct=correct[sub],
+                                                           pgd_step_ratio=None, norm="linf"))
+                for e, part in zip([e for e in curve_eps if e > 0], curve_parts):
+                    ev.journal.scope = f"chunk {i}, curve epsilon {e!r}"
+                    part.append(robust_accuracy(ev, x, y, items, e, chunk_key,
+                                                correct=correct, **kw))
+        except EvaluationInterrupted:
+            j = ev.journal
+            logs.log(f"[eval] SIGTERM: {len(j.batches)} attack batches saved in {partial} "
+                     f"({j.computed} computed in this run, {j.reused} reused); rerun the "
+                     f"same command to resume")
+            raise Preempted(PREEMPTED_EXIT_CODE) from None
     result = merge_results(parts)
     specs = finished_phase_specs(config, stage, state["params"], test.num_classes,
                                  test.input_shape)
@@ -239,7 +265,6 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
            **model_sizes(state["params"], state.get("masks"), specs)}
     if at_eps_1 is not None:
         out["check_eps_1"] = at_eps_1
-    os.makedirs(workdir_lib.eval_dir(workdir), exist_ok=True)
     if curve_eps:
         curve = [{"epsilon": 0.0, "attacks": {label: {"robust_acc": result["natural_acc"]}
                                               for label, _ in items}}]
@@ -259,6 +284,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
                                                      "stage": stage}, specs=specs)
     result_path = workdir_lib.eval_path(workdir, stage)
     logs.write_json(result_path, out)
+    ev.journal.finish()
     logs.log(table(result))
     for w in out["warnings"]:
         logs.log(f"WARNING: {w}")

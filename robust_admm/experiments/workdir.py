@@ -79,6 +79,12 @@ def eval_path(workdir: str, stage: str) -> str:
     return os.path.join(eval_dir(workdir), f"{stage}.json")
 
 
+def eval_partial_path(workdir: str, stage: str) -> str:
+    """The finished batches of an interrupted `robust_admm.eval` of `stage`, kept until it
+    completes (`experiments/eval_resume.py`)."""
+    return os.path.join(eval_dir(workdir), f"{stage}.partial.json")
+
+
 def epsilon_curve_base(workdir: str, stage: str) -> str:
     """The robust-accuracy-versus-epsilon curve of `stage`, without its .json / .png."""
     return os.path.join(eval_dir(workdir), f"{stage}_epsilons")
@@ -90,7 +96,7 @@ def eval_results(workdir: str) -> list:
     if not os.path.isdir(folder):
         return []
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.endswith(".json") and not f.endswith("_epsilons.json")]
+            if f.endswith(".json") and not f.endswith(("_epsilons.json", ".partial.json"))]
 
 
 def run_lock_name(process: int = 0) -> str:

@@ -13,7 +13,7 @@ import optax
 
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size
-from robust_admm.evaluation.eval_step import eval_attack_label, evaluate
+from robust_admm.evaluation.eval_step import EvaluationInterrupted, eval_attack_label, evaluate
 from robust_admm.runtime import checkpoint, logs, parallel
 from robust_admm.training import optim
 from robust_admm.training.attack import make_attack
@@ -174,6 +174,11 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         progress = logs.Progress(total, cfg.batch_size, start)
         logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
+        if restored is not None and meta.get("eval_pending") is not None:
+            # Stopped by SIGTERM during the evaluation at the restored step: it runs first.
+            result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
+                                      meta["eval_pending"], last_ckpt, record=total > 0,
+                                      saved=True)
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         # The feed keeps its own copy of the key: the step donates the state's buffers.
         feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start,
@@ -219,12 +224,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
-                    result = evaluate(run.eval_step, on_levels(state.params, state.masks),
-                                      state.batch_stats, run.test.batches(cfg.eval.batch_size),
-                                      jax.random.fold_in(eval_key, epoch))
-                    run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
-                                     adv_attack=eval_attack_label(cfg))
-                    logs.log(f"[{stage}] epoch {epoch}: {accuracy_line(result, cfg)}")
+                    result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
+                                              epoch, step)
             if run.preempted and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 mngr.wait_until_finished()
@@ -235,10 +236,12 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 last_ckpt = step
         if result is None:  # a stage with 0 epochs
-            result = evaluate(run.eval_step, on_levels(state.params, state.masks),
-                              state.batch_stats, run.test.batches(cfg.eval.batch_size),
-                              jax.random.fold_in(eval_key, scfg.epochs))
+            result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
+                                      scfg.epochs, total, record=False,
+                                      saved=last_ckpt == total)
         state = state.replace(params=on_levels(state.params, state.masks))
+        if last_ckpt == total:  # the one SIGTERM left during the last evaluation
+            mngr.delete(total)
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
         timing = {"img_per_s": progress.median_img_per_s(), "steps": total - start,
@@ -248,6 +251,33 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         if feed is not None:
             feed.close()  # stops a streamed reader (its threads, its worker processes)
         mngr.close()
+
+
+def phase_evaluation(run: Run, phase: Phase, mngr, state, on_levels, eval_key, epoch: int,
+                     step: int, record: bool = True, saved: bool = False) -> dict:
+    """The phase's evaluation at `epoch` (batch i attacked with fold_in(fold_in(eval_key,
+    epoch), i)), recorded in the metrics and logged. SIGTERM is honoured between its
+    batches: a checkpoint at `step` (unless `saved`: the one resumed from) notes the
+    evaluation as pending, so the resumed phase runs it first, and Preempted."""
+    cfg, stage = run.config, phase.name
+    try:
+        result = evaluate(run.eval_step, on_levels(state.params, state.masks),
+                          state.batch_stats, run.test.batches(cfg.eval.batch_size),
+                          jax.random.fold_in(eval_key, epoch), stop=lambda: bool(run.preempted))
+    except EvaluationInterrupted as e:
+        if not saved:
+            checkpoint.save(mngr, step, state, {"stage": stage, "complete": False,
+                                                "eval_pending": epoch})
+            mngr.wait_until_finished()
+        logs.log(f"[{stage}] SIGTERM during the evaluation of epoch {epoch} (after {e.done} "
+                 f"batch(es)): saved a checkpoint at step {step} in {mngr.directory}; rerun "
+                 f"the same command to resume (the evaluation runs again first)")
+        raise Preempted(PREEMPTED_EXIT_CODE) from None
+    if record:
+        run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
+                         adv_attack=eval_attack_label(cfg))
+        logs.log(f"[{stage}] epoch {epoch}: {accuracy_line(result, cfg)}")
+    return result
 
 
 def accuracy_line(result: dict, cfg) -> str:
