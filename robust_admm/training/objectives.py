@@ -196,7 +196,8 @@ def pgd_at(clean_logits: jax.Array | None, adv_logits: jax.Array, labels: jax.Ar
 
     `adv_logits` float (batch, classes); `labels` int (batch,) in [0, classes);
     `clean_logits` is not read (None or the clean logits). `label_smoothing` eps in
-    [0, 1): CE against 1 - eps on the label and eps / (classes - 1) on each other class.
+    [0, 1), a Python number: CE against 1 - eps on the label and eps / (classes - 1) on
+    each other class.
     `reduction` 'mean' (a scalar: the mean over the batch, or over the examples `where`
     (bool (batch,)) is True) or 'none' (float (batch,), 0 where `where` is False).
     """
