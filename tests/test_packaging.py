@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -163,17 +164,24 @@ def _run(args, cwd, timeout=900, env=None, codes=(0,)):
 def test_a_built_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
     """`pip wheel .`, a new venv, the wheel installed with its dependencies; from a
     directory outside the repository: the import, each console script's --help, and the
-    offline quick start's smoke run to its summary; then `pip install .` over it."""
+    offline quick start's smoke run to its summary; then `pip install .` over it (the
+    dependencies come from the package index: minutes)."""
     wheels, venv, away = tmp_path / "wheels", tmp_path / "venv", tmp_path / "away"
     away.mkdir()
-    _run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(wheels)],
-         cwd=tmp_path)
+    # Built from a copy: the build writes build/ and an .egg-info into the source tree.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", "runs", ".venv", ".hypothesis",
+        ".pytest_cache"))
+    # Nothing of the checkout on the path (PYTHONPATH would show pip the source package).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w",
+          str(wheels)], cwd=tmp_path, env=env)
     (wheel,) = wheels.glob("robust_admm-*.whl")
     assert wheel.name.startswith(f"robust_admm-{robust_admm.__version__}-")
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, env=env)
     python, script = venv / "bin" / "python", venv / "bin" / "robust-admm"
-    _run([str(python), "-m", "pip", "install", "-q", str(wheel)], cwd=tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    _run([str(python), "-m", "pip", "install", "-q", str(wheel)], cwd=tmp_path, env=env)
     printed = _run([str(python), "-c", "import robust_admm; print(robust_admm.__file__, "
                     "robust_admm.__version__, robust_admm.autoattack, robust_admm.trades)"],
                    cwd=away, env=env)
@@ -186,7 +194,7 @@ def test_a_built_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
          cwd=away, env=env)
     assert (away / "run" / "summary.json").is_file()
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-          str(ROOT)], cwd=tmp_path)
+          str(source)], cwd=tmp_path, env=env)
     assert robust_admm.__version__ in _run(
         [str(python), "-c", "import robust_admm; print(robust_admm.__version__)"],
         cwd=away, env=env)
