@@ -17,7 +17,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["robust_admm", "robust_admm.*"]),
+    # The dataset and study configs (configs/) ship inside the package as
+    # robust_admm/configs, where `--config configs/...` finds them from any directory
+    # (robust_admm/experiments/config_files.py).
+    packages=find_packages(include=["robust_admm", "robust_admm.*"]) + ["robust_admm.configs"],
+    package_dir={"robust_admm.configs": "configs"},
+    package_data={"robust_admm.configs": ["studies/*.py"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -48,6 +53,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
         # ONNX export (robust_admm/experiments/onnx_export.py). jax2onnx 0.17 requires
         # orbax-checkpoint < 0.11.37, so this extra installs orbax-checkpoint 0.11.36.
-        "onnx": ["jax2onnx>=0.17", "onnxruntime>=1.24"],
+        # onnx is imported directly (it also comes with jax2onnx).
+        "onnx": ["jax2onnx>=0.17", "onnx", "onnxruntime>=1.24"],
     },
 )

@@ -22,6 +22,12 @@ _PUBLIC = {
     "retrain_phase": "robust_admm.compression:retrain_phase",
     "project": "robust_admm.compression:project",
     "size_report": "robust_admm.compression:size_report",
+    # The training objectives as loss functions of logits (training/objectives.py)
+    "objectives": "robust_admm.training.objectives",
+    "pgd_at": "robust_admm.training.objectives:pgd_at",
+    "trades": "robust_admm.training.objectives:trades",
+    "mart": "robust_admm.training.objectives:mart",
+    "natural": "robust_admm.training.objectives:natural",
 }
 
 __all__ = ["__version__", *_PUBLIC]

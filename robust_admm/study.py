@@ -5,9 +5,12 @@ shareable between processes (experiments/study.py).
     python -m robust_admm.study --config configs/studies/mnist_width.py --workdir DIR \
         [--config.data.source=files --config.data.dir=PATH] [--config.cells.w2.train...]
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from robust_admm.experiments import config_files
 from robust_admm.experiments.study import run_study
 from robust_admm.runtime import checkpoint, claims, logs
 
@@ -37,7 +40,8 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    # `--config configs/...` finds the package's own configs from any directory.
+    app.run(main, argv=config_files.resolve_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

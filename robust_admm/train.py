@@ -4,9 +4,12 @@ in a workdir, resuming where it stopped.
     python -m robust_admm.train --config configs/mnist.py:cpu --workdir runs/mnist \
         [--config.admm.rho=0.01 ...]
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from robust_admm.experiments import config_files
 from robust_admm.experiments.run import train_and_evaluate
 from robust_admm.runtime import checkpoint, claims, host_memory, logs, parallel
 
@@ -48,7 +51,8 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    # `--config configs/...` finds the package's own configs from any directory.
+    app.run(main, argv=config_files.resolve_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

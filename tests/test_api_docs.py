@@ -1,7 +1,10 @@
-"""docs/api.md names every public name of `robust_admm` and `robust_admm.compression`,
-with a heading for each top-level one, and the names it shows are importable."""
+"""docs/api.md names every public name of `robust_admm` and of its public modules
+(`compression`, `objectives`), with a heading for each top-level one, and the names it
+shows are importable."""
 import pathlib
 import re
+
+import pytest
 
 import robust_admm
 import robust_admm.compression as compression
@@ -17,6 +20,8 @@ def test_every_public_name_has_a_heading():
         assert getattr(robust_admm, name) is not None
 
 
-def test_every_name_of_the_compression_module_is_named():
-    missing = [n for n in compression.__all__ if not re.search(rf"\b{n}\b", DOC)]
+@pytest.mark.parametrize("module", [compression, robust_admm.objectives],
+                         ids=["compression", "objectives"])
+def test_every_name_of_the_public_modules_is_named(module):
+    missing = [n for n in module.__all__ if not re.search(rf"\b{n}\b", DOC)]
     assert not missing, missing

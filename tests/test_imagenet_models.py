@@ -371,7 +371,7 @@ def reference_step(model, state, images, labels, attack, lr, objective, dropout_
         if obj.needs_clean:
             clean, stats = apply_model(model, p, stats, x, True, jax.random.fold_in(key, 1))
         logits, _ = apply_model(model, p, stats, x_adv, True, key)
-        return obj.loss(logits if clean is None else clean, logits, y, 6.0, jnp.mean)
+        return obj.batch_loss(logits if clean is None else clean, logits, y, beta=6.0)
     g = jax.grad(loss)(state.params)
     return jax.tree_util.tree_map(lambda w, d: w - lr * d, state.params, g)
 

@@ -47,8 +47,9 @@ def _ref(clean, adv, y, beta):
 @pytest.mark.parametrize("beta", [1.0, 6.0])
 def test_objectives_match_their_formulas(name, beta):
     clean, adv, y = _case()
-    got = objectives.get(name).loss(jnp.asarray(clean, jnp.float32),
-                                    jnp.asarray(adv, jnp.float32), jnp.asarray(y), beta)
+    got = objectives.get(name).batch_loss(jnp.asarray(clean, jnp.float32),
+                                          jnp.asarray(adv, jnp.float32), jnp.asarray(y),
+                                          beta=beta)
     np.testing.assert_allclose(float(got), _ref(clean, adv, y, beta)[name], rtol=2e-5)
 
 
@@ -59,12 +60,12 @@ def test_the_hand_computed_two_class_case():
     adv = jnp.asarray([[0.0, np.log(3.0)]])
     y = jnp.asarray([0])
     kl = 0.5 * np.log(2.0) + 0.5 * np.log(2.0 / 3.0)
-    np.testing.assert_allclose(float(objectives.trades(clean, adv, y, 6.0)),
+    np.testing.assert_allclose(float(objectives.trades(clean, adv, y, beta=6.0)),
                                np.log(2.0) + 6.0 * kl, rtol=1e-6)
     mart = np.log(4.0) - np.log(1.0001 - 0.75 + 1e-12) + \
         6.0 * (0.5 * np.log(0.5 / (0.25 + 1e-12)) + 0.5 * np.log(0.5 / (0.75 + 1e-12))) * \
         (1.0000001 - 0.5)
-    np.testing.assert_allclose(float(objectives.mart(clean, adv, y, 6.0)), mart, rtol=1e-6)
+    np.testing.assert_allclose(float(objectives.mart(clean, adv, y, beta=6.0)), mart, rtol=1e-6)
 
 
 def test_attack_losses_and_their_gradients():

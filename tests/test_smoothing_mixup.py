@@ -70,9 +70,9 @@ def _case():
 
 
 def _loss(name, clean, adv, y, eps):
-    return objectives.get(name).loss(jnp.asarray(clean, jnp.float32),
-                                     jnp.asarray(adv, jnp.float32), jnp.asarray(y), BETA,
-                                     smoothing=eps)
+    return objectives.get(name).batch_loss(jnp.asarray(clean, jnp.float32),
+                                           jnp.asarray(adv, jnp.float32), jnp.asarray(y),
+                                           beta=BETA, label_smoothing=eps)
 
 
 def test_smoothed_targets_are_the_originals_not_optax():
@@ -130,11 +130,11 @@ def test_mixing_and_smoothing_properties(logits, seed, lam, eps):
     z = jnp.asarray(logits)
     adv = z[::-1]
     for name in objectives.OBJECTIVES:
-        loss = objectives.get(name).loss
-        np.testing.assert_array_equal(loss(z, adv, y, BETA, smoothing=0.0),
-                                      loss(z, adv, y, BETA))
+        loss = objectives.get(name).batch_loss
+        np.testing.assert_array_equal(loss(z, adv, y, beta=BETA, label_smoothing=0.0),
+                                      loss(z, adv, y, beta=BETA))
         one = objectives.MixedLabels(y, partner, jnp.float32(1.0))
-        smoothed = lambda t: loss(z, adv, t, BETA, smoothing=eps)  # noqa: B023
+        smoothed = lambda t: loss(z, adv, t, beta=BETA, label_smoothing=eps)  # noqa: B023
         np.testing.assert_allclose(objectives.mixed(smoothed, one), smoothed(y), rtol=1e-6)
     labels = objectives.MixedLabels(y, partner, jnp.float32(lam))
     soft = (lam * objectives.smoothed_targets(y, k, eps)

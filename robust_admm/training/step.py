@@ -158,10 +158,12 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
         return batch, shard_state(adv.init(logits_fn, x, y, attack_key, 0,
                                            attack.scale(state.step)))
 
-    def objective_loss(clean_logits, logits, y, mean):
-        """The objective's batch loss; under mixup, mixed over `y`'s two labels."""
+    def objective_loss(clean_logits, logits, y, weights):
+        """The objective's batch loss (the public loss function: a mean over the batch,
+        or over its valid examples); under mixup, mixed over `y`'s two labels."""
         def loss(labels):
-            return obj.loss(clean_logits, logits, labels, beta, mean, smoothing=label_smoothing)
+            return obj.batch_loss(clean_logits, logits, labels, beta=beta,
+                                  label_smoothing=label_smoothing, where=weights)
         return objectives.mixed(loss, y) if mixup else loss(y)
 
     def attack_step(params, batch_stats, attack_state, x, y):
@@ -170,7 +172,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
     def update(state: TrainState, attack_state, batch, q):
         """The attack's result, the training pass on it and the optimizer update."""
         x, y, valid = batch
-        mean = jnp.mean if valid is None else objectives.weighted_mean(valid)
+        weights = None if valid is None else valid.astype(jnp.float32)
+        mean = jnp.mean if valid is None else objectives.weighted_mean(weights)
         x_adv = x if attack_state is None else adv.finish(
             attack_logits_fn(model, runs_on(state, q), state.batch_stats), attack_state, x, y)
         x_adv = jax.lax.stop_gradient(x_adv)
@@ -188,7 +191,7 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
             if two_passes:
                 clean_logits, stats = apply_model(model, params, stats, x, True, clean_key)
             logits, new_stats = apply_model(model, params, stats, x_adv, True, key)
-            ce = objective_loss(clean_logits if two_passes else logits, logits, y, mean)
+            ce = objective_loss(clean_logits if two_passes else logits, logits, y, weights)
             pen = admm_lib.penalty(params, state.admm)
             return ce + pen, (ce, pen, logits, new_stats)
 
