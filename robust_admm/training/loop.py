@@ -44,7 +44,8 @@ class Run:
     key: jax.Array
     preempted: list  # set to [signal number] by the SIGTERM handler
     # The natural-only evaluation (make_eval_step without an attack) of the evaluations
-    # before a phase's end where eval.adversarial resolves to 'phase_end'.
+    # before a phase's end where eval.adversarial resolves to 'phase_end' (None: the
+    # natural counts of `eval_step`, which attacks too).
     natural_eval_step: object = None
 
 
@@ -237,12 +238,14 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         if result is None:  # a stage with 0 epochs
             result = evals.at(on_levels(state.params, state.masks), state.batch_stats,
                                scfg.epochs, total, final=True, record=False)
+        # Recorded before the phase is marked complete: a run killed in between reruns
+        # the phase's end from its last checkpoint and writes the record again.
+        shares = evals.share(total, time.perf_counter() - t_phase)
         state = state.replace(params=on_levels(state.params, state.masks))
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
         timing = {"img_per_s": progress.median_img_per_s(), "steps": total - start,
-                  "first_step_s": progress.compile_s,
-                  **evals.share(stage, total, time.perf_counter() - t_phase)}
+                  "first_step_s": progress.compile_s, **shares}
         return state, result, timing
     finally:
         if feed is not None:
@@ -287,13 +290,13 @@ class Evaluations:
                      + (f" ({result['eval_examples']} test examples)" if subset else ""))
         return result
 
-    def share(self, stage: str, step: int, wall_s: float) -> dict:
-        """Logs and records the share of the phase's wall time (this process's part of it,
-        compiling and checkpoints included) spent evaluating; returns it."""
+    def share(self, step: int, wall_s: float) -> dict:
+        """Logs and records the share of the phase's wall time so far (this process's part
+        of it, compiling and checkpoints included) spent evaluating; returns it."""
         out = {"eval_s": self.seconds, "wall_s": wall_s,
                "eval_share": self.seconds / wall_s if wall_s > 0 else 0.0}
-        self.run.writer.write(stage=stage, step=step, kind="eval_time", **out)
-        logs.log(f"[{stage}] evaluation took {self.seconds:.1f} s of {wall_s:.1f} s "
+        self.run.writer.write(stage=self.stage, step=step, kind="eval_time", **out)
+        logs.log(f"[{self.stage}] evaluation took {self.seconds:.1f} s of {wall_s:.1f} s "
                  f"({100 * out['eval_share']:.0f}%)")
         return out
 
