@@ -8,13 +8,15 @@ The preset after the path is a comma-separated list of tokens, at most one of ea
   `filter50`, `filter75`, `filter90` (structured, of each conv's filters; the classifier
   irregular at the same rate). Default: the paper's 16x irregular on every layer.
 - objective: `trades` (beta 6, as HYDRA and HARP train); default PGD-AT.
-- `smoke`: a few steps on 256 images, a small WideResNet (WRN-10-1); for tests.
+- `smoke`: a few steps on 256 images, a small WideResNet (WRN-10-1); for tests; evaluated
+  (natural and PGD-3) on its 64 test images at the end of each one-epoch phase.
 
 The recipe is the paper's (Ye et al. 2019): eps 8/255, PGD-10 at step 2/255 from a random
 start; pretrain 200 epochs SGD lr 0.1 cosine, weight decay 5e-4; admm 200 epochs lr 0.01,
 Z/U every 20 epochs, rho 1e-3 growing 1.3x; retrain 200 epochs lr 0.01; batch 128; random
-crop and flip. Evaluation during training: PGD-20 at step 2/255 (AutoAttack: `python -m
-robust_admm.eval`). It needs a GPU: about 600 epochs of 11 forward-backward passes.
+crop and flip. Evaluation during training, every 10 epochs and at the end of each phase,
+on the whole test split: natural accuracy and PGD-20 at step 2/255 (AutoAttack: `python
+-m robust_admm.eval`). It needs a GPU: about 600 epochs of 11 forward-backward passes.
 """
 from robust_admm.experiments.config_base import base_config
 

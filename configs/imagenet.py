@@ -10,7 +10,9 @@ The preset after the path is a comma-separated list of tokens, at most one of ea
 - recipe: `natural` (default), `progressive` (ResNet-50 only), `adversarial`.
 - `smoke`: the recipe's program at toy size (a small ResNet at 64 px, a few images); for
   tests and for trying the streamed path on any folder. `smoke` alone is the adversarial
-  recipe's shape (PGD-2 at eps 4/255, filter pruning 50%).
+  recipe's shape (PGD-2 at eps 4/255, filter pruning 50%). Evaluated at the end of each
+  phase on the whole (toy) val split: natural and PGD-3 (adversarial), natural only
+  (natural, progressive).
 
 Recipes (224 px, batch 256, SGD momentum 0.9, weight decay 1e-4, label smoothing 0):
 - `natural`, the original code's ImageNet setting: per-layer irregular prune ratios
@@ -21,14 +23,15 @@ Recipes (224 px, batch 256, SGD momentum 0.9, weight decay 1e-4, label smoothing
   from torchvision's trained weights: do the same with `--config.init.pretrained=FILE
   --config.program=admm,retrain` (README, "ImageNet"); without them the program first
   trains the dense model with torchvision's recipe (90 epochs, lr 0.1, cosine).
-  Training-time evaluation: natural top-1 and top-5 at the end of each phase, no attack
-  (logged as PGD-0, the natural accuracy); attacks with `robust_admm.eval` after.
+  Training-time evaluation: natural top-1 and top-5 on the whole val split at the end of
+  each phase, no attack (`eval.num_steps=0`: natural accuracy only, no robust figure);
+  attacks with `robust_admm.eval` after.
 - `progressive` (ResNet-50): three ADMM + retrain rounds at rising irregular rates on every
   conv but conv1 and on fc (0.5, 0.75, 0.875 of the weights: 2x, 4x, 8x), 20 + 20 epochs
-  each, natural setting, the zeros of a round kept in the next.
+  each, natural setting, the zeros of a round kept in the next; evaluated as `natural`.
 - `adversarial`: PGD-2 at eps 4/255 (step 2.5/255, random start) in every phase, with the
   model's natural-recipe ratios; evaluation under PGD-10 (step 1/255) at the end of each
-  phase. Few-step PGD, not free adversarial training: free-AT replays each batch m times
+  phase (natural top-1 and top-5 too, on the whole val split). Few-step PGD, not free adversarial training: free-AT replays each batch m times
   with a perturbation carried across batches, which our epoch and checkpoint semantics
   (a step is a batch, resumable bit for bit) do not have; PGD-2 costs 3 passes per image
   (free-AT with m = 4 costs 4 per replayed image over epochs / 4), and at 4/255 two steps

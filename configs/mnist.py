@@ -1,11 +1,15 @@
 """MNIST: LeNet_adv (Madry et al.) with PGD-40 training and ADMM pruning (Ye et al., 2019).
 
-Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`):
+Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`); each
+says what its evaluations during training measure and how often (every one on the whole
+test split; robust accuracy under the PGD it names):
 - (none) or `paper`: the paper's recipe, w = 16 pruned to the size of w = 4; needs a GPU.
+  Evaluated every epoch: natural and PGD-40 (step 0.01).
 - `cpu`: a budget recipe for 2 CPU cores, about 47 minutes for all three stages: w = 4,
   TRADES (beta 6) with PGD-10 x 0.05 in pretraining and PGD-20 x 0.02 in the admm and
-  retrain phases, PGD-40 evaluation, 9.6x on the pruned layers (results: README, Results;
-  benchmarks/NOTES.md, "The `:cpu` model on 2,000 test images").
+  retrain phases, 9.6x on the pruned layers (results: README, Results; benchmarks/NOTES.md,
+  "The `:cpu` model on 2,000 test images"). Evaluated at the end of each phase only:
+  natural and PGD-40 (step 0.01875); the same for every `cpu_*` preset.
 - `cpu_pgd_at`: `cpu` with the paper's objective, PGD-AT (PGD-10 x 0.05 throughout), about
   65 minutes, at the same 9.6x.
 - `cpu_mart`: `cpu_pgd_at` trained with MART (beta 6) instead of PGD-AT.
@@ -13,9 +17,14 @@ Presets, chosen by the argument after the path (`--config configs/mnist.py:cpu`)
   sparsity on conv2 and fc1; every layer ternary; 8x irregular, then 4-bit on the kept
   weights in a second admm + retrain round.
 - `natural`: LeNet-5 (20-50-500-10) trained without attack (the paper's natural setting).
+  Evaluated every epoch: natural accuracy only; PGD-40 (step 0.01) too at the end of each
+  phase only (`eval.adversarial` 'auto' in the natural setting: such a model reads about
+  0% under it at every epoch, and attacking it each epoch took most of the run's time).
 - `progressive`: LeNet-5 without attack, pruned in three admm + retrain rounds of rising
   rates (the progressive-compression paper's recipe): 8.8x, 32x, 123x on the weights.
-- `smoke`: a few hundred images and a few steps, seconds; for tests.
+  Evaluated at the end of each phase only: natural and PGD-40 (step 0.01).
+- `smoke`: a few hundred images and a few steps, seconds; for tests. Evaluated every
+  epoch on its 64 test images: natural and PGD-3 (step 0.1); `smoke_program` too.
 - `smoke_program`: `smoke` as a five-phase program: two admm + retrain rounds of rising
   rates with every kind of rule (filter, column, N:M, binary, ternary, 4-bit, sparsity
   with quantization), the second retrain with the straight-through estimator.
@@ -100,7 +109,8 @@ def get_config(preset: str = "paper"):
             c.program = "pretrain,admm,retrain,admm2,retrain2"
     elif preset == "natural":
         # The natural setting of the paper: LeNet-5 (20-50-500-10), no attack in training;
-        # evaluation still reports accuracy under PGD.
+        # evaluations report natural accuracy, and PGD-40's at the end of each phase
+        # (eval.adversarial 'auto').
         c.setting = "natural"
         c.model.name, c.model.width = "lenet5", 1
         c.prune.to_width = 0

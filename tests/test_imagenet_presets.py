@@ -104,7 +104,7 @@ def images(tmp_path_factory):
 def test_each_recipe_shape_runs_end_to_end_at_toy_size(images, tmp_path, monkeypatch, recipe):
     """The natural and progressive programs (the adversarial one is configs/imagenet.py:smoke,
     tests/test_streamed_run.py) from a folder: every phase ends on its rules, the training's
-    evaluations run no attack (PGD-0: natural accuracy)."""
+    evaluations run no attack and report natural accuracy only (no robust figure)."""
     c = imagenet.get_config(f"smoke,{recipe}")
     c.data.dir, c.data.image_size = images, 32
     workdir = str(tmp_path / "w")
@@ -118,9 +118,8 @@ def test_each_recipe_shape_runs_end_to_end_at_toy_size(images, tmp_path, monkeyp
     for name in phases:
         stage = summary["stages"][name]
         assert 0 <= stage["nat_acc"] <= 1
-        # No attack in the training's evaluations: 'PGD-0' is the natural accuracy.
-        assert stage["adv_attack"].startswith("PGD-0 ")
-        assert stage["adv_acc"] == stage["nat_acc"]
+        # No attack in the training's evaluations: natural accuracy only, never 'PGD-0'.
+        assert "adv_acc" not in stage and "adv_attack" not in stage
     last = summary["stages"][phases[-1]]["size"]
     convs = {k: v for k, v in last["layers"].items() if "conv" in k}
     assert convs  # the last round's rate (0.75 in both) on every conv, to a weight

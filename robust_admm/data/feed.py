@@ -11,17 +11,20 @@
   (feed 'stream').
 
 And the evaluation's side: `DeviceTest` slices the padded test split kept on the devices;
-`StreamTest` reads the test split in padded global batches, never whole.
+`StreamTest` reads the test split in padded global batches, never whole; `subset(n, ...)`
+of either is what the evaluations during training read with eval.n.
 """
 import dataclasses
 import queue
 import threading
 
 import jax
+import jax.numpy as jnp
 
 from robust_admm.data import stream
 from robust_admm.data.batching import DATA_KEY_TAG, epoch_order
 from robust_admm.data.sampler import IndexSampler
+from robust_admm.data.streamed import SpreadRecords
 from robust_admm.runtime import parallel
 
 PREFETCH = 2  # global batches on the devices ahead of the step
@@ -177,6 +180,17 @@ class DeviceTest:
     def __init__(self, arrays: tuple):
         self.arrays = arrays
 
+    def subset(self, n: int, batch_size: int) -> "DeviceTest":
+        """The first `n` examples (all where n is 0 or at least the split), padded to
+        whole batches of `batch_size` (what `batches` will be given)."""
+        valid = self.arrays[2]
+        if n <= 0 or n >= int(valid.sum()):
+            return self
+        rows = -(-n // batch_size) * batch_size
+        take = jax.jit(lambda images, labels, valid: (
+            images[:rows], labels[:rows], valid[:rows] & (jnp.arange(rows) < n)))
+        return DeviceTest(take(*self.arrays))
+
     def batches(self, batch_size: int):
         images, labels, valid = self.arrays
         for start in range(0, labels.shape[0], batch_size):
@@ -190,6 +204,13 @@ class StreamTest:
     entries, each process reading its rows; the evaluation crop."""
     source: object
     reading: Reading
+
+    def subset(self, n: int, batch_size: int) -> "StreamTest":
+        """`n` records spread evenly over the split (all where n is 0 or at least the
+        split): its records are in class order, so the first n would be of a few classes."""
+        if n <= 0 or n >= len(self.source):
+            return self
+        return StreamTest(SpreadRecords(self.source, n), self.reading)
 
     def batches(self, batch_size: int):
         r = self.reading

@@ -23,21 +23,43 @@ def make_eval_attack(config) -> attacks.Pgd:
                        unroll=config.attack.unroll)
 
 
-def eval_attack_label(config) -> str:
-    """What measured `adv_acc`, in words (every robust accuracy names its attack)."""
+def eval_attack_label(config) -> str | None:
+    """What measured `adv_acc`, in words (every robust accuracy names its attack); None
+    where the evaluation runs no attack (eval.num_steps 0 or eval.epsilon 0): natural
+    accuracy only, never reported as a robust one."""
     e = config.eval
+    if make_eval_attack(config).is_identity:
+        return None
     return (f"PGD-{e.num_steps} (L-inf eps {e.epsilon:g}, step {e.step_size:g}, "
             f"{e.restarts} restart(s), {'random' if e.random_start else 'no random'} start)")
 
 
-def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
+# eval.adversarial: which evaluations during training run the attack (config_base.py).
+EVAL_ADVERSARIAL = ("auto", "every_eval", "phase_end")
+
+
+def attack_schedule(config) -> str:
+    """When the evaluations during training attack: 'every_eval', 'phase_end' (natural
+    accuracy only before a phase's end) or 'never' (no attack configured); eval.adversarial
+    with 'auto' resolved by the setting."""
+    if eval_attack_label(config) is None:
+        return "never"
+    mode = config.eval.adversarial
+    if mode == "auto":
+        return "phase_end" if config.setting == "natural" else "every_eval"
+    return mode
+
+
+def make_eval_step(model, eval_attack: attacks.Attack | None, mesh: Mesh | None = None,
                    pgd_loop: str = "auto", cpu_convolutions: str = "auto",
                    top5: bool = False) -> CompiledStep:
     """`eval_step(params, batch_stats, images_u8, labels, valid, key)` -> counts over the
     valid entries of one batch: {"nat": natural correct, "adv": adversarial correct,
     "valid": valid entries}, with `top5` also "nat_top5", "adv_top5" (the label among the
     5 largest logits), under any attack of `robust_admm.attacks`. Evaluation uses the
-    running BatchNorm averages (train=False) for the attack too; no weight gradients."""
+    running BatchNorm averages (train=False) for the attack too; no weight gradients.
+    With no attack (None, or one that leaves the inputs as they are) it compiles and
+    counts the natural accuracy only: no "adv" counts."""
     shard = parallel.batch_constraint(mesh)
     jit = jit_with_options(cpu_convolutions)
     out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
@@ -54,7 +76,15 @@ def make_eval_step(model, eval_attack: attacks.Attack, mesh: Mesh | None = None,
     def prepare(images_u8, labels, valid):
         return shard(to_pixels(images_u8)), shard(labels), shard(valid)
 
-    if resolve_pgd_loop(pgd_loop) == "fori" or eval_attack.is_identity:
+    if eval_attack is None or eval_attack.is_identity:
+        def natural_step(params, batch_stats, images_u8, labels, valid, key):
+            x, y, valid = prepare(images_u8, labels, valid)
+            return {**count((params, batch_stats), x, y, valid, "nat"), "valid": valid.sum()}
+
+        step = jit(natural_step, **out)
+        return CompiledStep(step, [step])
+
+    if resolve_pgd_loop(pgd_loop) == "fori":
         def eval_step(params, batch_stats, images_u8, labels, valid, key):
             m = (params, batch_stats)
             x, y, valid = prepare(images_u8, labels, valid)
@@ -90,7 +120,8 @@ class EvaluationInterrupted(Exception):
 
 
 def evaluate(eval_step, params, batch_stats, batches, key, stop=None) -> dict:
-    """Natural and adversarial accuracy (top-1; top-5 too where the step counts it) over
+    """Natural and adversarial accuracy (top-1; top-5 too where the step counts it; no
+    `adv_acc` from a natural-only step) over
     `batches` of (images uint8, labels, valid) (`data.feed`: the padded test split on
     the devices, or streamed); batch i attacked with fold_in(key, i). `stop()` is asked
     before each batch: once true, `EvaluationInterrupted` (so a SIGTERM waits for one
@@ -109,9 +140,7 @@ def evaluate(eval_step, params, batch_stats, batches, key, stop=None) -> dict:
     total = int(totals.get("valid", 0))
     if total == 0:
         raise ValueError("the evaluation read no valid test example")
-    result = {"nat_acc": int(totals["nat"]) / total, "adv_acc": int(totals["adv"]) / total,
-              "eval_examples": total}
-    if "nat_top5" in totals:
-        result.update(nat_top5=int(totals["nat_top5"]) / total,
-                      adv_top5=int(totals["adv_top5"]) / total)
+    result = {k + "_acc": int(totals[k]) / total for k in ("nat", "adv") if k in totals}
+    result["eval_examples"] = total
+    result.update({k: int(totals[k]) / total for k in ("nat_top5", "adv_top5") if k in totals})
     return result

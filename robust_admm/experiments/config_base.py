@@ -203,6 +203,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.loss = "ce"  # 'ce' | 'margin'
     c.eval.batch_size = 500
     c.eval.every_epochs = 1  # evaluate every this many epochs (and always at a stage's end)
+    # Which of those evaluations run the PGD above: 'every_eval' | 'phase_end' (only the
+    # one at each phase's end; the others report natural accuracy only) | 'auto':
+    # 'phase_end' in the natural setting (a naturally trained model reads about 0% under
+    # PGD at every epoch, and attacking it would take most of the run's time),
+    # 'every_eval' in the adversarial one. eval.num_steps=0 or eval.epsilon=0: no attack
+    # in any of them (natural accuracy only).
+    c.eval.adversarial = "auto"
+    # The evaluations before a phase's end read n test examples (0 = the whole split): the
+    # first n of a split kept on the devices, n spread evenly over a streamed one (in
+    # class order); the one at each phase's end, which the summary reports, reads the
+    # whole split (as data.test_examples gives it).
+    c.eval.n = 0
 
     # What to compress, and how: the rules of the first admm/retrain phase whose `rules` is
     # empty (a phase's own `rules`, e.g. "conv*=filter:0.5,fc*=irregular:0.9+quantize:4",

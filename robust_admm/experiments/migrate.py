@@ -29,7 +29,8 @@ def upgrade_config_dict(d: dict) -> dict:
     values that mean what it ran: no augmentation, no label smoothing or mixup, float32,
     no normalisation and no kwargs in the model, the default initialisation (no
     pretrained weights), the streamed sources' fields at their defaults (unused by the
-    sources it had), every phase on `attack.*`; before programs, the default program.
+    sources it had), every phase on `attack.*`, every evaluation during training attacked
+    on the whole test split; before programs, the default program.
     A ValueError names a section that is not an object, or a phase that is missing."""
     _check_sections(d)
     for field in ("label_smoothing", "mixup_alpha"):  # both off before they existed
@@ -44,6 +45,11 @@ def upgrade_config_dict(d: dict) -> dict:
         # Before streamed sources (and each data field since): what it lacks, at the
         # defaults, which read the data as it did.
         d = dict(d, data={**base_config().data.to_dict(), **d["data"]})
+    if "eval" in d and "adversarial" not in d["eval"]:
+        # Before eval.adversarial and eval.n: every evaluation attacked, on the whole split.
+        d = dict(d, eval=dict(d["eval"], adversarial="every_eval"))
+    if "eval" in d and "n" not in d["eval"]:
+        d = dict(d, eval=dict(d["eval"], n=0))
     if "model" in d and set(base_config().model) - set(d["model"]):
         # model.dtype, model.normalize, model.kwargs: float32, 'none', '' (none: the
         # zoo's models, all a run could have before, take no constructor arguments).

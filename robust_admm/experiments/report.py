@@ -74,15 +74,20 @@ def plot_curves(records: list, path: str, title: str):
         if evals:
             xs = [offset + r["step"] for r in evals]
             ax_acc.plot(xs, [100 * r["nat_acc"] for r in evals], "o", color="tab:green")
-            ax_acc.plot(xs, [100 * r["adv_acc"] for r in evals], "s", color="tab:red")
+            # Natural-only evaluations (no attack ran) have no robust point.
+            attacked = [r for r in evals if "adv_acc" in r]
+            ax_acc.plot([offset + r["step"] for r in attacked],
+                        [100 * r["adv_acc"] for r in attacked], "s", color="tab:red")
         offset += last
         bounds.append(offset)
     for b in bounds[:-1]:
         for ax in (ax_loss, ax_acc):
             ax.axvline(b, color="grey", lw=0.8, ls=":")
-    attack = next((r.get("adv_attack") for r in records if r.get("adv_attack")), "")
+    attack = next((r["adv_attack"] for r in records
+                   if r.get("adv_attack") and "adv_acc" in r), "")
     ax_acc.plot([], [], "o", color="tab:green", label="test natural")
-    ax_acc.plot([], [], "s", color="tab:red", label=f"test {attack.split(' (')[0] or 'adv'}")
+    if attack:
+        ax_acc.plot([], [], "s", color="tab:red", label=f"test {attack.split(' (')[0]}")
     ax_loss.set_title("training loss (with the ADMM penalty)")
     ax_loss.set_yscale("log")  # the penalty's first steps dwarf the loss otherwise
     ax_acc.set_title("accuracy (%)")
@@ -239,22 +244,27 @@ def study_report(workdir: str) -> str:
 def run_report(workdir: str) -> str:
     summary = read_json(workdir_lib.summary_path(workdir))
     title = os.path.basename(os.path.abspath(workdir))
-    attack = next((s.get("adv_attack") for s in summary["stages"].values()), "") or ""
+    # The attack that measured adv_acc; none where the run's evaluations ran no attack.
+    attack = next((s["adv_attack"] for s in summary["stages"].values()
+                   if s.get("adv_attack") and "adv_acc" in s), "")
     short = attack.split(" (")[0] or "adv"
-    header = ["phase", "kind", "rules", "natural %", f"{short} %", "compression (all)",
-              "stored KiB", "train img/s"]
+    header = ["phase", "kind", "rules", "natural %", *([f"{short} %"] if attack else []),
+              "compression (all)", "stored KiB", "train img/s"]
     rows, points = [], []
     for name, s in summary["stages"].items():
         rate = (s.get("speed") or {}).get("img_per_s")
         size = s.get("size", {}).get("total", {})
         rows.append([name, s["kind"], f"`{s['rules']}`" if s.get("rules") else "",
-                     pct(s["nat_acc"]), pct(s["adv_acc"]), f"{s['compression_rate']['all']:.2f}x",
+                     pct(s["nat_acc"]), *([pct(s.get("adv_acc"))] if attack else []),
+                     f"{s['compression_rate']['all']:.2f}x",
                      kib(size["bytes"]) if size else "", f"{rate:.0f}" if rate else ""])
         if s["kind"] != "admm":  # an admm phase's weights are not yet on their sets
             points.append({"kind": "phases", "compression": s["compression_rate"]["all"],
-                           "natural": s["nat_acc"], "robust": s["adv_acc"]})
-    lines = [f"# {title}", "", f"Per phase, its final model; adversarial accuracy under "
-             f"{attack or 'the run’s evaluation attack'}.", "", md_table(header, rows), ""]
+                           "natural": s["nat_acc"], "robust": s.get("adv_acc")})
+    about = (f"adversarial accuracy under {attack}" if attack else
+             "natural accuracy only (the run's evaluations ran no attack)")
+    lines = [f"# {title}", "", f"Per phase, its final model; {about}.", "",
+             md_table(header, rows), ""]
     for path in workdir_lib.eval_results(workdir):
         e = read_json(path)
         rows = [["natural", "", pct(e["natural_acc"])]]
@@ -263,7 +273,7 @@ def run_report(workdir: str) -> str:
         lines += [f"## Evaluation of {e['stage']} (robust_admm.eval, first {e['n']} test "
                   f"images)", "", md_table(["attack", "epsilon", "accuracy %"], rows), ""]
     plot_accuracy_vs_compression(points, os.path.join(workdir, "accuracy_vs_compression.png"),
-                                 title, short)
+                                 title, short if attack else "no attack ran")
     plot_curves(logs.read_jsonl(workdir_lib.metrics_path(workdir)),
                 os.path.join(workdir, "curves.png"), title)
     lines += ["## Accuracy versus compression rate (phases)", "",

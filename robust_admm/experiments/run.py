@@ -121,6 +121,9 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool,
                   eval_step=make_eval_step(model, eval_attack, mesh, config.attack.loop,
                                            config.cpu_convolutions,
                                            top5=num_classes > TOP5_ABOVE_CLASSES),
+                  natural_eval_step=make_eval_step(model, None, mesh, config.attack.loop,
+                                                   config.cpu_convolutions,
+                                                   top5=num_classes > TOP5_ABOVE_CLASSES),
                   writer=logs.MetricsWriter(workdir_lib.metrics_path(workdir)), key=key,
                   preempted=preempted)
         if phases[0].index > 0:

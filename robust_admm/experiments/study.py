@@ -256,7 +256,8 @@ def train_and_evaluate_cell(workdir: str, study, name: str) -> dict:
         "attacks": {label: {"robust_acc": r["robust_acc"], "epsilon": r["epsilon"]}
                     for label, r in ev["attacks"].items()},
         "n": ev.get("n"),
-        "train_eval": {k: trained[k] for k in ("nat_acc", "adv_acc", "adv_attack")},
+        "train_eval": {k: trained[k] for k in ("nat_acc", "adv_acc", "adv_attack")
+                       if k in trained},
         "compression_rate": ev["compression_rate"],
         "size": ev["size"]["total"],
         "warnings": ev["warnings"],

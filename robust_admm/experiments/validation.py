@@ -10,6 +10,7 @@ from robust_admm.compression.rules import parse_rules
 from robust_admm.data.images import CHANNELS, CROPS
 from robust_admm.data.stream import BAD_IMAGES
 from robust_admm.data.streamed import STREAMED_SOURCES, streamed
+from robust_admm.evaluation.eval_step import EVAL_ADVERSARIAL
 from robust_admm.experiments.config_base import base_config, phase_config
 from robust_admm.models import get_model, parse_kwargs
 from robust_admm.runtime import compiler, parallel
@@ -150,6 +151,11 @@ def validate_config(config, device_count: int | None = None):
     _require(config.attack.unroll >= 1, "attack.unroll", config.attack.unroll, "an integer >= 1")
     _require(config.eval.restarts >= 1, "eval.restarts", config.eval.restarts, "an integer >= 1")
     _require(config.eval.every_epochs >= 1, "eval.every_epochs", config.eval.every_epochs, ">= 1")
+    _require(config.eval.adversarial in EVAL_ADVERSARIAL, "eval.adversarial",
+             config.eval.adversarial, f"one of {EVAL_ADVERSARIAL}")
+    _require(isinstance(config.eval.n, int) and not isinstance(config.eval.n, bool)
+             and config.eval.n >= 0, "eval.n", config.eval.n,
+             "an integer >= 0 (0: the whole test split)")
     devices = jax.device_count() if device_count is None else device_count
     parallel.check_global_batch(config.batch_size, devices, "batch_size")
     parallel.check_global_batch(config.eval.batch_size, devices, "eval.batch_size")

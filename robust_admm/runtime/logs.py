@@ -165,10 +165,12 @@ def write_json(path: str, obj, indent: int = 2):
 
 
 def summary_table(summary: dict) -> str:
-    """The per-stage results as a text table."""
-    attack = next((r.get("adv_attack") for r in summary["stages"].values()), None)
-    adv = f"adv_acc: {attack.split(' (')[0]}" if attack else "adv_acc"
-    rows = [("stage", "nat_acc", adv, "compression (all)", "compression (pruned)",
+    """The per-stage results as a text table (the robust accuracy's column, named by its
+    attack, only where an attack measured one)."""
+    attack = next((r["adv_attack"] for r in summary["stages"].values()
+                   if r.get("adv_attack") and "adv_acc" in r), None)
+    adv = (f"adv_acc: {attack.split(' (')[0]}",) if attack else ()
+    rows = [("stage", "nat_acc", *adv, "compression (all)", "compression (pruned)",
              "stored (vs float32)", "train img/s")]
     for stage, r in summary["stages"].items():
         c = r["compression_rate"]
@@ -176,7 +178,8 @@ def summary_table(summary: dict) -> str:
         stored = (f"{size['bytes'] / 1024:.1f} KiB ({size['rate_by_bytes']:.2f}x)" if size
                   else "")
         rate = (r.get("speed") or {}).get("img_per_s")
-        rows.append((stage, f"{100 * r['nat_acc']:.2f}%", f"{100 * r['adv_acc']:.2f}%",
+        robust = (f"{100 * r['adv_acc']:.2f}%" if "adv_acc" in r else "",) if attack else ()
+        rows.append((stage, f"{100 * r['nat_acc']:.2f}%", *robust,
                      f"{c['all']:.2f}x", f"{c['pruned']:.2f}x", stored,
                      f"{rate:.0f}" if rate else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

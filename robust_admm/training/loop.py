@@ -13,7 +13,8 @@ import optax
 
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size
-from robust_admm.evaluation.eval_step import EvaluationInterrupted, eval_attack_label, evaluate
+from robust_admm.evaluation.eval_step import (EvaluationInterrupted, attack_schedule,
+                                              eval_attack_label, evaluate)
 from robust_admm.runtime import checkpoint, logs, parallel
 from robust_admm.training import optim
 from robust_admm.training.attack import make_attack
@@ -43,6 +44,10 @@ class Run:
     writer: logs.MetricsWriter
     key: jax.Array
     preempted: list  # set to [signal number] by the SIGTERM handler
+    # The natural-only evaluation (make_eval_step without an attack) of the evaluations
+    # before a phase's end where eval.adversarial resolves to 'phase_end' (None: the
+    # natural counts of `eval_step`, which attacks too).
+    natural_eval_step: object = None
 
 
 def data_seed(seed: int, phase_index: int) -> int:
@@ -122,6 +127,7 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
 
     Returns (state, result, speed): the final evaluation, and the training speed of this
     process's part of the phase (None when the phase was already complete)."""
+    t_phase = time.perf_counter()
     cfg = run.config
     stage = phase.name
     scfg = cfg[stage]
@@ -134,7 +140,6 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
     tx, schedule = stage_optimizer(cfg, phase, spe)
     state = initial_state(run, phase, tx, params, batch_stats, masks)
     mngr = checkpoint.manager(run.checkpoint_dirs[stage], cfg.checkpoint.keep)
-    eval_key = jax.random.fold_in(run.key, 100 + phase.index)
     feed = None
     try:
         restored = checkpoint.restore_latest(mngr, state)
@@ -174,11 +179,13 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         progress = logs.Progress(total, cfg.batch_size, start)
         logs.log(f"[{stage}] {scfg.epochs} epochs x {spe} steps, batch {cfg.batch_size}")
         history, result = [], None
+        evals = Evaluations(run, stage, jax.random.fold_in(run.key, 100 + phase.index))
         if restored is not None and meta.get("eval_pending") is not None:
             # Stopped by SIGTERM during the evaluation at the restored step: it runs first.
-            result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
-                                      meta["eval_pending"], last_ckpt, record=total > 0,
-                                      saved=True)
+            pending = meta["eval_pending"]
+            result = phase_evaluation(run, phase, mngr, state, on_levels, evals, pending,
+                                      last_ckpt, final=pending == scfg.epochs,
+                                      record=total > 0, saved=True)
         streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
         # The feed keeps its own copy of the key: the step donates the state's buffers.
         feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start,
@@ -224,8 +231,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 if admm_update is not None and epoch % scfg.update_every_epochs == 0:
                     state = admm_step(run, stage, admm_update, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
-                    result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
-                                              epoch, step)
+                    result = phase_evaluation(run, phase, mngr, state, on_levels, evals,
+                                              epoch, step, final=epoch == scfg.epochs)
             if run.preempted and step < total:
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 mngr.wait_until_finished()
@@ -236,16 +243,19 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                 checkpoint.save(mngr, step, state, {"stage": stage, "complete": False})
                 last_ckpt = step
         if result is None:  # a stage with 0 epochs
-            result = phase_evaluation(run, phase, mngr, state, on_levels, eval_key,
-                                      scfg.epochs, total, record=False,
+            result = phase_evaluation(run, phase, mngr, state, on_levels, evals,
+                                      scfg.epochs, total, final=True, record=False,
                                       saved=last_ckpt == total)
+        # Recorded before the phase is marked complete: a run killed in between reruns
+        # the phase's end from its last checkpoint and writes the record again.
+        shares = evals.share(total, time.perf_counter() - t_phase)
         state = state.replace(params=on_levels(state.params, state.masks))
         if last_ckpt == total:  # the one SIGTERM left during the last evaluation
             mngr.delete(total)
         checkpoint.save(mngr, total, state, {"stage": stage, "complete": True, "result": result})
         mngr.wait_until_finished()
         timing = {"img_per_s": progress.median_img_per_s(), "steps": total - start,
-                  "first_step_s": progress.compile_s}
+                  "first_step_s": progress.compile_s, **shares}
         return state, result, timing
     finally:
         if feed is not None:
@@ -253,17 +263,15 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
         mngr.close()
 
 
-def phase_evaluation(run: Run, phase: Phase, mngr, state, on_levels, eval_key, epoch: int,
-                     step: int, record: bool = True, saved: bool = False) -> dict:
-    """The phase's evaluation at `epoch` (batch i attacked with fold_in(fold_in(eval_key,
-    epoch), i)), recorded in the metrics and logged. SIGTERM is honoured between its
-    batches: a checkpoint at `step` (unless `saved`: the one resumed from) notes the
+def phase_evaluation(run: Run, phase: Phase, mngr, state, on_levels, evals, epoch: int,
+                     step: int, final: bool, record: bool = True, saved: bool = False) -> dict:
+    """The phase's evaluation at `epoch` (`Evaluations.at`). SIGTERM is honoured between
+    its batches: a checkpoint at `step` (unless `saved`: the one resumed from) notes the
     evaluation as pending, so the resumed phase runs it first, and Preempted."""
-    cfg, stage = run.config, phase.name
+    stage = phase.name
     try:
-        result = evaluate(run.eval_step, on_levels(state.params, state.masks),
-                          state.batch_stats, run.test.batches(cfg.eval.batch_size),
-                          jax.random.fold_in(eval_key, epoch), stop=lambda: bool(run.preempted))
+        return evals.at(on_levels(state.params, state.masks), state.batch_stats, epoch, step,
+                        final, record=record, stop=lambda: bool(run.preempted))
     except EvaluationInterrupted as e:
         if not saved:
             checkpoint.save(mngr, step, state, {"stage": stage, "complete": False,
@@ -273,20 +281,68 @@ def phase_evaluation(run: Run, phase: Phase, mngr, state, on_levels, eval_key, e
                  f"batch(es)): saved a checkpoint at step {step} in {mngr.directory}; rerun "
                  f"the same command to resume (the evaluation runs again first)")
         raise Preempted(PREEMPTED_EXIT_CODE) from None
-    if record:
-        run.writer.write(stage=stage, epoch=epoch, step=step, kind="eval", **result,
-                         adv_attack=eval_attack_label(cfg))
-        logs.log(f"[{stage}] epoch {epoch}: {accuracy_line(result, cfg)}")
-    return result
 
 
-def accuracy_line(result: dict, cfg) -> str:
-    """'natural 91.20%  PGD-20 45.10%' (and the top-5 figures where measured)."""
-    attack = f"PGD-{cfg.eval.num_steps}"
-    line = f"natural {100 * result['nat_acc']:.2f}%  {attack} {100 * result['adv_acc']:.2f}%"
+class Evaluations:
+    """A phase's evaluations during training, and the time they take: each before the
+    phase's end on `eval.n` examples, natural only where eval.adversarial resolves to
+    'phase_end'; the one at the end on the whole split, under the configured attack.
+    Evaluation at epoch e is keyed by fold_in(key, e), whichever examples it reads."""
+
+    def __init__(self, run: Run, stage: str, key):
+        cfg = run.config
+        self.run, self.stage, self.key, self.seconds = run, stage, key, 0.0
+        self.batch_size = cfg.eval.batch_size
+        self.attack_before_end = attack_schedule(cfg) == "every_eval"
+        self.label = eval_attack_label(cfg)
+        self.subset = run.test.subset(cfg.eval.n, self.batch_size) if cfg.eval.n else run.test
+
+    def at(self, params, batch_stats, epoch: int, step: int, final: bool,
+           record: bool = True, stop=None) -> dict:
+        """Evaluates, logs the accuracy line and (with `record`) writes the metrics record;
+        returns the result (`adv_acc` only where the attack ran)."""
+        t0 = time.perf_counter()
+        attack = final or self.attack_before_end
+        eval_step = self.run.eval_step if attack or self.run.natural_eval_step is None else (
+            self.run.natural_eval_step)
+        test = self.run.test if final else self.subset
+        result = evaluate(eval_step, params, batch_stats, test.batches(self.batch_size),
+                          jax.random.fold_in(self.key, epoch), stop=stop)
+        if not attack:  # a natural-only evaluation reports no robust accuracy
+            result = {k: v for k, v in result.items() if not k.startswith("adv_")}
+        self.seconds += time.perf_counter() - t0
+        named = {"adv_attack": self.label} if "adv_acc" in result else {}
+        if record:
+            self.run.writer.write(stage=self.stage, epoch=epoch, step=step, kind="eval",
+                                  **result, **named)
+            subset = not final and self.subset is not self.run.test
+            logs.log(f"[{self.stage}] epoch {epoch}: {accuracy_line(result, self.label)}"
+                     + (f" ({result['eval_examples']} test examples)" if subset else ""))
+        return result
+
+    def share(self, step: int, wall_s: float) -> dict:
+        """Logs and records the share of the phase's wall time so far (this process's part
+        of it, compiling and checkpoints included) spent evaluating; returns it."""
+        out = {"eval_s": self.seconds, "wall_s": wall_s,
+               "eval_share": self.seconds / wall_s if wall_s > 0 else 0.0}
+        self.run.writer.write(stage=self.stage, step=step, kind="eval_time", **out)
+        logs.log(f"[{self.stage}] evaluation took {self.seconds:.1f} s of {wall_s:.1f} s "
+                 f"({100 * out['eval_share']:.0f}%)")
+        return out
+
+
+def accuracy_line(result: dict, label: str | None) -> str:
+    """'natural 91.20%  PGD-20 45.10%' (and the top-5 figures where measured); the natural
+    figures only where no attack ran (`label`: eval_attack_label, None for no attack)."""
+    attack = label.split(" (")[0] if label else None
+    line = f"natural {100 * result['nat_acc']:.2f}%"
+    if attack and "adv_acc" in result:
+        line += f"  {attack} {100 * result['adv_acc']:.2f}%"
     if "nat_top5" in result:
-        line += (f"  (top-5: natural {100 * result['nat_top5']:.2f}%  {attack} "
-                 f"{100 * result['adv_top5']:.2f}%)")
+        line += f"  (top-5: natural {100 * result['nat_top5']:.2f}%"
+        if attack and "adv_top5" in result:
+            line += f"  {attack} {100 * result['adv_top5']:.2f}%"
+        line += ")"
     return line
 
 
@@ -308,9 +364,10 @@ def stage_summary(run: Run, phase: Phase, state, result) -> dict:
         "kind": phase.kind,
         "rules": phase.rules,
         "nat_acc": result["nat_acc"],
-        "adv_acc": result["adv_acc"],
+        # Under the attack it names; neither where the evaluation ran none.
+        **({"adv_acc": result["adv_acc"], "adv_attack": eval_attack_label(run.config)}
+           if "adv_acc" in result else {}),
         **{k: result[k] for k in ("nat_top5", "adv_top5") if k in result},
-        "adv_attack": eval_attack_label(run.config),
         "compression_rate": compression(host, specs),
         "sparsity": size.sparsity_report(host, jax.device_get(state.masks)),
         # Stored at the bit widths of the phase's rules once they hold (retrain).
