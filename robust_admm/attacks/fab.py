@@ -138,7 +138,11 @@ def projection_l2(points, w, b):
     free = w2_total - before(w2_sum)
     alpha = (c[:, None] - before(capped_sum)) / jnp.where(free > 0, free, 1.0)
     d_piece = jnp.where(moves, jnp.clip(-alpha * w, -t, 1.0 - t), 0.0)
-    return jnp.where(feasible[:, None], d_piece, d_box)
+    # c above h at every breakpoint: every coordinate is capped, the full step. `feasible`
+    # can still hold there, when the hyperplane touches the box at its far corner and the
+    # sorted cumulative sum rounds below the unsorted one (then free = 0, alpha ~ 0).
+    on_a_piece = feasible & (k[:, 0] < t.shape[1])
+    return jnp.where(on_a_piece[:, None], d_piece, d_box)
 
 
 # ----------------------------------------------------------------------------- pieces
