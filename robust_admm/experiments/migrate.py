@@ -11,7 +11,8 @@ def _check_sections(d):
     """What the upgrade reads has the shape it reads (a damaged file: an error naming it)."""
     if not isinstance(d, dict):
         raise ValueError(f"the config is a JSON {type(d).__name__}, not an object")
-    for field in ("data", "model", "init"):
+    for field in ("data", "model", "init", "eval", "attack", "prune", "checkpoint",
+                  "nonfinite"):
         if field in d and not isinstance(d[field], dict):
             raise ValueError(f"{field}={d[field]!r} is not an object (a config section)")
     if "program" in d and not isinstance(d["program"], str):

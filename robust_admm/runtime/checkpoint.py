@@ -85,15 +85,16 @@ class CheckpointError(RuntimeError):
 RESULT_FIELDS = ("nat_acc",)  # what a finished stage's result always holds
 
 
-def check_meta(meta, where: str) -> dict:
-    """`meta` as `save` writes it: an object whose `complete` is a bool and, when true,
-    whose `result` is an object with the stage's accuracies; a ValueError naming `where`
-    and the field otherwise (a damaged or hand-edited metadata file)."""
+def check_meta(meta, where: str, need_result: bool = True) -> dict:
+    """`meta` as `save` writes it: an object whose `complete` is a bool and, when true
+    and `need_result` (a resume returns it), whose `result` is an object with the stage's
+    accuracies; a ValueError naming `where` and the field otherwise (a damaged or
+    hand-edited metadata file)."""
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: the metadata is a {type(meta).__name__}, not an object")
     if not isinstance(meta.get("complete", False), bool):
         raise ValueError(f"{where}: complete={meta['complete']!r} is not a bool")
-    if meta.get("complete"):
+    if meta.get("complete") and need_result:
         result = meta.get("result")
         if not isinstance(result, dict):
             raise ValueError(f"{where}: a complete stage's result={result!r} is not an object")
@@ -176,7 +177,7 @@ def load_final_state(directory: str, stage: str) -> dict:
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(f"{where}: unreadable ({type(e).__name__}: "
                                   f"{str(e)[:300]})") from None
-        check_meta(meta, where)
+        check_meta(meta, where, need_result=False)  # the state is what is read here
         if not meta.get("complete"):
             raise FileNotFoundError(f"stage {stage!r} in {directory} is not finished")
     path = os.path.join(os.path.abspath(directory), str(step), "state")
