@@ -182,3 +182,20 @@ def write_images(root, per_class=(16, 6), seed=0):
                     os.path.join(root, split, name, f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"),
                     format=fmt)
     return root
+
+
+def smoke_config(idx_dir, **overrides):
+    """The MNIST :smoke config on IDX files in `idx_dir`, with dotted-path overrides
+    (e.g. `**{"prune.ratios": "conv2=0.5"}`)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from configs import mnist as mnist_config
+    cfg = mnist_config.get_config("smoke")
+    cfg.data.source, cfg.data.dir = "files", idx_dir
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg

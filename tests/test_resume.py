@@ -6,7 +6,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import (PROGRAM, ROOT, RUN_FLAGS, assert_same_results, cli_command,
-                     has_checkpoint, run_and_signal)
+                     has_checkpoint, run_and_signal, smoke_config)
 from robust_admm import data
 from robust_admm import models
 from robust_admm.data import batching
@@ -24,8 +23,6 @@ from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.runtime import checkpoint, logs
 from robust_admm.training import loop
 
-sys.path.insert(0, ROOT)
-from configs import mnist as mnist_config  # noqa: E402
 
 KILLED = ("admm2", "retrain2")  # an admm phase after a retrain, an STE retrain phase
 
@@ -100,18 +97,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path, idx_dir, referen
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[admm] resuming from step {steps[0]}" in r.stdout
     assert_same_results(workdir, reference, ("pretrain", "admm"))
-
-
-def smoke_config(idx_dir, **overrides):
-    cfg = mnist_config.get_config("smoke")
-    cfg.data.source, cfg.data.dir = "files", idx_dir
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 def truncate_files(folder):

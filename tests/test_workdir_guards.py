@@ -11,25 +11,11 @@ import time
 
 import pytest
 
-from helpers import ROOT, write_idx
+from helpers import ROOT, smoke_config, write_idx
 from robust_admm.experiments import run as run_lib
 from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.runtime import claims, logs
 
-sys.path.insert(0, ROOT)
-from configs import mnist as mnist_config  # noqa: E402
-
-
-def smoke_config(idx_dir, **overrides):
-    cfg = mnist_config.get_config("smoke")
-    cfg.data.source, cfg.data.dir = "files", idx_dir
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(scope="module")
