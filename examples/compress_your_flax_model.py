@@ -63,8 +63,9 @@ model = Net(nnx.Rngs(0))
 # ADMM (here from the start; after dense training as well): the penalty rho (W - Z + U)
 # pulls the weights toward the rules' sets; Z, U and rho are updated every 2 epochs,
 # inside the compiled update.
-admm = compression.admm_phase(RULES, update_every=2 * steps_per_epoch, rho=0.03, rho_growth=1.5)
-train(model, optax.chain(admm, optax.adam(3e-3)), epochs=10, seed=1)
+admm = compression.admm_phase(optax.adam(3e-3), RULES, update_every=2 * steps_per_epoch,
+                              rho=0.03, rho_growth=1.5)
+train(model, admm, epochs=10, seed=1)
 print(f"after ADMM: accuracy {accuracy(model):.3f}")
 # Retraining: project once, then every update keeps the weights on the sets.
 nnx.update(model, compression.project(nnx.state(model, nnx.Param), RULES))

@@ -6,7 +6,7 @@ what they need.
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name -> "module:attribute" it is imported from on first use ("module": the module).
 _PUBLIC = {

@@ -121,7 +121,7 @@ def assert_same_results(workdir, reference_dir, phases=None):
     for stage in phases:
         a = workdir_lib.load_final_state(workdir, stage)
         b = workdir_lib.load_final_state(reference_dir, stage)
-        for part in ("params", "masks", "batch_stats", "opt_state", "admm", "key", "step"):
+        for part in ("params", "masks", "batch_stats", "opt_state", "key", "step"):
             jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
 
     def records(path):

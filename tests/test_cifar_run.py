@@ -19,6 +19,7 @@ from helpers import ROOT, assert_same_results, cli_command, has_checkpoint, make
 from robust_admm import data
 from robust_admm.compression import admm
 from robust_admm.compression import rules as rules_lib
+from robust_admm.compression import transforms
 from robust_admm.data import sources
 from robust_admm.data.batching import to_pixels
 from robust_admm.experiments import run as run_lib
@@ -49,11 +50,12 @@ def test_a_compiled_step_of_each_architecture_and_objective_on_mock_tfds_cifar10
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     params, stats = variables["params"], variables["batch_stats"]
     specs = rules_lib.match_rules(params, {"*conv*": {"kind": "irregular", "ratio": 0.5}})
-    tx = optax.sgd(0.01, momentum=0.9)
+    tx = transforms.admm_phase(optax.sgd(0.01, momentum=0.9), specs, update_every=100,
+                               rho=0.01)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                        opt_state=tx.init(params),
                        masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
-                       admm=admm.init(params, specs, 0.01), key=jax.random.PRNGKey(1))
+                       key=jax.random.PRNGKey(1))
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=8 / 255, step_size=2 / 255, num_steps=2, random_start=True, loss="ce",
         unroll=1)), "adversarial", objective=objective)
@@ -66,9 +68,10 @@ def test_a_compiled_step_of_each_architecture_and_objective_on_mock_tfds_cifar10
         # float64 (copied first: the step donates the state). Half of every conv kernel is
         # away from its projection, so it is far from 0 and the check is not vacuous.
         w = {p: np.array(v, np.float64) for p, v in admm.leaves_by_path(state.params).items()}
-        penalty = sum(0.5 * float(state.admm.rho[p]) * np.sum(
-            (w[p] - np.asarray(state.admm.z[p], np.float64)
-             + np.asarray(state.admm.u[p], np.float64)) ** 2) for p in specs)
+        a = transforms.admm_state(state.opt_state)
+        penalty = sum(0.5 * float(a.rho[p]) * np.sum(
+            (w[p] - np.asarray(a.z[p], np.float64) + np.asarray(a.u[p], np.float64)) ** 2)
+            for p in specs)
         state, metrics = step(state, (jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
         assert np.isfinite(float(metrics["loss"])) and not int(metrics["nonfinite"])
         np.testing.assert_allclose(float(metrics["admm_penalty"]), penalty, rtol=1e-5)

@@ -98,7 +98,7 @@ def test_rules_text_objects_and_dicts_resolve_alike_and_default_to_kernels_of_2_
 
 def test_a_rule_that_matches_no_leaf_of_a_users_tree_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"rule 'fc9' matches no kernel leaf.*'fc1/kernel'"):
-        compression.admm_phase("fc9=irregular:0.5", update_every=1).init(PARAMS)
+        compression.admm_phase(optax.sgd(0.1), "fc9=irregular:0.5", update_every=1).init(PARAMS)
     with pytest.raises(ValueError, match=r"rule 'fc9' matches no kernel leaf"):
         compression.retrain_phase(optax.sgd(0.1),
                                   [Rule("fc9", "irregular", ratio=0.5)]).init(PARAMS)
@@ -107,9 +107,13 @@ def test_a_rule_that_matches_no_leaf_of_a_users_tree_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"Rule\('fc1'\) names no set"):
         compression.resolve(PARAMS, [Rule("fc1")])
     with pytest.raises(ValueError, match=r"update_every=0"):
-        compression.admm_phase("fc1=irregular:0.5", update_every=0)
+        compression.admm_phase(optax.sgd(0.1), "fc1=irregular:0.5", update_every=0)
     with pytest.raises(ValueError, match=r"rho=-1"):
-        compression.admm_phase("fc1=irregular:0.5", update_every=1, rho=-1)
+        compression.admm_phase(optax.sgd(0.1), "fc1=irregular:0.5", update_every=1, rho=-1)
+    with pytest.raises(TypeError, match=r"the optimizer it wraps comes first"):
+        compression.admm_phase("fc1=irregular:0.5", update_every=1)
+    with pytest.raises(TypeError, match=r"inner='fc1=irregular:0.5' is not an optax"):
+        compression.retrain_phase("fc1=irregular:0.5", "fc1=irregular:0.5")
 
 
 def test_the_predicate_chooses_the_compressible_leaves():
@@ -155,7 +159,7 @@ def test_project_is_the_exact_projection_per_leaf():
 
 def test_the_package_exposes_the_api_lazily():
     code = ("import sys, robust_admm; assert 'robust_admm.compression' not in sys.modules; "
-            "tx = robust_admm.admm_phase('fc=irregular:0.5', update_every=2); "
+            "import optax; tx = robust_admm.admm_phase(optax.sgd(1.0), 'fc=irregular:0.5', update_every=2); "
             "assert robust_admm.compression.admm_phase is robust_admm.admm_phase; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
@@ -187,7 +191,7 @@ def test_admm_gradient_is_grads_plus_rho_times_w_minus_z_plus_u_in_float64():
     rng = np.random.default_rng(1)
     params = small_params(rng)
     grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
-    tx = compression.admm_phase(SMALL_RULES, update_every=1000, rho=0.3)
+    tx = compression.admm_phase(optax.identity(), SMALL_RULES, update_every=1000, rho=0.3)
     state = tx.init(params)
     z = {p: rng.normal(size=v.shape).astype(np.float32) for p, v in state.admm.z.items()}
     u = {p: rng.normal(size=v.shape).astype(np.float32) for p, v in state.admm.z.items()}
@@ -208,18 +212,18 @@ def test_admm_gradient_is_grads_plus_rho_times_w_minus_z_plus_u_in_float64():
 
 
 def test_admm_z_u_rho_follow_the_schedule_of_a_numpy_loop():
-    """Plain SGD on random gradients through chain(admm, sgd) for 11 steps, Z/U updated
-    every 3: at counts 3, 6, 9 from the params given there, before that step's penalty
-    gradient. The same loop in float32 numpy (projections written out) keeps the same
-    support in Z, the same rho, and Z, U and W to float32 rounding (XLA may fuse
+    """Plain SGD on random gradients through admm_phase(sgd) for 11 steps, Z/U updated
+    every 3: after updates 3, 6, 9 from the params they lead to, so updates 4, 7, 10 use
+    the new Z and U. The same loop in float32 numpy (projections written out) keeps the
+    same support in Z, the same rho, and Z, U and W to float32 rounding (XLA may fuse
     g + rho * r into one rounding)."""
     rng = np.random.default_rng(2)
     params = small_params(rng)
     lr, n, every, rho0, growth, cap = 0.05, 11, 3, 0.4, 1.5, 0.8
     data_grads = [jax.tree_util.tree_map(
         lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(n)]
-    tx = optax.chain(compression.admm_phase(SMALL_RULES, update_every=every, rho=rho0,
-                                      rho_growth=growth, rho_max=cap), optax.sgd(lr))
+    tx = compression.admm_phase(optax.sgd(lr), SMALL_RULES, update_every=every, rho=rho0,
+                                rho_growth=growth, rho_max=cap)
     step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(
         *tx.update(g, s, p)))
     state = tx.init(params)
@@ -231,27 +235,26 @@ def test_admm_z_u_rho_follow_the_schedule_of_a_numpy_loop():
     z = {k: np_project(w[k], s) for k, s in SMALL_SPECS.items()}
     u = {k: np.zeros_like(z[k]) for k in z}
     rho = {k: np.float32(rho0) for k in z}
-    for count, g in enumerate(data_grads):
-        if count > 0 and count % every == 0:
+    for count, g in enumerate(data_grads, start=1):
+        g = {k: np.asarray(v, np.float32) for k, v in tree_dict(g).items()}
+        for k in w:
+            total = g[k] + (rho[k] * (w[k] - z[k] + u[k]) if k in z else 0)
+            w[k] = w[k] - np.float32(lr) * total.astype(np.float32)
+        if count % every == 0:
             for k, s in SMALL_SPECS.items():
                 z[k] = np_project(w[k] + u[k], s)
                 new_rho = np.minimum(np.float32(rho[k] * np.float32(growth)), np.float32(cap))
                 u[k] = ((u[k] + w[k]) - z[k]) * np.float32(rho[k] / new_rho)
                 rho[k] = new_rho
-        g = {k: np.asarray(v, np.float32) for k, v in tree_dict(g).items()}
-        for k in w:
-            total = g[k] + (rho[k] * (w[k] - z[k] + u[k]) if k in z else 0)
-            w[k] = w[k] - np.float32(lr) * total.astype(np.float32)
-    admm_state = state[0].admm
-    assert int(state[0].count) == n
+    assert int(state.count) == n
     for k in z:
-        np.testing.assert_array_equal(np.asarray(admm_state.z[k]) != 0, z[k] != 0)
-        np.testing.assert_allclose(np.asarray(admm_state.z[k]), z[k], rtol=1e-5, atol=1e-6)
-        assert np.float32(admm_state.rho[k]) == rho[k]
-        np.testing.assert_allclose(np.asarray(admm_state.u[k]), u[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(state.admm.z[k]) != 0, z[k] != 0)
+        np.testing.assert_allclose(np.asarray(state.admm.z[k]), z[k], rtol=1e-5, atol=1e-6)
+        assert np.float32(state.admm.rho[k]) == rho[k]
+        np.testing.assert_allclose(np.asarray(state.admm.u[k]), u[k], rtol=1e-5, atol=1e-6)
     for k, v in tree_dict(p).items():
         np.testing.assert_allclose(np.asarray(v), w[k], rtol=1e-5, atol=1e-6)
-    assert float(state[0].residuals["primal_residual/fc/kernel"]) > 0
+    assert float(state.residuals["primal_residual/fc/kernel"]) > 0
 
 
 # -- the CLI's run and a hand-written loop on the public API --------------------------------
@@ -323,10 +326,9 @@ def test_the_cli_and_a_hand_written_loop_on_the_public_api_end_with_the_same_par
     # The admm phase's 'periodic' schedule: a cosine restarting at every Z/U update.
     lr = optax.sgdr_schedule([dict(init_value=c.admm.lr, peak_value=c.admm.lr,
                                    decay_steps=every, warmup_steps=0)] * c.admm.epochs)
-    params = train(params, optax.chain(
-        compression.admm_phase(rules, update_every=every, rho=c.admm.rho,
-                         rho_growth=c.admm.rho_growth, rho_max=c.admm.rho_max),
-        optax.adam(lr)), 0, admm_steps)
+    params = train(params, compression.admm_phase(
+        optax.adam(lr), rules, update_every=every, rho=c.admm.rho,
+        rho_growth=c.admm.rho_growth, rho_max=c.admm.rho_max), 0, admm_steps)
     params = compression.project(params, rules)
     retrain_steps = c.retrain.epochs * spe
     params = train(params, compression.retrain_phase(
@@ -436,15 +438,16 @@ def test_admm_with_masks_keeps_z_and_the_gradients_within_them():
     params = mlp_params(rng)
     masks = jax.tree_util.tree_map(lambda p: np.ones(p.shape, bool), params)
     masks["l2"]["kernel"] = rng.random((32, 32)) < 0.5
-    tx = compression.admm_phase("l2=irregular:0.75", update_every=1, rho=0.5, masks=masks)
+    tx = compression.admm_phase(optax.identity(), "l2=irregular:0.75", update_every=1, rho=0.5,
+                                masks=masks)
     state = tx.init(params)
     z = np.asarray(state.admm.z["l2/kernel"])
     assert not np.any(z[~masks["l2"]["kernel"]])
     inside = np.where(masks["l2"]["kernel"], params["l2"]["kernel"], 0)
     np.testing.assert_array_equal(z, np_project(inside, {"kind": "irregular", "ratio": 0.75}))
     grads = jax.tree_util.tree_map(lambda p: np.ones(p.shape, np.float32), params)
-    out, state = jax.jit(tx.update)(grads, state, params)
-    out, state = jax.jit(tx.update)(out, state, params)  # count 1: a Z/U update, in masks
+    out, state = jax.jit(tx.update)(grads, state, params)  # then a Z/U update, in masks
+    out, state = jax.jit(tx.update)(out, state, params)
     g = np.asarray(out["l2"]["kernel"])
     assert not np.any(g[~masks["l2"]["kernel"]]) and np.all(g[masks["l2"]["kernel"]] != 0)
     assert not np.any(np.asarray(state.admm.z["l2/kernel"])[~masks["l2"]["kernel"]])

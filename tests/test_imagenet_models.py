@@ -21,7 +21,6 @@ import optax
 import pytest
 
 from robust_admm import attacks
-from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import rules as rules_lib
 from robust_admm.data.batching import DATA_KEY_TAG, batch_indices, to_pixels
 from robust_admm.models import (AlexNetBN, ImageNetVGG, apply_model, get_model,
@@ -280,7 +279,7 @@ def _state(model, x, tx):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=v["batch_stats"], opt_state=tx.init(params),
                       masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
-                      admm=admm_lib.empty(), key=jax.random.PRNGKey(1))
+                      key=jax.random.PRNGKey(1))
 
 
 def _attack(setting="adversarial", objective="pgd_at", num_steps=1):

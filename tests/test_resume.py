@@ -327,3 +327,94 @@ def test_a_nonfinite_streak_that_ends_between_log_lines_still_stops_the_run():
         loop.check_nonfinite("pretrain", second, streak, cfg, None)
     # Shorter streaks are skipped with a warning and the trailing streak is returned.
     assert loop.check_nonfinite("pretrain", first[:3], 0, cfg, None) == 1
+
+
+def as_release_01(stage_dir: str, step: int):
+    """Rewrites the checkpoint of `step` in `stage_dir` in robust-admm 0.1's layout: ADMM's
+    Z, U and rho beside the optimizer's state (empty outside an admm phase), the state of
+    the optimizer the compression transformation wraps in its place."""
+    import orbax.checkpoint as ocp
+    path = os.path.join(stage_dir, str(step))
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.metadata(os.path.join(path, "state")).item_metadata.tree
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        raw = ckpt.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+            restore_args=args))
+    with ocp.CheckpointManager(stage_dir) as mngr:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    opt = raw["opt_state"]
+    wrapped = isinstance(opt, dict) and "inner" in opt and "masks" in opt
+    old = dict(raw, opt_state=opt["inner"] if wrapped else opt,
+               admm=opt["admm"] if wrapped and "admm" in opt else {"z": {}, "u": {}, "rho": {}})
+    shutil.rmtree(path)
+    mngr = checkpoint.manager(stage_dir, keep=10)
+    checkpoint.save(mngr, step, old, meta)
+    mngr.wait_until_finished()
+    mngr.close()
+    assert checkpoint.saved_fields(stage_dir, step) == {
+        "step", "params", "batch_stats", "opt_state", "masks", "admm", "key"}
+    return wrapped
+
+
+def test_a_workdir_of_release_01_resumes_and_ends_as_an_uninterrupted_run(tmp_path, idx_dir,
+                                                                          reference):
+    """The :smoke_program's run with its finished phases' checkpoints and a mid-phase one
+    of admm2 (after a retrain: masks) rewritten in 0.1's layout, the rest removed: rerun,
+    every phase is read and converted, admm2 resumes, and the run ends bit for bit as the
+    uninterrupted one."""
+    workdir = str(tmp_path / "old")
+    shutil.copytree(reference, workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(os.path.join(ckpts, "retrain2"))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(ckpts, "admm2")) if s.isdigit())
+    for s in steps[1:]:  # resume admm2 from its oldest kept checkpoint, mid-phase
+        shutil.rmtree(os.path.join(ckpts, "admm2", str(s)))
+    assert 0 < steps[0] < 16
+    wrapped = {stage: as_release_01(os.path.join(ckpts, stage), 16)
+               for stage in ("pretrain", "admm", "retrain")}
+    wrapped["admm2"] = as_release_01(os.path.join(ckpts, "admm2"), steps[0])
+    assert wrapped == {"pretrain": False, "admm": True, "retrain": True, "admm2": True}
+    r = subprocess.run(cli_command(workdir, *files_flags(idx_dir), *RUN_FLAGS, config=PROGRAM),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("was written by robust-admm 0.1: read in its layout and converted") == 4
+    assert f"[admm2] resuming from step {steps[0]} of 16" in r.stdout
+    summaries = []
+    for path in (workdir, reference):
+        summary = logs.read_json_object(os.path.join(path, "summary.json"))
+        for stage in summary["stages"].values():
+            stage.pop("speed")
+        summaries.append(summary)
+    assert summaries[0] == summaries[1]
+    for stage in ("pretrain", "admm", "retrain", "admm2", "retrain2"):
+        a = workdir_lib.load_final_state(workdir, stage)
+        b = workdir_lib.load_final_state(reference, stage)
+        # The finished phases were read, not rewritten: their optimizer state is 0.1's.
+        parts = ("params", "masks", "batch_stats", "key", "step") + (
+            ("opt_state",) if stage in ("admm2", "retrain2") else ())
+        for part in parts:
+            jax.tree_util.tree_map(np.testing.assert_array_equal, a[part], b[part])
+
+
+def test_a_checkpoint_of_an_unknown_layout_is_refused_naming_its_fields(tmp_path):
+    """Neither this release's fields nor an earlier layout's: an error naming both, and the
+    checkpoint left where it is (not moved aside as unreadable)."""
+    stage_dir = str(tmp_path / "stage")
+    mngr = checkpoint.manager(stage_dir)
+    checkpoint.save(mngr, 17, {"weights": np.zeros(3)}, {"stage": "s", "complete": False})
+    mngr.wait_until_finished()
+    older = [checkpoint.Layout("release 0", {"w": np.zeros(3), "old": np.zeros(1)}, dict)]
+    with pytest.raises(checkpoint.LayoutError,
+                       match=r"holds the fields \['weights'\]; this release reads \['params'\] "
+                             r"or release 0's \['old', 'w'\]"):
+        checkpoint.restore_latest(mngr, {"params": np.zeros(3)}, older=older)
+    mngr.close()
+    assert os.listdir(stage_dir) == ["17"]
+    # A known earlier layout is read in it and converted.
+    mngr = checkpoint.manager(stage_dir)
+    older = [checkpoint.Layout("release 0", {"weights": np.zeros(3)},
+                               lambda old: {"params": old["weights"] + 1})]
+    state, meta, step = checkpoint.restore_latest(mngr, {"params": np.zeros(3)}, older=older)
+    mngr.close()
+    np.testing.assert_array_equal(state["params"], np.ones(3))
+    assert step == 17 and meta == {"stage": "s", "complete": False}

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from helpers import run_cli, write_idx
 from robust_admm import attacks
-from robust_admm.compression import admm as admm_lib
 from robust_admm.data.batching import batch_indices
 from robust_admm.models import apply_model, get_model
 from robust_admm.runtime.logs import read_jsonl
@@ -166,7 +165,7 @@ def _state(model, channels, tx):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       masks=jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, bool), params),
-                      admm=admm_lib.empty(), key=jax.random.PRNGKey(1))
+                      key=jax.random.PRNGKey(1))
 
 
 def _attack(setting, objective):

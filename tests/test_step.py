@@ -9,7 +9,6 @@ import optax
 import pytest
 
 from robust_admm import attacks
-from robust_admm.compression import admm as admm_lib
 from robust_admm.data.batching import batch_indices
 from robust_admm.evaluation.eval_step import make_eval_step
 from robust_admm.models import VGG, get_model
@@ -42,7 +41,7 @@ def _setup(setting="adversarial", masks_fn=None, n=64, pgd_loop="auto", model=No
         params = jax.tree_util.tree_map(lambda p, m: p * m, params, masks)
     tx = tx or optax.adam(1e-2)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), masks=masks, admm=admm_lib.empty(),
+                       opt_state=tx.init(params), masks=masks,
                        key=jax.random.PRNGKey(1))
     attack = make_attack(ml_collections.ConfigDict(dict(
         epsilon=0.1, step_size=0.05, num_steps=2, random_start=True, loss="ce", unroll=1)),

@@ -2,7 +2,7 @@
 pytree (Flax linen's `variables["params"]`, Flax NNX's `nnx.state(model, nnx.Param)`, a
 dict of arrays), built on the functions the `train` CLI runs (`admm`, `projections`).
 
-    tx = optax.chain(admm_phase(rules, update_every=100, rho=1e-3), optax.adam(1e-3))
+    tx = admm_phase(optax.adam(1e-3), rules, update_every=100, rho=1e-3)
     ...  # train: updates, state = tx.update(grads, state, params)
     params = project(params, rules)
     tx = retrain_phase(optax.adam(1e-3), rules)
@@ -27,7 +27,8 @@ import optax
 from robust_admm.compression import admm as admm_lib
 from robust_admm.compression import size as size_lib
 from robust_admm.compression.projections import is_int
-from robust_admm.compression.rules import Predicate, Rules, as_pattern_specs, match_rules
+from robust_admm.compression.rules import (Predicate, Rules, as_pattern_specs, leaf_path,
+                                           match_rules)
 
 
 def resolve(params, rules: Rules, *, is_compressible: Predicate | None = None) -> dict:
@@ -89,11 +90,12 @@ def size_report(params, rules: Rules | None = None, *,
 class AdmmOptState(NamedTuple):
     """The state of `admm_phase`: the step count and ADMM's Z, U, rho (flat dicts keyed by leaf
     path, `admm.AdmmState`), the primal and dual residuals of the last Z/U update (0 before
-    the first) and the masks it was given (None without)."""
+    the first), the masks it was given (None without) and the inner optimizer's state."""
     count: jax.Array  # int32 scalar: updates taken
     admm: admm_lib.AdmmState
     residuals: dict  # {"primal_residual/<path>": ||W - Z|| / ||W||, "dual_residual/<path>"}
     masks: Any
+    inner: optax.OptState
 
 
 def _check_positive(name: str, value, allow_inf: bool = False) -> float:
@@ -106,30 +108,43 @@ def _check_positive(name: str, value, allow_inf: bool = False) -> float:
     return v
 
 
-def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3,
-               rho_growth: float = 1.3, rho_max: float = 1.0,
-               is_compressible: Predicate | None = None,
-               masks=None) -> optax.GradientTransformation:
-    """ADMM toward `rules` as a gradient transformation, chained before the optimizer:
-    ``optax.chain(admm_phase(rules, update_every=N), optax.sgd(0.01))``.
+def _check_inner(inner, name: str):
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"{name}: inner={inner!r} is not an optax GradientTransformation (its "
+                        f"first argument is the optimizer it wraps, e.g. optax.adam(1e-3))")
+    return optax.with_extra_args_support(inner)
 
-    Solves min L(W) s.t. W_l in S_l by SGD on L(W) + sum_l rho_l/2 ||W_l - Z_l + U_l||^2:
+
+def admm_phase(inner: optax.GradientTransformation, rules: Rules = None, *, update_every: int,
+               rho: float = 1e-3, rho_growth: float = 1.3, rho_max: float = 1.0,
+               is_compressible: Predicate | None = None,
+               masks=None) -> optax.GradientTransformationExtraArgs:
+    """`inner` (any optax optimizer) running ADMM toward `rules`:
+    ``admm_phase(optax.sgd(0.01), rules, update_every=N)``.
+
+    Solves min L(W) s.t. W_l in S_l by `inner` on L(W) + sum_l rho_l/2 ||W_l - Z_l + U_l||^2:
     `update(grads, state, params)` adds rho_l (W_l - Z_l + U_l) to the gradient of every
-    leaf a rule matches (the penalty's gradient, `admm.penalty`'s) and leaves the others'.
-    `init(params)` sets Z = Proj(W), U = 0, rho = `rho` (`admm.init`). Every `update_every`
-    updates, inside the compiled update (`lax.cond`), Z = Proj(W + U), U = (U + W - Z) *
-    rho / rho', rho' = min(rho * `rho_growth`, `rho_max`) (`admm.update`): at the update
-    whose count is a nonzero multiple of `update_every`, from the params it is given (those
-    after that many steps), before its penalty gradient, which then uses the new Z and U.
-    That is the CLI's order: it updates after the last step of every `update_every_epochs`
-    epochs, i.e. with N = steps_per_epoch * update_every_epochs (the CLI also updates
-    after the phase's last step, which changes Z and U but no weight).
+    leaf a rule matches (the penalty's gradient, `admm.penalty`'s) and passes the result
+    to `inner`. `init(params)` sets Z = Proj(W), U = 0, rho = `rho` (`admm.init`). After
+    every `update_every`-th update, inside the compiled update (`lax.cond`), from the
+    params that update leads to (params + updates), Z = Proj(W + U), U = (U + W - Z) *
+    rho / rho', rho' = min(rho * `rho_growth`, `rho_max`) (`admm.update`); the next
+    update's penalty uses them. The CLI's admm phase is this transformation with N =
+    steps_per_epoch * update_every_epochs (Z/U updated at the end of every interval).
 
     `masks` (bools with params' structure, an earlier phase's support): Z stays within
-    them and the gradients are multiplied by them (pruned weights get no update from any
-    optimizer whose update of a zero gradient is zero). The params must be the third
-    argument of `update` (optax's convention): the penalty needs them.
+    them and the gradients are multiplied by them before `inner` (pruned weights get no
+    update from any optimizer whose update of a zero gradient is zero). The params must be
+    the third argument of `update` (optax's convention): the penalty needs them. The
+    updates are `inner`'s: chain nothing after this transformation that changes them, or
+    the Z/U update sees other params than the ones applied.
     """
+    if rules is None:
+        raise TypeError(f"admm_phase(inner, rules, update_every=...): got inner={inner!r} and "
+                        f"no rules; the optimizer it wraps comes first, e.g. admm_phase("
+                        f"optax.sgd(0.01), 'fc1=irregular:0.9', update_every=100) (0.1 "
+                        f"chained admm_phase(rules, ...) before the optimizer)")
+    inner_tx = _check_inner(inner, "admm_phase")
     if not is_int(update_every) or update_every < 1:
         raise ValueError(f"update_every={update_every!r} must be an integer >= 1 (updates "
                          f"between Z/U updates)")
@@ -147,25 +162,45 @@ def admm_phase(rules: Rules, *, update_every: int, rho: float = 1e-3,
         residuals = {f"{k}/{p}": jnp.zeros((), jnp.float32)
                      for p in specs for k in ("primal_residual", "dual_residual")}
         return AdmmOptState(count=jnp.zeros((), jnp.int32), admm=state, residuals=residuals,
-                            masks=masks)
+                            masks=masks, inner=inner_tx.init(params))
 
-    def update(grads, state: AdmmOptState, params=None):
+    def update(grads, state: AdmmOptState, params=None, **extra_args):
         if params is None:
             raise ValueError("admm_phase: update(grads, state, params) needs the params (the "
                              "penalty's gradient is rho (W - Z + U))")
         specs = specs_of(params)
-        due = (state.count > 0) & (state.count % int(update_every) == 0)
-        new_admm, residuals = jax.lax.cond(
-            due,
-            lambda s: admm_lib.update(params, s.admm, specs, rho_growth, rho_max, s.masks),
-            lambda s: (s.admm, s.residuals), state)
-        grads = add_penalty_grad(grads, params, new_admm)
+        grads = add_penalty_grad(grads, params, state.admm)
         if state.masks is not None:
             grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
-        return grads, AdmmOptState(count=state.count + 1, admm=new_admm,
-                                   residuals=residuals, masks=state.masks)
+        updates, inner_state = inner_tx.update(grads, state.inner, params, **extra_args)
+        count = state.count + 1
+        new_admm, residuals = jax.lax.cond(
+            count % int(update_every) == 0,
+            lambda s: admm_lib.update(optax.apply_updates(params, updates), s.admm, specs,
+                                      rho_growth, rho_max, s.masks),
+            lambda s: (s.admm, s.residuals), state)
+        return updates, AdmmOptState(count=count, admm=new_admm, residuals=residuals,
+                                     masks=state.masks, inner=inner_state)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def find_state(opt_state, cls, what: str, required: bool = True):
+    """The one state of type `cls` inside `opt_state` (a chain's, a wrapper's...); None
+    when there is none and not `required`; an error for more than one."""
+    found = [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
+    if len(found) > 1 or (required and not found):
+        raise ValueError(f"opt_state holds {len(found)} {cls.__name__}s; expected exactly "
+                         f"one (the state of a `{what}(...)` transformation)")
+    return found[0] if found else None
+
+
+def admm_state(opt_state) -> admm_lib.AdmmState | None:
+    """ADMM's Z, U and rho (`admm.AdmmState`) of the `admm_phase` inside `opt_state`, None
+    if there is none: e.g. for `admm.penalty(params, admm_state(opt_state))` as a metric."""
+    found = find_state(opt_state, AdmmOptState, "admm_phase", required=False)
+    return None if found is None else found.admm
 
 
 def add_penalty_grad(grads, params, state: admm_lib.AdmmState):
@@ -193,32 +228,31 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
                   quantize_update: str = "project", is_compressible: Predicate | None = None,
                   masks=None) -> optax.GradientTransformationExtraArgs:
     """`inner` (any optax optimizer) with the params kept on `rules`' sets after every
-    update, for fine-tuning a compressed model: what the CLI's retrain phase does.
+    update, for fine-tuning a compressed model: what the CLI's retrain phase runs.
 
     `init(params)` projects `params` (`project`; within `masks` when given) and keeps the
-    support as masks. `update(grads, state, params)` multiplies the gradients by the masks,
-    runs `inner`, and returns ``target - params`` with target = `admm.keep_constraints` of
-    the updated params: pruned weights back to zero, and with `quantize_update='project'`
-    each quantized leaf projected back onto its levels (the scale refit). An optax update
-    cannot set params, only be added to them: ``optax.apply_updates(params, updates)``
-    equals the target exactly where the target is 0 or within a factor of 2 of the weight
-    (Sterbenz's lemma): every pruned weight, and every weight on a level that keeps its
-    level in the step (the scale moves far less than 2x). So start from
+    support as masks. `update(grads, state, params)` multiplies the gradients by the masks
+    and runs `inner`; its updates take every pruned weight to exactly zero (-W there) and
+    leave the kept ones' as `inner` gave them, and with `quantize_update='project'` take
+    each quantized leaf onto its levels (the scale refit to the kept weights,
+    `admm.keep_constraints`): target - W. An optax update cannot set params, only be added
+    to them: W + (target - W) equals the target exactly where the target is within a
+    factor of 2 of the weight (Sterbenz's lemma), so a weight moving far (from 0 to a
+    level, or past level 2) may land an ulp off its level. For levels exact to the bit,
+    follow `optax.apply_updates` with `keep_on_sets` (the CLI does); start from
     ``project(params, rules)``, as the CLI does: from unprojected weights the first step's
-    gradient is taken off the sets, and a far outlier or a binary weight near 0 may land
-    an ulp off its level, as may (rarely) a weight moving from level 1 to 2 as the scale
-    grows, until its next update.
+    gradient is taken off the sets.
 
     `quantize_update='ste'`: the weights stay latent (only the masks are kept) and the model
     must run on ``straight_through(params, rules, retrain_masks(opt_state))`` in the loss
     (levels forward, gradient straight through to the latent weights); the model to keep
     is that function's value outside the gradient.
     """
+    inner_tx = _check_inner(inner, "retrain_phase")
     if quantize_update not in admm_lib.QUANTIZE_UPDATES:
         raise ValueError(f"quantize_update={quantize_update!r}; allowed: "
                          f"{admm_lib.QUANTIZE_UPDATES}")
     pattern_specs = as_pattern_specs(rules)
-    inner_tx = optax.with_extra_args_support(inner)
 
     def specs_of(params):
         return match_rules(params, pattern_specs, is_compressible)
@@ -235,9 +269,18 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
         specs = specs_of(params)
         grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
         updates, inner_state = inner_tx.update(grads, state.inner, params, **extra_args)
-        target = admm_lib.keep_constraints(optax.apply_updates(params, updates), state.masks,
-                                           specs, quantize_update)
-        updates = jax.tree_util.tree_map(lambda t, p: t - p, target, params)
+        leveled = set(admm_lib.quantized_specs(specs)) if quantize_update == "project" else ()
+        if leveled:
+            target = admm_lib.leaves_by_path(admm_lib.keep_constraints(
+                optax.apply_updates(params, updates), state.masks, specs, quantize_update))
+
+        def to_sets(path, u, w, m):
+            p = leaf_path(path)
+            # Kept weights: inner's update as it is (W + u is what inner meant exactly);
+            # pruned: -W (W + -W is exactly 0); on levels: the way to the target.
+            return target[p] - w if p in leveled else jnp.where(m, u, -w).astype(u.dtype)
+
+        updates = jax.tree_util.tree_map_with_path(to_sets, updates, params, state.masks)
         return updates, RetrainState(masks=state.masks, inner=inner_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -246,13 +289,17 @@ def retrain_phase(inner: optax.GradientTransformation, rules: Rules, *,
 def retrain_masks(opt_state):
     """The masks of the `retrain_phase` state inside `opt_state` (a chain's, a wrapper's...);
     an error if there is none or more than one."""
-    found = [s for s in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, RetrainState))
-        if isinstance(s, RetrainState)]
-    if len(found) != 1:
-        raise ValueError(f"opt_state holds {len(found)} retrain states; expected exactly "
-                         f"one (the state of a `retrain_phase(...)` transformation)")
-    return found[0].masks
+    return find_state(opt_state, RetrainState, "retrain_phase").masks
+
+
+def keep_on_sets(params, rules: Rules, opt_state, *, quantize_update: str = "project",
+                 is_compressible: Predicate | None = None):
+    """`params` (after ``optax.apply_updates`` of a `retrain_phase`'s updates) exactly on the
+    sets: pruned weights 0 and, with quantize_update='project', quantized leaves on their
+    levels to the bit (`admm.keep_constraints`; the masks of the `retrain_phase` in
+    `opt_state`)."""
+    specs = resolve(params, rules, is_compressible=is_compressible)
+    return admm_lib.keep_constraints(params, retrain_masks(opt_state), specs, quantize_update)
 
 
 def straight_through(params, rules: Rules, masks, *,

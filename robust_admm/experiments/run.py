@@ -24,7 +24,7 @@ from robust_admm.models import check_model, get_model, is_import_path
 from robust_admm.runtime import logs, parallel
 from robust_admm.training.initialization import initial_variables
 from robust_admm.training.loop import (Run, initial_state, previous_stage_result, run_stage,
-                                       sigterm_flag, stage_optimizer, stage_summary)
+                                       sigterm_flag, stage_summary)
 from robust_admm.training.program import phase_specs
 
 
@@ -128,8 +128,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool,
                   preempted=preempted)
         if phases[0].index > 0:
             prev = program[phases[0].index - 1]
-            like = initial_state(run, prev, stage_optimizer(config, prev, 1)[0], params,
-                                 batch_stats, masks)
+            like = initial_state(run, prev, 1, params, batch_stats, masks)[0]
             params, batch_stats, masks = previous_stage_result(run, phases[0].name,
                                                                prev.name, like)
         for phase in phases:

@@ -1,14 +1,17 @@
 """Checkpoints with orbax `CheckpointManager`: one manager per stage, over a folder of
 `<step>` checkpoints (where that folder is, is the workdir's business:
 `experiments/workdir.py`), each holding the whole `TrainState` (params, BatchNorm
-statistics, optimizer state, ADMM state, masks, key, step; the data position is the step)
-plus JSON metadata. The last checkpoint of a finished stage carries `complete: true` and
+statistics, optimizer state with ADMM's inside it, masks, key, step; the data position is
+the step) plus JSON metadata; an earlier release's layout is read through a `Layout`. The last checkpoint of a finished stage carries `complete: true` and
 the stage's evaluation; it is what the next stage starts from. A write that fails (a full
 or read-only disk) raises `CheckpointWriteError`, naming the step and its path; the
 checkpoint before it stays the newest readable one, and a rerun resumes from it."""
 import os
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -127,21 +130,67 @@ def _move_aside(path: str, prefix: str) -> str | None:
     return aside
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like):
+class Layout(NamedTuple):
+    """A state layout an earlier release checkpointed: `like` gives its structure (its
+    top-level fields tell it apart), `convert` turns a restored one into today's state."""
+    name: str  # who wrote it, e.g. "robust-admm 0.1"
+    like: Any
+    convert: Callable
+
+
+class LayoutError(RuntimeError):
+    """A checkpoint whose fields are neither today's nor a known earlier layout's."""
+
+
+def _fields(tree) -> frozenset:
+    """The top-level field names of a state (a dataclass or dict) or of a saved tree."""
+    return frozenset(tree) if isinstance(tree, dict) else frozenset(
+        flax.serialization.to_state_dict(tree))
+
+
+def saved_fields(directory: str, step: int) -> frozenset:
+    """The top-level fields of the state saved at `step` in `directory` (its metadata
+    only, no array is read)."""
+    path = os.path.join(os.path.abspath(directory), str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return _fields(ckpt.metadata(path).item_metadata.tree)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like, older: Sequence[Layout] = ()):
     """(state, meta, step) of the newest readable checkpoint, or None if there is none.
 
-    `like` gives the structure (a concrete or abstract state). A checkpoint that cannot be
-    read (truncated, corrupted) is reported, moved aside to `unreadable-<step>-<time>` (so
-    the step can be written again) and skipped in favour of the one before it; if
-    checkpoints exist but none can be read, that is an error.
+    `like` gives the structure (a concrete or abstract state). A checkpoint whose fields
+    are those of a layout in `older` is read in that layout and converted (logged); one
+    whose fields are neither is refused (`LayoutError`, naming both, nothing moved). A
+    checkpoint that cannot be read (truncated, corrupted) is reported, moved aside to
+    `unreadable-<step>-<time>` (so the step can be written again) and skipped in favour of
+    the one before it; if checkpoints exist but none can be read, that is an error.
     """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     failures = []
     for step in sorted(mngr.all_steps(), reverse=True):
+        layout = None
         try:
+            fields = saved_fields(str(mngr.directory), step)
+            if fields != _fields(like):
+                layout = next((lay for lay in older if _fields(lay.like) == fields), None)
+                if layout is None:
+                    raise LayoutError(
+                        f"checkpoint {os.path.join(str(mngr.directory), str(step))} holds "
+                        f"the fields {sorted(fields)}; this release reads {sorted(_fields(like))}"
+                        + "".join(f" or {lay.name}'s {sorted(_fields(lay.like))}"
+                                  for lay in older)
+                        + ": it was written by another release of robust-admm; resume it "
+                          "with that release, or move the folder aside to start the stage "
+                          "again")
+                target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, layout.like)
+            else:
+                target = abstract
             r = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
             check_meta(r.meta, os.path.join(str(mngr.directory), str(step), "meta"))
+        except LayoutError:
+            raise
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             text = str(e).splitlines()[0][:300] if str(e) else ""
             failures.append(f"step {step}: {type(e).__name__}: {text}")
@@ -154,6 +203,10 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
         if failures:
             mngr.reload()
             logs.log(f"resuming from the previous good checkpoint, step {step}")
+        if layout is not None:
+            logs.log(f"checkpoint of step {step} in {mngr.directory} was written by "
+                     f"{layout.name}: read in its layout and converted")
+            return layout.convert(r.state), r.meta, step
         return r.state, r.meta, step
     if failures:
         mngr.reload()

@@ -12,11 +12,11 @@ import numpy as np
 import optax
 
 from robust_admm.compression import admm as admm_lib
-from robust_admm.compression import size
+from robust_admm.compression import size, transforms
 from robust_admm.evaluation.eval_step import (EvaluationInterrupted, attack_schedule,
                                               eval_attack_label, evaluate)
 from robust_admm.runtime import checkpoint, logs, parallel
-from robust_admm.training import optim
+from robust_admm.training import legacy, optim
 from robust_admm.training.attack import make_attack
 from robust_admm.training.program import Phase
 from robust_admm.training.state import TrainState
@@ -62,31 +62,52 @@ def compression(params, specs) -> dict:
             "pruned": size.compression_rate(params, rules=specs) if specs else 1.0}
 
 
-def initial_state(run: Run, phase: Phase, tx, params, batch_stats, masks) -> TrainState:
-    """The state a phase starts from, given the previous phase's result: an admm phase
-    starts its Z, U (within the masks so far), a retrain phase projects onto its rules."""
-    admm_state = admm_lib.empty()
+def initial_state(run: Run, phase: Phase, steps_per_epoch: int, params, batch_stats, masks):
+    """(state, tx, schedule) a phase starts from, given the previous phase's result: its
+    transformation (`phase_transformation`) initialised on it; an admm phase starts its Z,
+    U (within the masks so far), a retrain phase projects onto its rules."""
     specs = run.specs[phase.name]
-    if phase.kind == "admm":
-        if run.config.prune.masked_progressive:
-            masks = admm_lib.freeze_zeros(params, masks, specs)
-        admm_state = admm_lib.init(params, specs, run.config[phase.name].rho, masks)
-    elif phase.kind == "retrain":
-        params, masks = admm_lib.hard_project(params, specs, masks)
+    if phase.kind == "admm" and run.config.prune.masked_progressive:
+        masks = admm_lib.freeze_zeros(params, masks, specs)
+    tx, schedule = phase_transformation(run.config, phase, steps_per_epoch, specs, masks)
+    opt_state = tx.init(params)
+    if phase.kind == "retrain":  # the projection `retrain_phase`'s init made
+        params = transforms.project(params, specs, is_compressible=_resolved(specs),
+                                    masks=masks)
+        masks = transforms.retrain_masks(opt_state)
+    # The state's masks and the transformation's are the same values in buffers of their
+    # own: the step donates the state, and one buffer may be donated only once.
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), masks=masks, admm=admm_state,
+                       opt_state=opt_state, masks=jax.tree_util.tree_map(jnp.copy, masks),
                        key=jax.random.fold_in(run.key, phase.index))
-    return parallel.replicate(state, run.mesh)
+    return parallel.replicate(state, run.mesh), tx, schedule
 
 
-def stage_optimizer(cfg, phase: Phase, steps_per_epoch: int):
-    """(tx, schedule) of a phase; non-finite updates are never applied (the policy on
-    how long to go on is enforced by the loop, so the wrapper never gives up)."""
+def _resolved(specs):
+    """The leaves the run's rules resolved to (`specs`), as the transformations' predicate."""
+    return lambda path, leaf: path in specs
+
+
+def phase_transformation(cfg, phase: Phase, steps_per_epoch: int, specs, masks):
+    """(tx, schedule) of a phase: its optimizer (`optim`) under optax.apply_if_finite (the
+    policy on how long to go on is enforced by the loop, so the wrapper never gives up),
+    wrapped in the public compression transformations: `admm_phase` (Z/U updated after
+    every update_every_epochs epochs) or `retrain_phase` (on the sets), both within
+    `masks`."""
     pcfg = cfg[phase.name]
     period = pcfg.update_every_epochs if phase.kind == "admm" else None
     schedule = optim.make_schedule(pcfg, steps_per_epoch, period)
     tx = optax.apply_if_finite(optim.make_optimizer(pcfg, schedule),
                                max_consecutive_errors=2**30)
+    if phase.kind == "admm":
+        tx = transforms.admm_phase(
+            tx, specs, update_every=steps_per_epoch * pcfg.update_every_epochs, rho=pcfg.rho,
+            rho_growth=pcfg.rho_growth, rho_max=pcfg.rho_max,
+            is_compressible=_resolved(specs), masks=masks)
+    elif phase.kind == "retrain":
+        tx = transforms.retrain_phase(tx, specs,
+                                      quantize_update=pcfg.get("quantize_update", "project"),
+                                      is_compressible=_resolved(specs), masks=masks)
     return tx, schedule
 
 
@@ -137,12 +158,11 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
     if spe == 0:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples")
     total = scfg.epochs * spe
-    tx, schedule = stage_optimizer(cfg, phase, spe)
-    state = initial_state(run, phase, tx, params, batch_stats, masks)
+    state, tx, schedule = initial_state(run, phase, spe, params, batch_stats, masks)
     mngr = checkpoint.manager(run.checkpoint_dirs[stage], cfg.checkpoint.keep)
     feed = None
     try:
-        restored = checkpoint.restore_latest(mngr, state)
+        restored = checkpoint.restore_latest(mngr, state, older=legacy.layouts(state))
         last_ckpt = None
         if restored is not None:
             state, meta, last_ckpt = restored
@@ -170,10 +190,6 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                and admm_lib.quantized_specs(specs))
         on_levels = jax.jit(lambda p, m: admm_lib.onto_levels(p, m, specs)) if ste else (
             lambda p, m: p)
-        admm_update = None
-        if phase.kind == "admm":
-            admm_update = jax.jit(lambda p, s, m: admm_lib.update(
-                p, s, specs, scfg.rho_growth, scfg.rho_max, m))
 
         start = int(state.step)
         progress = logs.Progress(total, cfg.batch_size, start)
@@ -186,7 +202,9 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
             result = phase_evaluation(run, phase, mngr, state, on_levels, evals, pending,
                                       last_ckpt, final=pending == scfg.epochs,
                                       record=total > 0, saved=True)
-        streak = int(state.opt_state.notfinite_count)  # non-finite steps in a row so far
+        # Non-finite steps in a row so far.
+        streak = int(transforms.find_state(state.opt_state, optax.ApplyIfFiniteState,
+                                           "optax.apply_if_finite").notfinite_count)
         # The feed keeps its own copy of the key: the step donates the state's buffers.
         feed = run.train.steps(data_seed(cfg.seed, phase.index), start, total - start,
                                key=jnp.copy(state.key))
@@ -212,8 +230,10 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                     m["skipped"] = int(sum(h["skipped"] for h in history))
                 history = []
                 speed = progress.update(step)
+                admm_state = transforms.admm_state(state.opt_state)
+                rho = {} if admm_state is None else jax.device_get(admm_state.rho)
                 run.writer.write(stage=stage, epoch=epoch, step=step, kind="train", **m, **speed,
-                                 rho={k: float(v) for k, v in state.admm.rho.items()})
+                                 rho={k: float(v) for k, v in rho.items()})
                 logs.log(
                     f"[{stage}] epoch {epoch}/{scfg.epochs} step {step}/{total} "
                     f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m.get('lr', 0):.2e} "
@@ -228,8 +248,8 @@ def run_stage(run: Run, phase: Phase, params, batch_stats, masks):
                              f"{speed['img_per_s']:.0f} img/s (first step, compiling: "
                              f"{progress.compile_s:.1f} s), evaluations not counted")
             if step % spe == 0:  # end of an epoch
-                if admm_update is not None and epoch % scfg.update_every_epochs == 0:
-                    state = admm_step(run, stage, admm_update, state, epoch, step)
+                if phase.kind == "admm" and epoch % scfg.update_every_epochs == 0:
+                    log_admm_update(run, stage, state, epoch, step)
                 if epoch % cfg.eval.every_epochs == 0 or epoch == scfg.epochs:
                     result = phase_evaluation(run, phase, mngr, state, on_levels, evals,
                                               epoch, step, final=epoch == scfg.epochs)
@@ -346,15 +366,16 @@ def accuracy_line(result: dict, label: str | None) -> str:
     return line
 
 
-def admm_step(run: Run, stage: str, admm_update, state, epoch: int, step: int):
-    """The Z- and U-updates at the end of an ADMM interval, with residuals logged."""
-    new_admm, res = admm_update(state.params, state.admm, state.masks)
-    res = {k: float(v) for k, v in jax.device_get(res).items()}
+def log_admm_update(run: Run, stage: str, state, epoch: int, step: int):
+    """Records and logs the Z- and U-update the step that ended an ADMM interval made
+    (inside `admm_phase`'s update): its residuals and the new rho."""
+    found = transforms.find_state(state.opt_state, transforms.AdmmOptState, "admm_phase")
+    res, rho = jax.device_get((found.residuals, found.admm.rho))
+    res = {k: float(v) for k, v in res.items()}
     run.writer.write(stage=stage, epoch=epoch, step=step, kind="admm_update", **res,
-                     rho={k: float(v) for k, v in new_admm.rho.items()})
+                     rho={k: float(v) for k, v in rho.items()})
     worst = max((v for k, v in res.items() if k.startswith("primal")), default=0.0)
     logs.log(f"[{stage}] ADMM update at epoch {epoch}: max ||W-Z||/||W|| = {worst:.4f}")
-    return state.replace(admm=new_admm)
 
 
 def stage_summary(run: Run, phase: Phase, state, result) -> dict:
@@ -397,7 +418,7 @@ def previous_stage_result(run: Run, stage: str, prev: str, like):
     try:
         restored = None
         if mngr.all_steps():
-            restored = checkpoint.restore_latest(mngr, like)
+            restored = checkpoint.restore_latest(mngr, like, older=legacy.layouts(like))
     finally:
         mngr.close()
     if restored is None or not restored[1].get("complete"):

@@ -2,8 +2,10 @@
 
 The `train_step` does, for one batch: take the batch (picked from the split on the
 device by a permutation per epoch derived from the state's key, so the data position is
-just the step; or given, streamed from the host), PGD inner maximisation, the adversarial loss plus the ADMM penalty, gradients,
-gradient masking, the optax update and re-masking of the weights. On GPU and TPU that is
+just the step; or given, streamed from the host), PGD inner maximisation, the adversarial loss, gradients, gradient masking, the optax
+update (which, in an ADMM phase, adds the ADMM penalty's gradient and updates Z and U at
+interval ends: `compression.transforms.admm_phase`; in a retrain phase keeps the sets:
+`retrain_phase`) and re-masking of the weights. On GPU and TPU that is
 one compiled program with the PGD loop as a `lax.fori_loop`; on CPU, where XLA runs
 rolled loop bodies slower, the PGD steps are separate compiled calls dispatched from
 the host without waiting for their results (`runtime.compiler.resolve_pgd_loop`). Both forms are tested
@@ -28,6 +30,7 @@ from jax.sharding import Mesh
 
 from robust_admm import attacks
 from robust_admm.compression import admm as admm_lib
+from robust_admm.compression import transforms
 from robust_admm.data.batching import DATA_KEY_TAG, batch_indices, to_pixels
 from robust_admm.models import apply_model, uses_dropout
 from robust_admm.runtime import parallel
@@ -192,12 +195,16 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                 clean_logits, stats = apply_model(model, params, stats, x, True, clean_key)
             logits, new_stats = apply_model(model, params, stats, x_adv, True, key)
             ce = objective_loss(clean_logits if two_passes else logits, logits, y, weights)
-            pen = admm_lib.penalty(params, state.admm)
-            return ce + pen, (ce, pen, logits, new_stats)
+            return ce, (ce, logits, new_stats)
 
-        grads, (ce, pen, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, (ce, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, state.masks)
         grad_norm = optax.tree.norm(grads)
+        # The ADMM penalty and its gradient belong to `tx` (`transforms.admm_phase`, which
+        # adds rho (W - Z + U) to these gradients); its value is a metric here.
+        admm_state = transforms.admm_state(state.opt_state)
+        pen = (jnp.zeros((), jnp.float32) if admm_state is None
+               else admm_lib.penalty(state.params, admm_state))
         # `tx` is wrapped in optax.apply_if_finite, which drops non-finite updates; the
         # BatchNorm statistics of such a step are dropped here too.
         finite = jnp.isfinite(ce + pen) & jnp.isfinite(grad_norm)
@@ -205,6 +212,8 @@ def make_train_step(model, tx: optax.GradientTransformation, attack: TrainAttack
                                            state.batch_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Exactly on the sets (`transforms.keep_on_sets`: `retrain_phase`'s updates may
+        # leave a far-moving weight an ulp off its level) and the masks kept.
         params = admm_lib.keep_constraints(params, state.masks, constraints, quantize_update)
         metrics = {
             "loss": ce + pen,
