@@ -427,7 +427,7 @@ def test_straight_through_runs_on_the_levels_and_passes_the_gradient_to_the_late
     updates, _ = tx.update(ste_grad, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     assert np.unique(np.abs(np.asarray(new["l3"]["kernel"]))).size > 2
-    with pytest.raises(ValueError, match="holds 0 retrain states"):
+    with pytest.raises(ValueError, match="holds 0 RetrainStates"):
         compression.retrain_masks(optax.sgd(0.1).init(params))
 
 
