@@ -16,8 +16,10 @@ members in order, each on the points still robust, in batches of --batch as the 
 runs them). Prints, and writes to --out, the natural accuracy, the robust accuracy after
 each member, each member's and the whole wall time of every side, one side at a time on
 the same machine. PyTorch, the original code and torchattacks are never dependencies of the
-project. `--sides` picks some of nnx, jnp, original, torchattacks (e.g. `--n 50 --sides
-jnp` for a quick check without torch).
+project. `--sides` picks some of nnx, jnp, original, torchattacks, torchattacks-100 (e.g.
+`--n 50 --sides jnp` for a quick check without torch). torchattacks' AutoAttack runs its
+APGD-CE, APGD-T and FAB-T at 10 iterations (its classes' default), where the original and
+ours run 100: `torchattacks-100` is it at 100, the same work as the others.
 """
 import argparse
 import json
@@ -31,7 +33,11 @@ import time
 import numpy as np
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-SIDES = ("nnx", "jnp", "original", "torchattacks")
+SIDES = ("nnx", "jnp", "original", "torchattacks", "torchattacks-100")
+DEFAULT_SIDES = SIDES[:4]
+# torchattacks' AutoAttack builds APGD-CE, APGD-T and FAB-T at its own default of 10
+# iterations (the original runs 100): "torchattacks-100" is it at the original's 100.
+TORCHATTACKS_STEPS = {"torchattacks": None, "torchattacks-100": 100}
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -65,8 +71,9 @@ def torch_side(npz, data_npz, out_json, eps, threads, seed, batch, sides):
     result = {"logits": logits.numpy().tolist(), "clean": float(clean.mean())}
     if "original" in sides:
         result["original"] = run_original(model, x, y, eps, seed, batch)
-    if "torchattacks" in sides:
-        result["torchattacks"] = run_torchattacks(model, x, y, clean, eps, seed, batch)
+    for side, steps in TORCHATTACKS_STEPS.items():
+        if side in sides:
+            result[side] = run_torchattacks(model, x, y, clean, eps, seed, batch, steps)
     with open(out_json, "w") as f:
         json.dump(result, f)
 
@@ -100,15 +107,19 @@ def run_original(model, x, y, eps, seed, batch):
     return {"after": after, "member_seconds": member_seconds, "seconds": seconds}
 
 
-def run_torchattacks(model, x, y, clean, eps, seed, batch):
+def run_torchattacks(model, x, y, clean, eps, seed, batch, steps=None):
     """torchattacks' AutoAttack(version='standard'): its members in order, each on the
-    points still robust (as its MultiAttack), in batches of `batch` points."""
+    points still robust (as its MultiAttack), in batches of `batch` points; `steps`, if
+    given, the iterations of its APGD-CE, APGD-T and FAB-T (its default: 10)."""
     import torch
     import torchattacks
 
     aa = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
                                  n_classes=10, seed=seed)
     members = aa._autoattack.attacks
+    if steps is not None:
+        for attack in members[:3]:
+            attack.steps = steps
     robust = torch.from_numpy(clean.copy())
     after, member_seconds = {}, {}
     t_all = time.perf_counter()
@@ -122,8 +133,8 @@ def run_torchattacks(model, x, y, clean, eps, seed, batch):
             robust[chunk[fooled]] = False
         member_seconds[name] = time.perf_counter() - t0
         after[name] = float(robust.float().mean())
-        print(f"torchattacks: robust accuracy after {name}: {100 * after[name]:.2f}% "
-              f"({member_seconds[name]:.1f} s)", flush=True)
+        print(f"torchattacks (steps {steps or 'default'}): robust accuracy after {name}: "
+              f"{100 * after[name]:.2f}% ({member_seconds[name]:.1f} s)", flush=True)
     return {"after": after, "member_seconds": member_seconds,
             "seconds": time.perf_counter() - t_all}
 
@@ -205,7 +216,7 @@ def table(results, clean_torch, n, eps, logits_diff, header):
              f"{logits_diff:.2e}"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     for ours in ("nnx", "jnp"):
-        for ref in ("original", "torchattacks"):
+        for ref in SIDES[2:]:
             if ours in results and ref in results:
                 a, b = results[ours], results[ref]
                 per = ", ".join(f"{m} {b['member_seconds'][m] / a['member_seconds'][m]:.2f}x"
@@ -228,7 +239,8 @@ def main():
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (this machine's cores)")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"some of {', '.join(SIDES)}")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help=f"some of {', '.join(SIDES)}")
     p.add_argument("--torch-python", default="")
     p.add_argument("--autoattack", default="", help="folder holding the autoattack package")
     p.add_argument("--out", default="", help="append the report to this file (and JSON to "
@@ -243,7 +255,7 @@ def main():
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         p.error(f"--sides={args.sides!r}: {bad or 'none'}; allowed: {', '.join(SIDES)}")
-    torch_sides = [s for s in sides if s in ("original", "torchattacks")]
+    torch_sides = [s for s in sides if s not in ("nnx", "jnp")]
     if torch_sides and not args.torch_python:
         p.error("--torch-python is needed for the original and torchattacks sides")
     if "original" in torch_sides and not args.autoattack:
