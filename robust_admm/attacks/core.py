@@ -179,7 +179,9 @@ class Attack(abc.ABC):
 
     @abc.abstractmethod
     def init(self, logits_fn: LogitsFn, x, y, key, restart: int = 0, scale=1.0):
-        """The state of run `restart` (a Python int) before the first step."""
+        """The state of run `restart` before the first step: a Python int, or a traced
+        int32 scalar (`HostRunner` compiles one init for every run) that must give the
+        same state."""
 
     @abc.abstractmethod
     def step(self, logits_fn: LogitsFn, state, x, y):
@@ -247,12 +249,20 @@ class HostRunner:
         fn = lambda m: functools.partial(apply, m)
         shard_tree = lambda t: jax.tree_util.tree_map(
             lambda a: shard(a) if a.ndim and a.shape[0] else a, t)
-        self.init_c = jit(lambda m, x, y, key, r, scale: shard_tree(
-            attack.init(fn(m), x, y, key, r, scale)), static_argnums=(4,))
+        init = lambda m, x, y, key, r, scale: shard_tree(attack.init(fn(m), x, y, key, r, scale))
+        # With several runs the run index is traced (one program for every run); a single
+        # run keeps it static, its program as before.
+        self.traced_restart = attack.restarts > 1
+        self.init_c = jit(init) if self.traced_restart else jit(init, static_argnums=(4,))
         self.step_c = jit(lambda m, s, x, y: attack.step(fn(m), s, x, y), donate_argnums=(1,))
         self.finish_c = jit(lambda m, s, x, y: attack.finish(fn(m), s, x, y))
         self.pick_c = jit(lambda m, b, c, y: keep_fooled(fn(m), b, c, y), donate_argnums=(1,))
         self.parts = (self.init_c, self.step_c, self.finish_c, self.pick_c)
+
+    def init(self, model_args, x, y, key, restart: int, scale=1.0):
+        """The compiled init of run `restart` (a Python int)."""
+        r = jnp.asarray(restart, jnp.int32) if self.traced_restart else restart
+        return self.init_c(model_args, x, y, key, r, scale)
 
     def run_from(self, model_args, state, x, y):
         """The steps and the finish of one run, from its initial state."""
@@ -265,6 +275,6 @@ class HostRunner:
             return x
         return best_of_restarts(
             self.attack.restarts,
-            lambda r: self.run_from(model_args, self.init_c(model_args, x, y, key, r, scale),
+            lambda r: self.run_from(model_args, self.init(model_args, x, y, key, r, scale),
                                     x, y),
             lambda b, c: self.pick_c(model_args, b, c, y))

@@ -210,13 +210,18 @@ class FabT(core.Attack):
         eps = jnp.asarray(self.epsilon * scale, x.dtype)
         logits = logits_fn(x)
         x1 = x
-        if restart >= self.n_target_classes:  # a later run of the same target
+        # A later run of the same target starts at random; a traced run index (one
+        # program for every run) picks between the two where such runs exist.
+        static = isinstance(restart, int)
+        if (restart >= self.n_target_classes if static
+                else self.restarts > self.n_target_classes):
             k = jax.random.fold_in(key, restart)
             if self.norm == "linf":
                 u = jax.random.uniform(k, x.shape, x.dtype, -1.0, 1.0)
             else:
                 u = jax.random.normal(k, x.shape, x.dtype)
-            x1 = jnp.clip(x + eps * u / core.per_example(self.size(u), u) * 0.5, 0.0, 1.0)
+            start = jnp.clip(x + eps * u / core.per_example(self.size(u), u) * 0.5, 0.0, 1.0)
+            x1 = start if static else jnp.where(restart >= self.n_target_classes, start, x)
         return {
             "eps": eps,
             "target": target_class(logits, restart, self.n_target_classes),

@@ -109,7 +109,7 @@ class Compacting:
                 break
             # The start is drawn for the whole batch, as the compiled loop draws it, and
             # then cut down to the points still robust.
-            s, xb, yb = self.runner.init_c(m, x_all, y_all, key, r, 1.0), x_all, y_all
+            s, xb, yb = self.runner.init(m, x_all, y_all, key, r, 1.0), x_all, y_all
             idx = np.arange(len(y))
             if len(rows) < len(y):
                 idx = self._padded(rows)
