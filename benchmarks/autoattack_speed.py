@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+from autoattack_vs_reference import STANDARD, torch_lenet  # this folder: the same LeNet
+
 SIDES = ("nnx", "jnp", "original", "torchattacks", "torchattacks-100")
 DEFAULT_SIDES = SIDES[:4]
 # torchattacks' AutoAttack builds APGD-CE, APGD-T and FAB-T at its own default of 10
@@ -45,26 +46,9 @@ TORCHATTACKS_STEPS = {"torchattacks": None, "torchattacks-100": 100}
 def torch_side(npz, data_npz, out_json, eps, threads, seed, batch, sides):
     """Runs in the PyTorch environment: the LeNet from the export, then each torch side."""
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    w = np.load(npz)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    conv = lambda n: (t(w[f"params/{n}/kernel"].transpose(3, 2, 0, 1)), t(w[f"params/{n}/bias"]))
-    dense = lambda n: (t(w[f"params/{n}/kernel"].T), t(w[f"params/{n}/bias"]))
-    (w1, b1), (w2, b2), (w3, b3), (w4, b4) = conv("conv1"), conv("conv2"), dense("fc1"), dense("fc2")
-    pad = w1.shape[-1] // 2  # 'SAME' for the odd kernels of LeNet_adv
-
-    class LeNet(torch.nn.Module):
-        def forward(self, x):  # NCHW; flattened in NHWC order as the flax LeNet
-            h = F.max_pool2d(F.relu(F.conv2d(x, w1, b1, padding=pad)), 2)
-            h = F.max_pool2d(F.relu(F.conv2d(h, w2, b2, padding=pad)), 2)
-            h = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
-            return F.linear(F.relu(F.linear(h, w3, b3)), w4, b4)
-
-    d = np.load(data_npz)
-    x, y = t(d["x"].transpose(0, 3, 1, 2)), t(d["y"]).long()
-    model = LeNet().eval()
+    model, x, y = torch_lenet(npz, data_npz)  # the same net as the reference benchmark's
     with torch.no_grad():
         logits = model(x)
     clean = (logits.argmax(1) == y).numpy()

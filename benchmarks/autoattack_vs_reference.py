@@ -25,13 +25,12 @@ import numpy as np
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def torch_side(npz, data_npz, out_json, eps, threads, seed):
-    """Runs in the PyTorch environment: LeNet from the export, reference AutoAttack."""
+def torch_lenet(npz, data_npz):
+    """In the PyTorch environment: (the LeNet rebuilt from the exported .npz alone, images
+    NCHW, labels) of the saved test images."""
     import torch
     import torch.nn.functional as F
-    from autoattack import AutoAttack
 
-    torch.set_num_threads(threads)
     w = np.load(npz)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     conv = lambda n: (t(w[f"params/{n}/kernel"].transpose(3, 2, 0, 1)), t(w[f"params/{n}/bias"]))
@@ -49,6 +48,16 @@ def torch_side(npz, data_npz, out_json, eps, threads, seed):
     d = np.load(data_npz)
     x, y = t(d["x"].transpose(0, 3, 1, 2)), t(d["y"]).long()
     model = LeNet().eval()
+    return model, x, y
+
+
+def torch_side(npz, data_npz, out_json, eps, threads, seed):
+    """Runs in the PyTorch environment: LeNet from the export, reference AutoAttack."""
+    import torch
+    from autoattack import AutoAttack
+
+    torch.set_num_threads(threads)
+    model, x, y = torch_lenet(npz, data_npz)
     with torch.no_grad():
         logits = model(x).numpy()
     lines = []
@@ -72,7 +81,7 @@ def torch_side(npz, data_npz, out_json, eps, threads, seed):
             after[m.group(1).lower()] = float(m.group(2)) / 100
     with open(out_json, "w") as f:
         json.dump({"after": after, "seconds": seconds, "logits": logits.tolist(),
-                   "clean": float((logits.argmax(1) == d["y"]).mean())}, f)
+                   "clean": float((logits.argmax(1) == y.numpy()).mean())}, f)
 
 
 def main():
