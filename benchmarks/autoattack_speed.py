@@ -16,8 +16,10 @@ members in order, each on the points still robust, in batches of --batch as the 
 runs them). Prints, and writes to --out, the natural accuracy, the robust accuracy after
 each member, each member's and the whole wall time of every side, one side at a time on
 the same machine. PyTorch, the original code and torchattacks are never dependencies of the
-project. `--sides` picks some of nnx, jnp, original, torchattacks, torchattacks-100 (e.g.
-`--n 50 --sides jnp` for a quick check without torch). torchattacks' AutoAttack runs its
+project. `--sides` picks some of nnx, jnp, nnx-own-ops, jnp-own-ops, original,
+torchattacks, torchattacks-100 (e.g. `--n 50 --sides jnp` for a quick check without
+torch); the `-own-ops` sides run ours with `cpu_forms=False` (the model's own convolutions
+and max-pools: the A B of `robust_admm.with_cpu_forms`). torchattacks' AutoAttack runs its
 APGD-CE, APGD-T and FAB-T at 10 iterations (its classes' default), where the original and
 ours run 100: `torchattacks-100` is it at 100, the same work as the others.
 """
@@ -34,8 +36,11 @@ import numpy as np
 
 from autoattack_vs_reference import STANDARD, torch_lenet  # this folder: the same LeNet
 
-SIDES = ("nnx", "jnp", "original", "torchattacks", "torchattacks-100")
-DEFAULT_SIDES = SIDES[:4]
+# Ours on each model form, with the model's convolutions and max-pools in the project's CPU
+# forms (robust_admm.with_cpu_forms, the default) and, "-own-ops", with the model's own ops.
+OURS = ("nnx", "jnp", "nnx-own-ops", "jnp-own-ops")
+SIDES = (*OURS, "original", "torchattacks", "torchattacks-100")
+DEFAULT_SIDES = ("nnx", "jnp", "original", "torchattacks")
 # torchattacks' AutoAttack builds APGD-CE, APGD-T and FAB-T at its own default of 10
 # iterations (the original runs 100): "torchattacks-100" is it at the original's 100.
 TORCHATTACKS_STEPS = {"torchattacks": None, "torchattacks-100": 100}
@@ -176,8 +181,9 @@ def run_ours(form, net, logits, params, x, y, eps, batch, seed):
 
     import robust_admm
 
-    fn = net if form == "nnx" else functools.partial(logits, params)
-    r = robust_admm.autoattack(fn, x, y, epsilon=eps, batch_size=batch, key=seed)
+    fn = net if form.startswith("nnx") else functools.partial(logits, params)
+    r = robust_admm.autoattack(fn, x, y, epsilon=eps, batch_size=batch, key=seed,
+                               cpu_forms=not form.endswith("-own-ops"))
     print(f"ours ({form}):\n{r}", flush=True)
     return {"after": r.accuracy_after, "member_seconds": r.member_seconds,
             "seconds": r.seconds, "clean": r.clean_accuracy}
@@ -199,8 +205,17 @@ def table(results, clean_torch, n, eps, logits_diff, header):
     lines = [header, f"first {n} MNIST test images, L-inf eps {eps}; logits max |jax - torch| "
              f"{logits_diff:.2e}"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    for ours in ("nnx", "jnp"):
-        for ref in SIDES[2:]:
+    for form in ("nnx", "jnp"):
+        own = form + "-own-ops"
+        if form in results and own in results:
+            a, b = results[form], results[own]
+            per = ", ".join(f"{m} {b['member_seconds'][m] / a['member_seconds'][m]:.2f}x"
+                            for m in STANDARD)
+            lines.append(f"ours ({own}) / ours ({form}): {b['seconds'] / a['seconds']:.2f}x "
+                         f"in all ({per}); robust accuracy {100 * a['after']['square']:.2f}% "
+                         f"and {100 * b['after']['square']:.2f}%")
+    for ours in OURS:
+        for ref in SIDES[len(OURS):]:
             if ours in results and ref in results:
                 a, b = results[ours], results[ref]
                 per = ", ".join(f"{m} {b['member_seconds'][m] / a['member_seconds'][m]:.2f}x"
@@ -239,7 +254,7 @@ def main():
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         p.error(f"--sides={args.sides!r}: {bad or 'none'}; allowed: {', '.join(SIDES)}")
-    torch_sides = [s for s in sides if s not in ("nnx", "jnp")]
+    torch_sides = [s for s in sides if s not in OURS]
     if torch_sides and not args.torch_python:
         p.error("--torch-python is needed for the original and torchattacks sides")
     if "original" in torch_sides and not args.autoattack:
@@ -266,7 +281,7 @@ def main():
     jnp_logits = np.asarray(logits(params, x))
     nnx_diff = float(np.abs(np.asarray(net(x)) - jnp_logits).max())
     results = {}
-    for form in ("nnx", "jnp"):
+    for form in OURS:
         if form in sides:
             results[form] = run_ours(form, net, logits, params, x, y, args.epsilon, args.batch,
                                      args.seed)

@@ -15,6 +15,7 @@ _PUBLIC = {
     "AutoAttackResult": "robust_admm.evaluation.autoattack_api:AutoAttackResult",
     "attack": "robust_admm.evaluation.autoattack_api:attack",
     "AttackOutput": "robust_admm.evaluation.autoattack_api:AttackOutput",
+    "with_cpu_forms": "robust_admm.models.cpu_forms:with_cpu_forms",
     # ADMM compression of any params pytree (compression/transforms.py)
     "compression": "robust_admm.compression",
     "Rule": "robust_admm.compression:Rule",

@@ -5,11 +5,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robust_admm import data
 from robust_admm.attacks import ApgdCe, ApgdT, FabT, Pgd, Square, suite
 from robust_admm.evaluation import masking
-from robust_admm.evaluation.robustness import Evaluator
+from robust_admm.evaluation.robustness import TAIL_GRANULE, Evaluator, LogitsEvaluator
 from robust_admm.evaluation.robustness import make_fooled_fn
 from robust_admm.evaluation.robustness import robust_accuracy
 from robust_admm.models import get_model
@@ -120,3 +122,21 @@ def test_masking_warnings_name_the_numbers():
 def test_attack_lists_are_checked(spec, match):
     with pytest.raises(ValueError, match=match):
         suite.parse(spec)
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 5000), batch=st.integers(1, 600), devices=st.sampled_from([1, 2, 8]))
+def test_the_points_are_shared_evenly_over_as_few_batches_as_the_batch_allows(count, batch,
+                                                                               devices):
+    """`batches_for`: ceil(count / batch) batches of one size, at most `batch`, a multiple
+    of the device count, less than a granule (TAIL_GRANULE and the device count's least
+    common multiple) above the even share."""
+    batch = -(-batch // devices) * devices  # the evaluator refuses other batches on a mesh
+    ev = LogitsEvaluator(None, None, batch)
+    ev.mesh = type("Mesh", (), {"size": devices})()  # only its size is read
+    number, size = ev.batches_for(count)
+    assert number == -(-count // batch)
+    assert number * size >= count and (number - 1) * size < count
+    assert size <= batch and size % devices == 0
+    share = -(-count // number)
+    assert 0 <= size - share < np.lcm(TAIL_GRANULE, devices)

@@ -3,8 +3,9 @@
 A point is robust under an ensemble if the model classifies it correctly and no member
 attack fools it: the members run in order, each only on the points still robust, and a
 point's worst case is kept. A single attack runs on every correctly classified point.
-Batches are fixed-size (the last one padded) and split along the mesh's `data` axis, so
-each attack compiles once and runs on one device or many. `LogitsEvaluator` attacks any
+A pass's batches are all of one size (the points shared evenly, the last batch padded)
+and split along the mesh's `data` axis, so each attack compiles once per pass and runs on
+one device or many. `LogitsEvaluator` attacks any
 `apply(model_args, x) -> logits` (the public `autoattack` builds one from a user's
 function); `Evaluator` is it on a model of the zoo.
 """
@@ -24,6 +25,9 @@ from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES, EvaluationInter
 from robust_admm.models import apply_model
 from robust_admm.runtime import logs, parallel
 from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
+
+
+TAIL_GRANULE = 16  # a pass's batches are padded to a multiple of this
 
 
 def model_apply(model) -> Callable:
@@ -172,21 +176,31 @@ class LogitsEvaluator:
     def batch_for(self, count: int) -> int:
         """The batch for `count` points: `batch`, or for fewer points the next power of two
         (a multiple of the device count), so few points left cost little and the attacks
-        compile for a handful of shapes only."""
+        compile for a handful of shapes only (the buckets a regrouped batch takes)."""
         if count >= self.batch:
             return self.batch
         devices = 1 if self.mesh is None else self.mesh.size
         b = 1 << max(0, int(count - 1).bit_length())
         return min(self.batch, -(-max(b, devices) // devices) * devices)
 
+    def batches_for(self, count: int) -> tuple[int, int]:
+        """(number, size) of the batches `count` points are attacked in: as few as `batch`
+        allows, all of one size (one compiled shape per pass), that size the points' even
+        share rounded up to a multiple of TAIL_GRANULE (and of the device count) or to
+        `batch_for`'s power of two, whichever is smaller. So padding wastes at most a
+        granule per batch: 939 points with batch 500 are 2 batches of 480, not 2 of 500."""
+        number = -(-count // self.batch)
+        share = -(-count // number)
+        unit = int(np.lcm(TAIL_GRANULE, 1 if self.mesh is None else self.mesh.size))
+        return number, min(self.batch_for(share), -(-share // unit) * unit)
+
     def _batches(self, idx: np.ndarray):
-        """Index batches of `batch_for(len(idx))` entries (the last padded with idx[0]) and
-        the number of real entries in each."""
-        size = self.batch_for(len(idx))
+        """Index batches (`batches_for(len(idx))`, the last padded with idx[0]) and the
+        number of real entries in each."""
+        number, size = self.batches_for(len(idx))
         for start in range(0, len(idx), size):
             part = idx[start:start + size]
-            pad = size - len(part)
-            yield np.concatenate([part, np.full(pad, idx[0], idx.dtype)]), len(part)
+            yield np.concatenate([part, np.full(size - len(part), idx[0], idx.dtype)]), len(part)
 
     def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Natural correctness of every point."""
@@ -234,21 +248,20 @@ class LogitsEvaluator:
         if len(idx) == 0 or attack.is_identity:
             return fooled
         fn = self.fooled_fn(attack)
-        size = self.batch_for(len(idx))
-        t0, n_batches = time.perf_counter(), -(-len(idx) // size)
+        t0, (n_batches, _), done = time.perf_counter(), self.batches_for(len(idx)), 0
         for i, (b, n) in enumerate(self._batches(idx)):
+            start, done = done, done + n
             kept = None if self.journal is None else self.journal.get(label, i, attack, key,
                                                                       x, y, b[:n])
             if kept is not None:
-                fooled[i * size:i * size + n] = kept
+                fooled[start:done] = kept
                 continue
             if self.journal is not None and self.journal.stop():
                 raise EvaluationInterrupted(self.journal.computed)
             f = fn(self.model_args, x[b], y[b], jax.random.fold_in(key, i))
-            fooled[i * size:i * size + n] = f[:n]
+            fooled[start:done] = f[:n]
             if self.journal is not None:
                 self.journal.put(label, i, attack, key, x, y, b[:n], f[:n])
-            done = min((i + 1) * size, len(idx))
             elapsed = time.perf_counter() - t0
             left = len(idx) - int(fooled.sum())
             self.log(f"[eval] {label}: batch {i + 1}/{n_batches}, {left} points still robust "
