@@ -13,6 +13,32 @@ VERBS = {
 }
 
 
+# absl's help flags: each prints the usage and exits with 1, where a command's help should
+# exit with 0 (`run_app`).
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def asks_help(argv) -> bool:
+    """Whether `argv` (argv[0] the program) holds a help flag before any `--`."""
+    args = list(argv[1:])
+    args = args[:args.index("--")] if "--" in args else args
+    return any(a in HELP_FLAGS or a.split("=")[0] in HELP_FLAGS for a in args)
+
+
+def run_app(main, argv=None) -> None:
+    """`absl.app.run(main, argv=argv)` (None: sys.argv), except that a help request exits
+    with 0."""
+    from absl import app
+
+    argv = sys.argv if argv is None else argv
+    try:
+        app.run(main, argv=argv)
+    except SystemExit as e:
+        if e.code == 1 and asks_help(argv):  # absl exits while parsing, before main
+            raise SystemExit(0) from None
+        raise
+
+
 def usage() -> str:
     width = max(map(len, VERBS))
     return ("usage: robust-admm VERB [flags]   (robust-admm VERB --help for a verb's flags)\n"

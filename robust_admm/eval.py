@@ -12,6 +12,7 @@ within one batch's attack and exits with status 143; the same command, rerun, re
 """
 from absl import app, flags, logging
 
+from robust_admm import cli
 from robust_admm.attacks import suite
 from robust_admm.experiments.config_base import STAGES
 from robust_admm.experiments.evaluate import DEFAULT_ATTACKS, evaluate_workdir
@@ -66,7 +67,7 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    cli.run_app(main, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ files and format in experiments/export.py.
 """
 from absl import app, flags, logging
 
+from robust_admm import cli
 from robust_admm.experiments.config_base import STAGES
 from robust_admm.experiments.export import output_paths, write_export
 from robust_admm.runtime import logs
@@ -57,7 +58,7 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    cli.run_app(main, argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ study or of one run, DIR/report.md with a results table and PNG plots
 (experiments/report.py), and prints its path."""
 from absl import app
 
+from robust_admm import cli
 from robust_admm.experiments.report import write_report
 from robust_admm.runtime import logs
 
@@ -20,7 +21,7 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    cli.run_app(main, argv)
 
 
 if __name__ == "__main__":

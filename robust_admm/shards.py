@@ -6,6 +6,7 @@ image's header checked on the way (data/shards.py).
 """
 from absl import app, flags, logging
 
+from robust_admm import cli
 from robust_admm.data.folder import list_image_folder
 from robust_admm.data.shards import write_shards
 from robust_admm.runtime import logs
@@ -39,7 +40,7 @@ def main(argv):
 
 def run(argv=None):
     define_flags()
-    app.run(main, argv=argv)
+    cli.run_app(main, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from robust_admm import cli
 from robust_admm.experiments import config_files
 from robust_admm.experiments.run import train_and_evaluate
 from robust_admm.runtime import checkpoint, claims, host_memory, logs, parallel
@@ -52,7 +53,7 @@ def main(argv):
 def run(argv=None):
     define_flags()
     # `--config configs/...` finds the package's own configs from any directory.
-    app.run(main, argv=config_files.resolve_argv(sys.argv if argv is None else argv))
+    cli.run_app(main, config_files.resolve_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,17 @@ def test_no_verb_prints_the_usage_and_fails(capsys):
 def test_a_verb_runs_its_entry_point_with_its_flags_and_help(verb, flag):
     r = subprocess.run([sys.executable, "-m", "robust_admm", verb, "--helpshort"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1, r.stderr  # absl's help exits 1
+    assert r.returncode == 0, r.stderr
     assert f"`python -m robust_admm.{verb}`" in r.stdout  # the verb's own docstring
     assert flag in r.stdout
+
+
+@pytest.mark.parametrize("argv, asks", [
+    (["p", "--help"], True), (["p", "-h"], True), (["p", "--helpfull"], True),
+    (["p", "--helpshort=true"], True), (["p", "--workdir", "x"], False),
+    (["p", "--", "--help"], False), (["p", "--workdir=--help-me"], False)])
+def test_a_help_request_is_told_from_other_arguments(argv, asks):
+    assert cli.asks_help(argv) is asks
 
 
 def test_the_report_verb_names_a_folder_that_holds_nothing(tmp_path):

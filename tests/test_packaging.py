@@ -187,8 +187,8 @@ def test_a_built_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
                    cwd=away, env=env)
     assert str(venv) in printed and robust_admm.__version__ in printed
     assert "usage: robust-admm VERB" in _run([str(script), "--help"], cwd=away, env=env)
-    for verb in cli.VERBS:  # absl's --help exits with 1
-        shown = _run([str(script), verb, "--help"], cwd=away, env=env, codes=(0, 1))
+    for verb in cli.VERBS:
+        shown = _run([str(script), verb, "--help"], cwd=away, env=env)
         assert f"robust-admm {verb}" in shown and "--helpfull" in shown, verb
     _run([str(script), "train", "--config", "configs/digits.py:smoke", "--workdir", "run"],
          cwd=away, env=env)
