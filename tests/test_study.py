@@ -313,3 +313,23 @@ def test_a_study_file_of_an_older_release_is_read_with_the_fields_added_since(tm
     s.cells.w2.train.pretrain.epochs += 1
     with pytest.raises(ValueError, match="cells.w2.train.pretrain.epochs"):
         study.check_study_file(workdir, s, allow_change=False)
+
+
+@pytest.mark.parametrize("theirs, refused", [('{"features": [8, 16]}', False),
+                                             ('{ "features" : [8,16] }', False),
+                                             ('{"features": [8, 32]}', True), ("", True)])
+def test_an_inherited_users_model_must_be_built_with_the_sources_kwargs(tmp_path, theirs,
+                                                                         refused):
+    """model.kwargs are part of the architecture: other constructor arguments are refused
+    naming the field; the same arguments spelled otherwise are not (the run goes on to
+    read the source's phases, which this source lacks)."""
+    source = base_config()
+    source.model.name, source.model.kwargs = "my_pkg.nets:Net", '{"features": [8, 16]}'
+    os.makedirs(tmp_path / "source")
+    workdir_lib.write_config(str(tmp_path / "source"), source)
+    config = base_config()
+    config.model.name, config.model.kwargs = "my_pkg.nets:Net", theirs
+    config.init.inherit_from = str(tmp_path / "source")
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        inherit.inherited(config, None, None, None)
+    assert ("model.kwargs" in str(e.value)) is refused, e.value

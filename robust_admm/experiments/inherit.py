@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_admm.experiments import workdir as workdir_lib
+from robust_admm.models.external import parse_kwargs
 from robust_admm.runtime import logs
 from robust_admm.training.initialization import initial_variables
 
@@ -23,18 +24,24 @@ def inherited(config, model, input_shape, params_like):
     differs between the two runs."""
     source = config.init.inherit_from
     src = workdir_lib.read_config(source)
-    for section, name in (("data", "name"), ("model", "name"), ("model", "width")):
+    for section, name in (("data", "name"), ("model", "name"), ("model", "width"),
+                          ("model", "kwargs")):
         a, b, field = src[section][name], config[section][name], f"{section}.{name}"
-        if a != b:
+        # A user's model's constructor arguments are compared as the objects they parse
+        # to, so that only the JSON's spelling may differ.
+        same = parse_kwargs(a) == parse_kwargs(b) if name == "kwargs" else a == b
+        if not same:
             raise ValueError(f"init.inherit_from={source!r} ran {field}={a!r}, this run "
                              f"{field}={b!r}: an inherited model keeps the source's "
                              f"architecture; set {field}={a!r}")
     stage = workdir_lib.finished_stage(source, config.init.inherit_stage or None, src)
     state = workdir_lib.load_final_state(source, stage)
     masks = jax.tree_util.tree_map(lambda m: np.asarray(m, bool), state["masks"])
-    if jax.tree_util.tree_structure(masks) != jax.tree_util.tree_structure(params_like):
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), tree)
+    if (jax.tree_util.tree_structure(masks) != jax.tree_util.tree_structure(params_like)
+            or shapes(masks) != shapes(params_like)):
         raise ValueError(f"init.inherit_from={source!r}: its stage {stage!r} holds parameters "
-                         f"of another structure than this run's model")
+                         f"of another structure or shape than this run's model")
     if config.init.inherit == "initial":
         weights, batch_stats = initial_variables(src, model, input_shape)
     else:
