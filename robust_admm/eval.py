@@ -16,7 +16,7 @@ from robust_admm import cli
 from robust_admm.attacks import suite
 from robust_admm.experiments.config_base import STAGES
 from robust_admm.experiments.evaluate import DEFAULT_ATTACKS, evaluate_workdir
-from robust_admm.runtime import logs, parallel
+from robust_admm.runtime import claims, logs, parallel
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +62,7 @@ def main(argv):
     parallel.initialize_distributed()
     logs.exit_on_error(evaluate_workdir, f.workdir, f.stage or None, f.attacks, f.epsilon,
                        f.epsilons, f.n, f.batch, f.seed, f.data_dir, f.checks, f.export,
-                       f.loop, f.norm)
+                       f.loop, f.norm, errors=(claims.HeldError,))
 
 
 def run(argv=None):

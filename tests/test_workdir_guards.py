@@ -86,6 +86,44 @@ def test_a_second_process_on_a_held_workdir_is_refused_at_once_naming_the_holder
     assert ran == [os.getpid()]
 
 
+EVAL_HOLDER = """import sys
+from robust_admm.experiments import workdir
+with workdir.hold_eval(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_evaluation_of_a_stage_is_refused_naming_the_first(tmp_path, capsys):
+    """Two evaluations of one stage would write the same journal and result: the second is
+    refused at once naming the first (host:pid); another stage is not blocked, and once
+    the first is gone the evaluation runs."""
+    from configs import digits as digits_config
+    from robust_admm.experiments import evaluate
+    config = digits_config.get_config("smoke")
+    config.setting, config.stages, config.pretrain.epochs = "natural", "pretrain", 1
+    config.eval.num_steps = 0
+    workdir = str(tmp_path / "w")
+    run_lib.train_and_evaluate(config, workdir)
+    holder = subprocess.Popen([sys.executable, "-c", EVAL_HOLDER, workdir, "pretrain"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        who = f"{socket.gethostname()}:{holder.pid}"
+        with pytest.raises(claims.HeldError, match=rf"the evaluation of stage 'pretrain' in "
+                                                   rf"\S+ is held by {who} \(since "):
+            evaluate.evaluate_workdir(workdir, attacks="fgsm", n=8, checks=False)
+        assert not os.path.exists(workdir_lib.eval_path(workdir, "pretrain"))
+        with workdir_lib.hold_eval(workdir, "admm"):  # another stage's lock is free
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    out = evaluate.evaluate_workdir(workdir, attacks="fgsm", n=8, checks=False)
+    assert os.path.exists(workdir_lib.eval_path(workdir, "pretrain")) and out["n"] == 8
+
+
 # ----------------------------------------------------------------------------- data changed
 
 class Stop(Exception):

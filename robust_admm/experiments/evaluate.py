@@ -225,68 +225,71 @@ def evaluate_workdir(workdir: str, stage: str | None = None, attacks: str = "",
     parts, at_eps_1, curve = [], None, None
     curve_parts = [[] for e in curve_eps if e > 0]
     os.makedirs(workdir_lib.eval_dir(workdir), exist_ok=True)
-    partial = workdir_lib.eval_partial_path(workdir, stage)
-    identity = dict(stage=stage, model=params_checksum((state["params"],
-                                                        state.get("batch_stats") or {})),
-                    attacks=attacks, epsilon=eps, epsilons=curve_eps, n=count, batch=batch,
-                    seed=seed, norm=norm, data_dir=data_dir, checks=checks,
-                    loop=loop or config.attack.loop, devices=mesh.size)
-    with sigterm_flag() as preempted:
-        ev.journal = BatchJournal(partial, identity, stop=lambda: bool(preempted))
-        try:
-            for i, (x, y) in enumerate(test.chunks()):
-                # One chunk (a split kept in memory) draws with `key` itself.
-                chunk_key = key if i == 0 else jax.random.fold_in(key, i)
-                correct = ev.correct(x, y)
-                ev.journal.scope = f"chunk {i}, epsilon {eps!r}"
-                parts.append(robust_accuracy(ev, x, y, items, eps, chunk_key, correct=correct,
-                                             **kw))
-                if checks and i == 0:
-                    sub = slice(0, min(count, batch))
-                    # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
-                    ev.journal.scope = "check at L-inf epsilon 1"
-                    at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0,
-                                               key, **dict(kw, correct=correct[sub],
-                                                           pgd_step_ratio=None, norm="linf"))
-                for e, part in zip([e for e in curve_eps if e > 0], curve_parts):
-                    ev.journal.scope = f"chunk {i}, curve epsilon {e!r}"
-                    part.append(robust_accuracy(ev, x, y, items, e, chunk_key,
-                                                correct=correct, **kw))
-        except EvaluationInterrupted:
-            j = ev.journal
-            logs.log(f"[eval] SIGTERM: {len(j.batches)} attack batches saved in {partial} "
-                     f"({j.computed} computed in this run, {j.reused} reused); rerun the "
-                     f"same command to resume")
-            raise Preempted(PREEMPTED_EXIT_CODE) from None
-    result = merge_results(parts)
-    specs = finished_phase_specs(config, stage, state["params"], test.num_classes,
-                                 test.input_shape)
-    out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
-           **model_sizes(state["params"], state.get("masks"), specs)}
-    if at_eps_1 is not None:
-        out["check_eps_1"] = at_eps_1
-    if curve_eps:
-        curve = [{"epsilon": 0.0, "attacks": {label: {"robust_acc": result["natural_acc"]}
-                                              for label, _ in items}}]
-        curve += [merge_results(part) for part in curve_parts]
-        base = workdir_lib.epsilon_curve_base(workdir, stage)
-        logs.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
-        if logs.is_main_process():
-            plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images",
-                       norm)
-        out["epsilon_curve"] = base + ".json"
-    out["warnings"] = masking_warnings(result, at_eps_1, curve)
-    out["wall_time_s"] = time.time() - t0
-    if export:
-        from robust_admm.experiments import export as export_lib
-        out["export"] = export_lib.export_state(
-            config.to_dict(), state, export, source={"workdir": os.path.abspath(workdir),
-                                                     "stage": stage}, specs=specs)
-    result_path = workdir_lib.eval_path(workdir, stage)
-    logs.write_json(result_path, out)
-    ev.journal.finish()
-    logs.log(table(result))
-    for w in out["warnings"]:
-        logs.log(f"WARNING: {w}")
-    logs.log(f"[eval] done in {logs.fmt_duration(out['wall_time_s'])}; {result_path}")
-    return out
+    # One evaluation of a stage at a time: a second would write the same journal and
+    # result files (each process of a multi-process evaluation holds its own lock).
+    with workdir_lib.hold_eval(workdir, stage, jax.process_index()):
+        partial = workdir_lib.eval_partial_path(workdir, stage)
+        identity = dict(stage=stage, model=params_checksum((state["params"],
+                                                            state.get("batch_stats") or {})),
+                        attacks=attacks, epsilon=eps, epsilons=curve_eps, n=count, batch=batch,
+                        seed=seed, norm=norm, data_dir=data_dir, checks=checks,
+                        loop=loop or config.attack.loop, devices=mesh.size)
+        with sigterm_flag() as preempted:
+            ev.journal = BatchJournal(partial, identity, stop=lambda: bool(preempted))
+            try:
+                for i, (x, y) in enumerate(test.chunks()):
+                    # One chunk (a split kept in memory) draws with `key` itself.
+                    chunk_key = key if i == 0 else jax.random.fold_in(key, i)
+                    correct = ev.correct(x, y)
+                    ev.journal.scope = f"chunk {i}, epsilon {eps!r}"
+                    parts.append(robust_accuracy(ev, x, y, items, eps, chunk_key, correct=correct,
+                                                 **kw))
+                    if checks and i == 0:
+                        sub = slice(0, min(count, batch))
+                        # L-inf whatever the norm: at L-inf radius 1 every image is reachable.
+                        ev.journal.scope = "check at L-inf epsilon 1"
+                        at_eps_1 = robust_accuracy(ev, x[sub], y[sub], suite.parse("pgd20"), 1.0,
+                                                   key, **dict(kw, correct=correct[sub],
+                                                               pgd_step_ratio=None, norm="linf"))
+                    for e, part in zip([e for e in curve_eps if e > 0], curve_parts):
+                        ev.journal.scope = f"chunk {i}, curve epsilon {e!r}"
+                        part.append(robust_accuracy(ev, x, y, items, e, chunk_key,
+                                                    correct=correct, **kw))
+            except EvaluationInterrupted:
+                j = ev.journal
+                logs.log(f"[eval] SIGTERM: {len(j.batches)} attack batches saved in {partial} "
+                         f"({j.computed} computed in this run, {j.reused} reused); rerun the "
+                         f"same command to resume")
+                raise Preempted(PREEMPTED_EXIT_CODE) from None
+        result = merge_results(parts)
+        specs = finished_phase_specs(config, stage, state["params"], test.num_classes,
+                                     test.input_shape)
+        out = {"workdir": os.path.abspath(workdir), "stage": stage, **result,
+               **model_sizes(state["params"], state.get("masks"), specs)}
+        if at_eps_1 is not None:
+            out["check_eps_1"] = at_eps_1
+        if curve_eps:
+            curve = [{"epsilon": 0.0, "attacks": {label: {"robust_acc": result["natural_acc"]}
+                                                  for label, _ in items}}]
+            curve += [merge_results(part) for part in curve_parts]
+            base = workdir_lib.epsilon_curve_base(workdir, stage)
+            logs.write_json(base + ".json", {"stage": stage, "n": count, "curve": curve})
+            if logs.is_main_process():
+                plot_curve(curve, base + ".png", f"{config.model.name}, {stage}, {count} images",
+                           norm)
+            out["epsilon_curve"] = base + ".json"
+        out["warnings"] = masking_warnings(result, at_eps_1, curve)
+        out["wall_time_s"] = time.time() - t0
+        if export:
+            from robust_admm.experiments import export as export_lib
+            out["export"] = export_lib.export_state(
+                config.to_dict(), state, export, source={"workdir": os.path.abspath(workdir),
+                                                         "stage": stage}, specs=specs)
+        result_path = workdir_lib.eval_path(workdir, stage)
+        logs.write_json(result_path, out)
+        ev.journal.finish()
+        logs.log(table(result))
+        for w in out["warnings"]:
+            logs.log(f"WARNING: {w}")
+        logs.log(f"[eval] done in {logs.fmt_duration(out['wall_time_s'])}; {result_path}")
+        return out

@@ -113,6 +113,17 @@ def hold_run(workdir: str, process: int = 0):
         yield
 
 
+@contextlib.contextmanager
+def hold_eval(workdir: str, stage: str, process: int = 0):
+    """Holds the evaluation of `stage` in `workdir` (lock `eval/<stage>.lock`, process i > 0
+    of a multi-process evaluation `eval/<stage>.<i>.lock`); `claims.HeldError`, naming the
+    holder, if another live process is evaluating that stage."""
+    name = f"{stage}.lock" if process == 0 else f"{stage}.{process}.lock"
+    with claims.hold(eval_dir(workdir), f"the evaluation of stage {stage!r} in",
+                     name, warn=logs.log):
+        yield
+
+
 def holds_run(workdir: str) -> bool:
     return os.path.exists(summary_path(workdir))
 
