@@ -173,3 +173,13 @@ def test_the_api_on_a_users_model_with_and_without_the_rewrite():
     with pytest.raises(TypeError, match="cpu_forms='yes'; allowed: True or False"):
         robust_admm.attack("fgsm", net, x, y, epsilon=0.1, cpu_forms="yes")
 
+
+
+def test_off_the_cpu_the_function_is_left_as_it_is(monkeypatch):
+    """The forms are tuned for XLA:CPU: under another default backend nothing is
+    rewritten (the trace is the function's own)."""
+    x = jnp.ones((2, 4, 4, 3))
+    f = lambda v: nnx.max_pool(v, (2, 2), (2, 2))
+    assert "reduce_window_max" not in primitives(with_cpu_forms(f), x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "reduce_window_max" in primitives(with_cpu_forms(f), x)

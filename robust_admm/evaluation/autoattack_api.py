@@ -314,8 +314,8 @@ def autoattack(logits_fn: Callable, images, labels, *, epsilon: float, norm: str
     cpu_forms: compute the model's convolutions and tiling max-pools in the forms the
       zoo's layers use on CPU (`robust_admm.models.cpu_forms`: 1.6-3x faster passes
       on small models; the max-pools exact, the convolutions up to float rounding).
-      No effect on the zoo's models, whose layers choose these forms themselves; on GPU
-      and TPU the convolutions keep their primitive. False runs the model's own ops.
+      No effect on the zoo's models, whose layers choose these forms themselves, nor on
+      GPU and TPU. False runs the model's own ops.
 
     On a model of the zoo, with the same images, epsilon and key, the result is the eval
     command's (`robust_admm eval --attacks=aa-standard`) bit for bit."""

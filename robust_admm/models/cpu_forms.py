@@ -41,12 +41,13 @@ SMALL_WINDOW = 16  # most entries per output a max is rewritten for
 def with_cpu_forms(fn):
     """`fn` (any function of pytrees of arrays) with its convolutions and small max-pools
     computed in the project's CPU forms (see the module docstring); equal to `fn` up to
-    the rounding of the convolutions' sums. Where JAX's default backend is not the CPU the
-    convolutions keep their primitive (`choose_form` is 'native' there) but the max-pools
-    are still rewritten."""
+    the rounding of the convolutions' sums. Where JAX's default backend is not the CPU it
+    is `fn` itself: these forms are tuned for XLA:CPU only."""
 
     @functools.wraps(fn)
     def rewritten(*args):
+        if jax.default_backend() != "cpu":
+            return fn(*args)
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         outs = _evaluate(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
