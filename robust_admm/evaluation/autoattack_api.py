@@ -234,7 +234,7 @@ def _prepare(logits_fn, images, labels, epsilon, norm, batch_size, key, bounds, 
     ev = robustness.LogitsEvaluator(apply, arrays, batch_size, mesh,
                                     log=logs.log if verbose else lambda msg: None,
                                     batch_field="batch_size")
-    num_classes = _check_logits(apply, arrays, x, ev.batch_for(len(x)))
+    num_classes = _check_logits(apply, arrays, x, ev.batches_for(len(x))[1])
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels hold values in [{y.min()}, {y.max()}]; allowed: "
                          f"[0, {num_classes}) for the {num_classes} classes of the logits")

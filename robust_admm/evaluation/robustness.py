@@ -197,7 +197,7 @@ class LogitsEvaluator:
     def _batches(self, idx: np.ndarray):
         """Index batches (`batches_for(len(idx))`, the last padded with idx[0]) and the
         number of real entries in each."""
-        number, size = self.batches_for(len(idx))
+        size = self.batches_for(len(idx))[1]
         for start in range(0, len(idx), size):
             part = idx[start:start + size]
             yield np.concatenate([part, np.full(size - len(part), idx[0], idx.dtype)]), len(part)

@@ -2,10 +2,11 @@
 `<step>` checkpoints (where that folder is, is the workdir's business:
 `experiments/workdir.py`), each holding the whole `TrainState` (params, BatchNorm
 statistics, optimizer state with ADMM's inside it, masks, key, step; the data position is
-the step) plus JSON metadata; an earlier release's layout is read through a `Layout`. The last checkpoint of a finished stage carries `complete: true` and
-the stage's evaluation; it is what the next stage starts from. A write that fails (a full
-or read-only disk) raises `CheckpointWriteError`, naming the step and its path; the
-checkpoint before it stays the newest readable one, and a rerun resumes from it."""
+the step) plus JSON metadata; an earlier release's layout is read through a `Layout`. The
+last checkpoint of a finished stage carries `complete: true` and the stage's evaluation;
+it is what the next stage starts from. A write that fails (a full or read-only disk)
+raises `CheckpointWriteError`, naming the step and its path; the checkpoint before it
+stays the newest readable one, and a rerun resumes from it."""
 import os
 import time
 from collections.abc import Callable, Sequence

@@ -2,14 +2,15 @@
 
 The `train_step` does, for one batch: take the batch (picked from the split on the
 device by a permutation per epoch derived from the state's key, so the data position is
-just the step; or given, streamed from the host), PGD inner maximisation, the adversarial loss, gradients, gradient masking, the optax
-update (which, in an ADMM phase, adds the ADMM penalty's gradient and updates Z and U at
-interval ends: `compression.transforms.admm_phase`; in a retrain phase keeps the sets:
-`retrain_phase`) and re-masking of the weights. On GPU and TPU that is
-one compiled program with the PGD loop as a `lax.fori_loop`; on CPU, where XLA runs
-rolled loop bodies slower, the PGD steps are separate compiled calls dispatched from
-the host without waiting for their results (`runtime.compiler.resolve_pgd_loop`). Both forms are tested
-to give the same results.
+just the step; or given, streamed from the host), PGD inner maximisation, the
+adversarial loss, gradients, gradient masking, the optax update (which, in an ADMM phase,
+adds the ADMM penalty's gradient and updates Z and U at interval ends:
+`compression.transforms.admm_phase`; in a retrain phase keeps the sets: `retrain_phase`)
+and re-masking of the weights. On GPU and TPU that is one compiled program with the PGD
+loop as a `lax.fori_loop`; on CPU, where XLA runs rolled loop bodies slower, the PGD
+steps are separate compiled calls dispatched from the host without waiting for their
+results (`runtime.compiler.resolve_pgd_loop`). Both forms are tested to give the same
+results.
 
 BatchNorm during the attack: the attack's forward passes use the batch statistics of the
 perturbed batch without updating the running averages; only the training forward pass
