@@ -179,6 +179,33 @@ def test_projection_linf_matches_a_linear_program_and_a_float64_rederivation():
     assert kinds == {"near", "capped", "far"}
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dim=st.integers(2, 64),
+       depth=st.floats(0.05, 0.98), zeros=st.floats(0.0, 0.5))
+def test_projection_linf_solves_deep_in_the_box_like_a_float64_rederivation(seed, dim, depth,
+                                                                            zeros):
+    """Hyperplanes whose projection caps a `depth` share of the reach (up to nearly all
+    of it: many pieces before the root, so several Newton steps), with zero weights and
+    pixels on the faces, against the float64 bisection."""
+    rng = np.random.default_rng(seed)
+    n = 8
+    t = rng.uniform(0, 1, (n, dim))
+    t[rng.uniform(size=(n, dim)) < zeros] = rng.integers(0, 2)
+    w = rng.normal(size=(n, dim)) * rng.uniform(0.1, 3.0, (n, 1))
+    w[rng.uniform(size=(n, dim)) < zeros / 2] = 0.0
+    side = rng.choice([-1.0, 1.0], n)
+    # The largest step the box allows towards each side, times `depth`.
+    p_down = np.where(w > 0, t, 1 - t)
+    reach = (np.abs(w) * p_down).sum(1)
+    b = (w * t).sum(1) - side * depth * reach
+    as32 = lambda a: jnp.asarray(a, jnp.float32)
+    d = np.asarray(projection_linf(as32(t), as32(w), as32(b)), np.float64)
+    for i in range(n):
+        t32, w32, b32 = (np.asarray(as32(a), np.float64) for a in (t[i], w[i], b[i]))
+        expected = independent_projection(t32, w32, b32)
+        np.testing.assert_allclose(d[i], expected, atol=3e-5, err_msg=f"row {i}")
+
+
 def test_fori_and_host_drivers_agree():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.uniform(0, 1, (8, 3, 3, 2)), jnp.float32)

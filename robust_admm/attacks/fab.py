@@ -33,11 +33,11 @@ alpha_max=0.1, eta=1.05, beta=0.9, 9 target classes, one run each):
 Deliberate differences, none changing a result in exact arithmetic:
 - fixed shapes: every point of the batch is iterated and masked (the reference gathers
   the correctly classified points and the fooling iterates); per-example branches of the
-  projection are `jnp.where`s over all rows, its bisection a fixed unrolled loop. Every
-  run costs the whole batch it is given; per step, one forward + backward, one forward
-  and the projection of 2 x batch rows.
-- the projection bisects lam by value instead of sorting the p_i (same lam to rounding;
-  see `projection_linf`).
+  projection are `jnp.where`s over all rows, its Newton steps a loop until every row is
+  solved. Every run costs the whole batch it is given; per step, one forward + backward,
+  one forward and the projection of 2 x batch rows.
+- the projection finds lam by Newton's method instead of sorting the p_i (same lam to
+  rounding; see `projection_linf`).
 - the runs are ordered run r = (restart r // n_target_classes, target r % n_target_classes)
   where the reference loops targets outside restarts: with one restart per target (the
   standard version) the order is the same.
@@ -66,11 +66,14 @@ def projection_linf(points, w, b):
     The reference's algorithm: orient the hyperplane so that w.t >= b (the step lowers
     w.z); with budget lam each coordinate moves by -sign(w_i) min(lam, p_i), p_i its
     distance to the box face it moves towards, so the step must reach
-    g(lam) = sum |w_i| min(lam, p_i) = w.t - b, with g piecewise linear and increasing.
-    The reference sorts the p_i and bisects over the pieces; sorting 2 x batch rows of D
-    pixels dominated the step on CPU, so here lam is bisected by value (BISECTION_STEPS
-    halvings of [0, max p] leave a bracket below float32 resolution) and then solved
-    exactly on its piece: the same lam, to rounding."""
+    g(lam) = sum |w_i| min(lam, p_i) = w.t - b, with g piecewise linear, increasing and
+    concave. The reference sorts the p_i and bisects over the pieces; sorting 2 x batch
+    rows of D pixels dominated the step on CPU, so here lam is found by Newton's method
+    from lam = 0 instead: on the piece at lo (the p_i <= lo capped) the tangent gives
+    lam = (w.t - b - sum_capped |w_i| p_i) / sum_free |w_i|, which concavity keeps at or
+    below the root; when no p_i lies in (lo, lam) it is the root, exactly as the
+    reference solves it on its piece, else lo moves to lam, past at least one p_i. Rows
+    iterate until all are solved (a few steps on FAB's hyperplanes; at most D + 1)."""
     t = points
     dtype = t.dtype
     sign = jnp.where((w * t).sum(1) - b >= 0, 1.0, -1.0).astype(dtype)
@@ -80,25 +83,32 @@ def projection_linf(points, w, b):
     d_box = jnp.where(nonzero, a - t, 0.0)        # the full step to the box face
     p = jnp.where(nonzero, a - t * (2 * a - 1), 0.0)  # |d_box|
     aw = jnp.abs(w)
+    awp = aw * p
     need = ((w * t).sum(1) - b)[:, None]          # what g(lam) must reach (>= 0)
-    feasible = need[:, 0] < (aw * p).sum(1)       # the box reaches the hyperplane
-    g = lambda lam: (aw * jnp.minimum(lam, p)).sum(1, keepdims=True)
+    feasible = need[:, 0] < awp.sum(1)            # the box reaches the hyperplane
+
+    def tangent(lo):
+        """lam where the tangent of g at lo reaches `need`, and whether it is the root."""
+        capped = p <= lo
+        free = jnp.where(capped, 0.0, aw).sum(1, keepdims=True)
+        lam = ((need - jnp.where(capped, awp, 0.0).sum(1, keepdims=True))
+               / jnp.where(free > 0, free, 1.0))
+        return lam, ~((p > lo) & (p < lam)).any(1, keepdims=True)
+
+    def newton_step(state):
+        lo, lam, solved = state
+        lo = jnp.where(solved, lo, lam)
+        lam_next, exact = tangent(lo)
+        return lo, jnp.where(solved, lam, lam_next), solved | exact
+
     lo = jnp.zeros_like(need)
-    hi = p.max(1, keepdims=True)
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        below = g(mid) >= need
-        lo, hi = jnp.where(below, lo, mid), jnp.where(below, mid, hi)
-    # On lam's piece the coordinates with p_i <= lo are capped and the others move by lam.
-    capped = p <= lo
-    free = (aw * ~capped).sum(1, keepdims=True)
-    lam = (need - (aw * p * capped).sum(1, keepdims=True)) / jnp.where(free > 0, free, 1.0)
-    lam = jnp.clip(lam, 0.0, hi)
+    lam, exact = tangent(lo)
+    # Rows the box cannot bring to the hyperplane take the full step: nothing to solve.
+    _, lam, _ = jax.lax.while_loop(lambda s: ~s[2].all(), newton_step,
+                                   (lo, lam, exact | ~feasible[:, None]))
+    lam = jnp.clip(lam, 0.0, p.max(1, keepdims=True))
     d_piece = jnp.where(a > 0, jnp.minimum(lam, d_box), jnp.maximum(-lam, d_box))
     return jnp.where(nonzero & feasible[:, None], d_piece, d_box)
-
-
-BISECTION_STEPS = 32  # [0, 1] halved 32 times: below float32's spacing near any p_i > 0
 
 NEGLIGIBLE_WEIGHT = 1e-8  # projection_l2: coordinates with |w_i| below it never move
 
@@ -113,9 +123,8 @@ def projection_l2(points, w, b):
     1 - t_i) for the alpha >= 0 at which w.d = -c, where the reduction
     h(alpha) = sum |w_i| min(alpha |w_i|, p_i) (p_i: the distance to the face coordinate i
     moves towards) is piecewise linear and increasing, with a breakpoint at each
-    r_i = p_i / |w_i|. The breakpoints are sorted (the alphas here are unbounded, so a
-    bisection by value as in projection_linf would need far more halvings), h is evaluated
-    at every one, and alpha is solved exactly on its piece."""
+    r_i = p_i / |w_i|. The breakpoints are sorted, h is evaluated at every one, and
+    alpha is solved exactly on its piece."""
     t = points
     dtype = t.dtype
     c = (w * t).sum(1) - b
