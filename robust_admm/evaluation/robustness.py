@@ -24,7 +24,7 @@ from robust_admm.attacks import core, suite
 from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES, EvaluationInterrupted
 from robust_admm.models import apply_model
 from robust_admm.runtime import logs, parallel
-from robust_admm.runtime.compiler import jit_with_options, resolve_pgd_loop
+from robust_admm.runtime.compiler import jit_for_attacks, jit_with_options, resolve_pgd_loop
 
 
 TAIL_GRANULE = 16  # a pass's batches are padded to a multiple of this
@@ -51,17 +51,22 @@ def apply_fooled_fn(apply: Callable, attack: core.Attack, mesh: Mesh | None = No
     attack's point is misclassified by `apply(model_args, x) -> logits`. The host form
     regroups the points still robust (`Compacting`); `place` puts a host batch on the
     devices, `bucket(count)` sizes a regrouped batch."""
-    jit = jit_with_options(cpu_convolutions)
+    jit, attack_jit = jit_with_options(cpu_convolutions), jit_for_attacks(cpu_convolutions)
     shard = parallel.batch_constraint(mesh)
     place = place or jnp.asarray
     if resolve_pgd_loop(loop) == "fori":
+        # The search and the verdict are two programs: the verdict without the attacks'
+        # fast min/max (`compiler.attack_compiler_options`).
+        search = attack_jit(lambda m, x, y, key: core.run(
+            attack, functools.partial(apply, m), shard(x), shard(y), key))
+        verdict = jit(lambda m, x, y: core.misclassified(functools.partial(apply, m), x, y))
+
         def fooled(m, x, y, key):
-            fn = functools.partial(apply, m)
-            x_adv = core.run(attack, fn, shard(x), shard(y), key)
-            return core.misclassified(fn, x_adv, y)
-        compiled = jit(fooled)
-        return lambda m, x, y, key: np.asarray(compiled(m, place(x), place(y), key))
-    return Compacting(attack, apply, jit, shard, place, bucket or (lambda n: n))
+            x, y = place(x), place(y)
+            return np.asarray(verdict(m, search(m, x, y, key), y))
+        return fooled
+    return Compacting(attack, apply, attack_jit, shard, place, bucket or (lambda n: n),
+                      verdict_jit=jit)
 
 
 def apply_adversarial_fn(apply: Callable, attack: core.Attack, mesh: Mesh | None = None,
@@ -70,7 +75,7 @@ def apply_adversarial_fn(apply: Callable, attack: core.Attack, mesh: Mesh | None
     """`adversarial(model_args, x, y, key) -> x_adv` (a device array) over host arrays x,
     y: the whole attack on every point of the batch, traced in one program ('fori') or
     driven from the host (`core.HostRunner`), with the randomness `apply_fooled_fn` draws."""
-    jit = jit_with_options(cpu_convolutions)
+    jit = jit_for_attacks(cpu_convolutions)
     shard = parallel.batch_constraint(mesh)
     place = place or jnp.asarray
     if resolve_pgd_loop(loop) == "fori":
@@ -90,10 +95,13 @@ class Compacting:
     and each example's work is its own (Square's shared random squares are drawn per
     step, whoever is in the batch)."""
 
-    def __init__(self, attack: core.Attack, apply, jit, shard, place, bucket):
+    def __init__(self, attack: core.Attack, apply, jit, shard, place, bucket,
+                 verdict_jit=None):
+        """`jit` compiles the attack's parts; `verdict_jit` (default: `jit`) the check of
+        which points its result fools."""
         self.attack, self.place, self.bucket = attack, place, bucket
         self.runner = core.HostRunner(attack, apply, jit, shard)
-        self.fooled_c = jit(lambda m, s, x, y: core.misclassified(
+        self.fooled_c = (verdict_jit or jit)(lambda m, s, x, y: core.misclassified(
             functools.partial(apply, m),
             attack.finish(functools.partial(apply, m), s, x, y), y))
         self.take_c = jit(lambda tree, idx: jax.tree_util.tree_map(
