@@ -24,7 +24,8 @@ from robust_admm.attacks import core, suite
 from robust_admm.evaluation.eval_step import TOP5_ABOVE_CLASSES, EvaluationInterrupted
 from robust_admm.models import apply_model
 from robust_admm.runtime import logs, parallel
-from robust_admm.runtime.compiler import jit_for_attacks, jit_with_options, resolve_pgd_loop
+from robust_admm.runtime.compiler import (jit_for_attacks, jit_with_options,
+                                          resolve_pgd_loop)
 
 
 TAIL_GRANULE = 16  # a pass's batches are padded to a multiple of this

@@ -10,14 +10,16 @@ So on CPU the steps are compiled with the library limited to dots and reductions
 (`cpu_convolutions='xla'`); the per-shape convolution forms of `models.conv.choose_form`
 are tuned for that. GPU and TPU get no options.
 
-The attacks' programs on CPU also take `xla_cpu_enable_fast_min_max` (`attack_compiler_options`):
-max and min lowered to the processor's instructions, which do not propagate NaN. On
-finite values they give the same bits (checked on the four AutoAttack members: the same
-states after 60-300 steps), and the attack steps run 6-12% faster on the LeNet benchmark
-(benchmarks/NOTES.md, "fast min/max"). Only the attacks' search takes it: whether a point
-is classified correctly, before and after an attack, is computed by programs without it,
-so a model whose NaN the option would hide is still judged as it computes. Training
-never takes it (its NaN checks rely on NaN propagating).
+The attacks' programs on CPU also take `xla_cpu_enable_fast_min_max`
+(`attack_compiler_options`): max and min lowered to the processor's instructions, which
+do not propagate NaN. On finite values they give the same bits (checked on the four
+AutoAttack members: the same states after 60-300 steps), and the attack steps run 6-12%
+faster on the LeNet benchmark (benchmarks/NOTES.md, "fast min/max"). Only the attacks'
+search takes it: whether a point is classified correctly, before and after an attack,
+is computed by programs without it, so a model whose NaN the option would hide is still
+judged as it computes. Training never takes it (its non-finite checks rely on NaN
+propagating). A jaxlib that rejects it compiles the attacks without it, silently: it
+changes no result, only the time.
 
 The options are experimental XLA flags. They are passed per compiled program (jit's
 `compiler_options`), not through XLA_FLAGS, because a jaxlib that does not know a flag in
@@ -80,7 +82,8 @@ def jit_with_options(cpu_convolutions: str = "auto"):
 FAST_MIN_MAX = ("xla_cpu_enable_fast_min_max", True)
 
 
-def attack_compiler_options(cpu_convolutions: str = "auto", backend: str | None = None) -> dict:
+def attack_compiler_options(cpu_convolutions: str = "auto",
+                            backend: str | None = None) -> dict:
     """`compiler_options` plus, on CPU where this jaxlib accepts it, fast min/max (no NaN
     propagation; the same bits on finite values): for an attack's own programs only, never
     for the programs that decide whether a point is classified correctly."""
