@@ -199,7 +199,13 @@ def test_projection_linf_solves_deep_in_the_box_like_a_float64_rederivation(seed
     reach = (np.abs(w) * p_down).sum(1)
     b = (w * t).sum(1) - side * depth * reach
     as32 = lambda a: jnp.asarray(a, jnp.float32)
-    d = np.asarray(projection_linf(as32(t), as32(w), as32(b)), np.float64)
+    # Padded to 64 columns of zero weight (coordinates that never move): one shape, one
+    # compilation for every example.
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, 64 - dim)), constant_values=v)
+    d = np.asarray(projection_linf(as32(pad(t, 0.5)), as32(pad(w, 0.0)), as32(b)),
+                   np.float64)
+    np.testing.assert_array_equal(d[:, dim:], 0.0)
+    d = d[:, :dim]
     for i in range(n):
         t32, w32, b32 = (np.asarray(as32(a), np.float64) for a in (t[i], w[i], b[i]))
         expected = independent_projection(t32, w32, b32)
