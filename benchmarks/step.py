@@ -12,6 +12,9 @@ gradient masking, SGD-momentum (or Adam) update, on random data shaped like MNIS
 BatchNorm uses batch statistics during the attack, as in the peer. `--steps 0` times
 natural training (no attack); `--dtype bfloat16` runs the model in bfloat16 (model.dtype).
 `--max-seconds` stops the timed repeats once that long has passed (at least one runs).
+A `--model` with a ':' is a user's flax.linen model by import path, as the config's
+`model.name` (e.g. `user_lenet:LeNet` of this folder, with `benchmarks` on PYTHONPATH;
+`--model-kwargs` as `model.kwargs`), timed on MNIST-shaped data with LeNet_adv's attack.
 
     python benchmarks/step.py --model lenet_adv --width 4 --steps 40 --batch 64 --iters 5
     python benchmarks/step.py --all --torch-python ~/torchvenv/bin/python \\
@@ -52,21 +55,29 @@ IMAGENET_MODELS = ("imagenet_resnet18", "imagenet_resnet50", "imagenet_vgg16_bn"
                    "alexnet_bn")  # 1000 classes, --image-size px
 
 
+def is_import_path(model: str) -> bool:
+    """Whether `--model` names a user's model ('module:Class') rather than the zoo's."""
+    return ":" in model
+
+
 def image_shape(model: str, image_size: int | None = None) -> tuple:
-    """(H, W, C) of the random images `model` is timed on."""
+    """(H, W, C) of the random images `model` is timed on (a user's model: MNIST's)."""
     if model in IMAGENET_MODELS:
         size = 224 if image_size is None else image_size
         return (size, size, 3)
     if image_size is not None:
         raise ValueError(f"--image-size applies to {', '.join(IMAGENET_MODELS)}, not {model}")
-    return (28, 28, 1) if model == "lenet_adv" else (32, 32, 3)
+    return (28, 28, 1) if model == "lenet_adv" or is_import_path(model) else (32, 32, 3)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="train", choices=["train", "eval"],
                    help="train: the training step; eval: evaluation under attack")
-    p.add_argument("--model", default="lenet_adv", choices=list(EPS))
+    p.add_argument("--model", default="lenet_adv",
+                   help=f"one of {', '.join(EPS)}, or a user's model 'module:Class'")
+    p.add_argument("--model-kwargs", default="",
+                   help="a user's model: its constructor arguments, a JSON object")
     p.add_argument("--width", type=int, default=4, help="LeNet_adv width multiplier")
     p.add_argument("--steps", type=int, default=None,
                    help="PGD steps (default 40 mnist / 10 cifar / 2 imagenet; 0: natural training)")
@@ -108,6 +119,10 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         p.error(f"--steps {args.steps} must be >= 0")
+    if args.model not in EPS and not is_import_path(args.model):
+        p.error(f"--model {args.model!r}: allowed: {', '.join(EPS)}, or 'module:Class'")
+    if args.model_kwargs and not is_import_path(args.model):
+        p.error("--model-kwargs is for a user's model ('module:Class')")
     if args.mode == "eval" and args.steps == 0:
         p.error("--mode eval times evaluation under attack: --steps must be >= 1")
     try:
@@ -134,6 +149,8 @@ def forward_flops(model, variables, shape) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from robust_admm.models import apply_model
+
     total = 0
 
     def record(next_fun, args, kwargs, context):
@@ -149,7 +166,8 @@ def forward_flops(model, variables, shape) -> int:
         # The variables as arguments, shapes only: the timed steps have donated them by now.
         shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                         variables)
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
+        jax.eval_shape(lambda v, x: apply_model(model, v["params"], v.get("batch_stats", {}),
+                                                x, train=False)[0], shapes,
                        jax.ShapeDtypeStruct((1,) + shape, jnp.float32))
     return total
 
@@ -196,7 +214,7 @@ def run_one(args):
 
 def setting(args) -> tuple:
     """(epsilon, step size, PGD steps, batch) of `args`, the model's defaults filled in."""
-    eps, step_size, k_def, b_def = EPS[args.model]
+    eps, step_size, k_def, b_def = EPS["lenet_adv" if is_import_path(args.model) else args.model]
     return (eps, step_size, k_def if args.steps is None else args.steps,
             b_def if args.batch is None else args.batch)
 
@@ -211,7 +229,7 @@ def make_model(args):
     shape = image_shape(args.model, args.image_size)
     width = args.width if args.model == "lenet_adv" else 1
     classes = 1000 if args.model in IMAGENET_MODELS else 10
-    model = get_model(args.model, classes, width, args.dtype)
+    model = get_model(args.model, classes, width, args.dtype, kwargs=args.model_kwargs)
     # One compiled program: run eagerly, the init compiles each of its small operations.
     variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed),
                                     jax.numpy.zeros((1,) + shape))

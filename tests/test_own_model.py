@@ -23,6 +23,7 @@ from robust_admm.experiments import workdir as workdir_lib
 from robust_admm.experiments.config_base import base_config
 from robust_admm.models import (apply_model, check_model, get_model, init_variables,
                                 takes_train)
+from robust_admm.models.cpu_forms import with_cpu_forms
 
 sys.path.insert(0, ROOT)
 from configs import digits as digits_config  # noqa: E402
@@ -64,6 +65,14 @@ class PlainNet(nn.Module):
         for i, h in enumerate(self.hidden):
             x = nn.relu(nn.Dense(h, name=f"fc{i}")(x))
         return nn.Dense(self.outputs, name="out")(x)
+
+
+class PoolNet(nn.Module):
+    """A narrow stem and a max-pool as flax writes them (nn.Conv, nn.max_pool)."""
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(8, (5, 5), padding="SAME")(x)), (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
 class StatsWithoutTrain(nn.Module):
@@ -116,7 +125,8 @@ BAD = [
     (dict(name="no_such_module:Net"), "module 'no_such_module' does not import"),
     (dict(name="own_models:Missing"), r"'own_models' has no attribute 'Missing'; its "
                                       r"flax.linen.Module classes: \['BNNet', 'Counts', "
-                                      r"'OwnWeights', 'PlainNet', 'StatsWithoutTrain'\]"),
+                                      r"'OwnWeights', 'PlainNet', 'PoolNet', "
+                                      r"'StatsWithoutTrain'\]"),
     (dict(name="own_models:not_a_class"), "is an instance of function, not a flax.linen.Module"),
     (dict(name="own_models:INSTANCE"), "is an instance of PlainNet, not a flax.linen.Module "
                                        "subclass"),
@@ -159,11 +169,15 @@ def test_the_data_gives_num_classes_the_dtype_is_cloned_and_json_arrays_are_tupl
 
 def test_models_with_and_without_train_and_batchnorm_are_called_as_flax_calls_them(user_dir):
     """apply_model and init_variables against flax's own calls with the arguments each
-    model takes (the reference)."""
+    model takes (the reference), those calls in the CPU forms a user's model is computed in
+    (`with_cpu_forms`, bit for bit) and as they are (to float rounding)."""
     x = np.random.default_rng(1).uniform(size=(4, 6, 6, 1)).astype(np.float32)
     key = jax.random.PRNGKey(0)
     bn = get_model("own_models:BNNet", 5)
     assert takes_train(bn) and takes_train(get_model("lenet5"))
+
+    def flax_calls(v, x):
+        return (bn.apply(v, x, train=True, mutable=["batch_stats"]), bn.apply(v, x, train=False))
 
     @jax.jit
     def bn_calls(x):
@@ -171,17 +185,19 @@ def test_models_with_and_without_train_and_batchnorm_are_called_as_flax_calls_th
         ref = bn.init(key, x, train=False)
         ours = (apply_model(bn, v["params"], v["batch_stats"], x, train=True),
                 apply_model(bn, v["params"], v["batch_stats"], x, train=False))
-        flax_ = (bn.apply(v, x, train=True, mutable=["batch_stats"]),
-                 bn.apply(v, x, train=False))
-        return v, ref, ours, flax_
+        return v, ref, ours, with_cpu_forms(flax_calls)(v, x), flax_calls(v, x)
 
-    v, ref, ((logits, stats), (eval_logits, same)), ((ref_logits, ref_new), ref_eval) = (
-        bn_calls(x))
+    v, ref, ours, in_forms, as_is = bn_calls(x)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, v, ref))
-    np.testing.assert_array_equal(logits, ref_logits)
-    np.testing.assert_array_equal(stats["bn"]["mean"], ref_new["batch_stats"]["bn"]["mean"])
+    for flax_, exact in ((in_forms, True), (as_is, False)):
+        ((logits, stats), (eval_logits, same)) = ours
+        ((ref_logits, ref_new), ref_eval) = flax_
+        check = (np.testing.assert_array_equal if exact else
+                 lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6))
+        check(logits, ref_logits)
+        check(stats["bn"]["mean"], ref_new["batch_stats"]["bn"]["mean"])
+        check(eval_logits, ref_eval)
     assert not np.allclose(stats["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
-    np.testing.assert_array_equal(eval_logits, ref_eval)
     np.testing.assert_array_equal(same["bn"]["var"], v["batch_stats"]["bn"]["var"])
 
     plain = get_model("own_models:PlainNet")
@@ -196,10 +212,49 @@ def test_models_with_and_without_train_and_batchnorm_are_called_as_flax_calls_th
     v, ours, ref = plain_calls(x)
     assert set(v) == {"params"}
     for logits, stats in ours:
-        np.testing.assert_array_equal(logits, ref)
+        np.testing.assert_array_equal(logits, ref)  # dense layers only: nothing rewritten
         assert stats == {}
     check_model(bn, "bn", (1, 6, 6, 1), 5)
     check_model(plain, "plain", (1, 6, 6, 1), 10)
+
+
+def primitives(fn, *args) -> set:
+    """The names of the primitives `fn`'s jaxpr binds, nested jaxprs included."""
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                        walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+def test_a_users_model_is_computed_in_the_cpu_forms_the_zoos_in_its_own(user_dir):
+    """On CPU a user's model (here nn.Conv 1 -> 8 and nn.max_pool) goes through
+    `with_cpu_forms` wherever the run calls it (`apply_model`: training, its attack,
+    evaluation): no native convolution or reduce_window left, the same logits and input
+    gradient as flax's own call to float rounding; a zoo model is called as it is."""
+    from robust_admm.models.apply import is_zoo_model
+
+    x = np.random.default_rng(2).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+    y = jnp.asarray([1, 4, 7])
+    user = get_model("own_models:PoolNet")
+    v = init_variables(user, jax.random.PRNGKey(0), x)
+    ours = lambda x: apply_model(user, v["params"], {}, x, train=True)[0]
+    flax_ = lambda x: user.apply(v, x)
+    assert {"conv_general_dilated", "reduce_window_max"} <= primitives(flax_, x)
+    assert not {"conv_general_dilated", "reduce_window_max"} & primitives(ours, x)
+    loss = lambda f: jax.jit(jax.value_and_grad(
+        lambda x: -jnp.take_along_axis(jax.nn.log_softmax(f(x)), y[:, None], 1).sum()))
+    for a, b in zip(loss(ours)(x), loss(flax_)(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(flax_)(x), rtol=1e-5, atol=1e-5)
+    assert not is_zoo_model(user) and is_zoo_model(get_model("lenet_adv", 10, 4))
 
 
 @pytest.mark.parametrize("name,classes,pattern", [
