@@ -1,5 +1,5 @@
 """Shared test helpers: tiny MNIST- and CIFAR-shaped files, folders of images, running the
-CLI, killing and resuming it, reading compiled HLO."""
+CLI, killing and resuming it, reading compiled HLO and jaxprs."""
 import gzip
 import json
 import os
@@ -147,6 +147,20 @@ def library_fusions(hlo_text: str) -> list[set[str]]:
                 current.add(op.group(1))
     return [bodies[m.group(1)] for line in hlo_text.splitlines() if "__ynn_fusion" in line
             for m in [re.search(r"calls=%([\w.-]+)", line)] if m]
+
+
+def primitives(fn, *args) -> list[str]:
+    """The names of every primitive `fn` binds, sub-jaxprs included."""
+    names = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.append(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
 
 
 def rgb_noise(h, w, seed=0) -> np.ndarray:

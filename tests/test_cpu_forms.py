@@ -15,22 +15,9 @@ from hypothesis import strategies as st
 from jax import lax
 
 import robust_admm
+from helpers import primitives
 from robust_admm.models import get_model
 from robust_admm.models.cpu_forms import with_cpu_forms
-
-
-def primitives(fn, *args) -> list[str]:
-    """The names of every primitive `fn` binds, sub-jaxprs included."""
-    names = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            names.append(eqn.primitive.name)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(getattr(sub, "jaxpr", sub))
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return names
 
 
 def tied(rng, shape):

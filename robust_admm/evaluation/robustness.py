@@ -96,13 +96,12 @@ class Compacting:
     and each example's work is its own (Square's shared random squares are drawn per
     step, whoever is in the batch)."""
 
-    def __init__(self, attack: core.Attack, apply, jit, shard, place, bucket,
-                 verdict_jit=None):
-        """`jit` compiles the attack's parts; `verdict_jit` (default: `jit`) the check of
-        which points its result fools."""
+    def __init__(self, attack: core.Attack, apply, jit, shard, place, bucket, verdict_jit):
+        """`jit` compiles the attack's parts; `verdict_jit` the check of which points its
+        result fools (`apply_fooled_fn`: without the attacks' fast min/max)."""
         self.attack, self.place, self.bucket = attack, place, bucket
         self.runner = core.HostRunner(attack, apply, jit, shard)
-        self.fooled_c = (verdict_jit or jit)(lambda m, s, x, y: core.misclassified(
+        self.fooled_c = verdict_jit(lambda m, s, x, y: core.misclassified(
             functools.partial(apply, m),
             attack.finish(functools.partial(apply, m), s, x, y), y))
         self.take_c = jit(lambda tree, idx: jax.tree_util.tree_map(
